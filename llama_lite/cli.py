@@ -1,0 +1,17 @@
+"""What the command-line scripts share: running a fire command with users' exit codes."""
+
+import sys
+
+
+def run(command) -> None:
+    """`fire.Fire(command)`, with bad input as one `error: ...` line and exit 2, Ctrl-C as 130."""
+    import fire
+
+    try:
+        fire.Fire(command)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,280 @@
+"""`Llama`: build a model and tokenizer from a checkpoint, then generate text in batches.
+
+The decode loop is Meta's: prompts padded into one token tensor, decoding from the shortest
+prompt's end, prompt tokens kept with `torch.where`, a finished mask that only ORs, an early stop
+once every row is finished, and truncation done once on the host with `tolist()`.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .chat_template import render_chat
+from .checkpoint import CheckpointError, default_checkpoint, gguf_model_args, gguf_state_dict, open_gguf
+from .model import ModelArgs, Transformer
+from .sampling import check_sampling, sample
+from .tokenizer import Tokenizer, gguf_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; use device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    return resolved
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls beat float32 there (about 2x here); elsewhere they crawl."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_fast_bf16()
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def check_positive_int(name, value):
+    """ValueError unless `value` is a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator):
+        self.model, self.tokenizer, self.generator = model, tokenizer, generator
+        self.device = next(model.parameters()).device
+
+    @staticmethod
+    def build(checkpoint=None, tokenizer=None, max_seq_len=2048, max_batch_size=8, device=None, dtype=None, seed=None) -> "Llama":
+        """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator."""
+        check_positive_int("max_seq_len", max_seq_len)
+        check_positive_int("max_batch_size", max_batch_size)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be a whole number or None, got {seed!r}")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+
+        path = default_checkpoint() if checkpoint is None else Path(checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .gguf file, or no checkpoint for the default model")
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder; llama_lite reads .gguf checkpoint files, pass one")
+        reader = open_gguf(path)
+        args = gguf_model_args(reader)
+        context_length = args.pop("context_length")
+        if max_seq_len > context_length:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context length {context_length}; pass max_seq_len <= {context_length}")
+        params = ModelArgs(**args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else gguf_tokenizer(reader)
+        if tok.n_words > params.vocab_size:
+            raise CheckpointError(f"the tokenizer has {tok.n_words} tokens but the model only {params.vocab_size}; pass the model's own tokenizer")
+
+        state = gguf_state_dict(reader, progress=path.stat().st_size > _PROGRESS_BYTES)
+        converted = {}  # by id, so a tied embedding/output pair stays one tensor
+        state = {k: converted.setdefault(id(v), v.to(device=device, dtype=dtype)) for k, v in state.items()}
+        with torch.device("meta"):  # no throw-away random init: the checkpoint's tensors are assigned
+            model = Transformer(params)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())
+            raise CheckpointError(f"{path}: its tensors do not match its metadata ({detail[:300]})") from None
+        model.setup_cache()
+        model.eval()
+
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return Llama(model, tok, generator)
+
+    # --- the decode loop ---------------------------------------------------------------------------
+
+    def _check_prompts(self, prompt_tokens, max_gen_len, one_batch=True):
+        params = self.model.params
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
+        if one_batch and len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}; "
+                "pass fewer, use text_completion (it batches), or build with a larger max_batch_size"
+            )
+        check_positive_int("max_gen_len", max_gen_len)
+        for i, ids in enumerate(prompt_tokens):
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise ValueError(f"prompt {i} is empty or not a list of token ids; give every prompt at least one token")
+            if not all(isinstance(t, int) and 0 <= t < params.vocab_size for t in ids):
+                raise ValueError(f"prompt {i} holds a token id outside [0, {params.vocab_size})")
+            if len(ids) + max_gen_len > params.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens, and with max_gen_len {max_gen_len} it exceeds "
+                    f"max_seq_len {params.max_seq_len}; shorten it, lower max_gen_len or build with a larger max_seq_len"
+                )
+
+    def _decode(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo):
+        """Fill a padded batch one position at a time; yields (cur_pos, tokens, token_logprobs)
+        after each step. tokens: (bsz, longest prompt + max_gen_len); token_logprobs likewise or None."""
+        self._check_prompts(prompt_tokens, max_gen_len)
+        check_sampling(temperature, top_p, top_k)
+        bsz, device = len(prompt_tokens), self.device
+        lens = torch.tensor([len(p) for p in prompt_tokens], device=device)
+        total_len = max(len(p) for p in prompt_tokens) + max_gen_len
+        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        for i, ids in enumerate(prompt_tokens):
+            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+        # From lengths, not `tokens != pad_id`: a pad id can be a real token inside a prompt.
+        prompt_mask = torch.arange(total_len, device=device)[None, :] < lens[:, None]  # (bsz, total_len)
+        row_end = lens + max_gen_len  # each row is done once it holds max_gen_len new tokens
+        stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), device=device)
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        token_logprobs = torch.zeros(bsz, total_len, device=device) if logprobs else None
+
+        prev_pos = 0
+        for cur_pos in range(min(len(p) for p in prompt_tokens), total_len):
+            # The first call is the prefill of every row's shared prompt length; then one token a step.
+            # Echoed logprobs need every prompt position's logits, otherwise only the last is computed.
+            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not (logprobs and echo))
+            next_token = sample(logits[:, -1], temperature, top_p, top_k, self.generator)
+            next_token = torch.where(prompt_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                first = cur_pos - logits.shape[1] + 1  # the logits at position p score the token at p + 1
+                targets = tokens[:, first : cur_pos + 1, None]
+                token_logprobs[:, first : cur_pos + 1] = F.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+            finished |= ~prompt_mask[:, cur_pos] & torch.isin(next_token, stop_ids)
+            finished |= cur_pos + 1 >= row_end
+            prev_pos = cur_pos
+            yield cur_pos, tokens, token_logprobs
+            if finished.all():  # the one host sync a step
+                break
+
+    @torch.inference_mode()
+    def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False):
+        """New tokens for each prompt (with the prompt first if `echo`), cut to `max_gen_len` and
+        before the first stop id; and their log-probabilities if `logprobs`, else None."""
+        for _, tokens, token_logprobs in self._decode(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo):
+            pass
+        out_tokens, out_logprobs = [], []
+        rows_logprobs = token_logprobs.tolist() if logprobs else None
+        for i, row in enumerate(tokens.tolist()):
+            n = len(prompt_tokens[i])
+            new = row[n : n + max_gen_len]
+            end = n + next((j for j, t in enumerate(new) if t in self.tokenizer.stop_ids), len(new))
+            start = 0 if echo else n
+            out_tokens.append(row[start:end])
+            if logprobs:
+                out_logprobs.append(rows_logprobs[i][start:end])
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    @torch.inference_mode()
+    def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None):
+        """Yield the reply to one prompt as text pieces while it is generated.
+
+        A piece is released only when the text decoded so far does not end in an incomplete UTF-8
+        character, so no piece ever holds half of one; the pieces join to decode(generate(...)).
+        """
+        n = len(prompt_tokens) if isinstance(prompt_tokens, (list, tuple)) else 0
+        new, emitted = [], ""
+        for cur_pos, tokens, _ in self._decode([prompt_tokens], max_gen_len, temperature, top_p, top_k, False, False):
+            if cur_pos < n:
+                continue
+            token = int(tokens[0, cur_pos])
+            if token in self.tokenizer.stop_ids:
+                break
+            new.append(token)
+            text = self.tokenizer.decode(new)
+            if not text.endswith("\ufffd") and text.startswith(emitted):
+                yield text[len(emitted) :]
+                emitted = text
+        text = self.tokenizer.decode(new)
+        if text != emitted:
+            yield text[len(emitted) :]
+
+    # --- text in, text out -------------------------------------------------------------------------
+
+    def _generate_batches(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo=False):
+        """`generate` over a list of any length, max_batch_size prompts at a time, in order."""
+        params = self.model.params
+        if max_gen_len is None:
+            longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
+            max_gen_len = params.max_seq_len - 1 - len(prompt_tokens[longest])
+            if max_gen_len < 1:
+                raise ValueError(
+                    f"prompt {longest} has {len(prompt_tokens[longest])} tokens, leaving no room to generate within "
+                    f"max_seq_len {params.max_seq_len}; shorten it or build with a larger max_seq_len"
+                )
+        self._check_prompts(prompt_tokens, max_gen_len, one_batch=False)  # errors name a prompt's place in the list
+        check_sampling(temperature, top_p, top_k)
+        tokens, token_logprobs = [], []
+        size = params.max_batch_size
+        for start in range(0, len(prompt_tokens), size):
+            t, lp = self.generate(prompt_tokens[start : start + size], max_gen_len, temperature, top_p, top_k, logprobs, echo)
+            tokens += t
+            token_logprobs += lp or []
+        return tokens, (token_logprobs if logprobs else None)
+
+    def text_completion(self, prompts, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False):
+        """Complete each prompt string: [{"generation": str, "tokens": [int], ("logprobs": [float])}]."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+        prompt_tokens = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not text")
+            prompt_tokens.append(self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False))
+        tokens, token_logprobs = self._generate_batches(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo)
+        results = [{"generation": self.tokenizer.decode(t), "tokens": t} for t in tokens]
+        for result, lp in zip(results, token_logprobs or []):
+            result["logprobs"] = lp
+        return results
+
+    def chat_prompt_tokens(self, dialog) -> list:
+        """The tokens of `dialog` rendered with the checkpoint's chat template, ready for the reply."""
+        template = self.tokenizer.chat_template
+        if not template:
+            raise ValueError("this checkpoint has no chat template; use text_completion instead")
+        tok = self.tokenizer
+        text = render_chat(
+            template,
+            dialog,
+            bos_token=tok.decode([tok.bos_id]) if tok.bos_id is not None else "",
+            eos_token=tok.decode([tok.eos_id]),
+        )
+        return tok.encode(text, bos=False, eos=False)  # the template writes any special tokens itself
+
+    def chat_completion(self, dialogs, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False):
+        """The assistant's next message for each dialog: [{"generation": {"role", "content"}}]."""
+        if not isinstance(dialogs, (list, tuple)) or not dialogs:
+            raise ValueError("dialogs must be a non-empty list of dialogs")
+        prompt_tokens = [self.chat_prompt_tokens(d) for d in dialogs]
+        tokens, token_logprobs = self._generate_batches(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs)
+        results = [{"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}} for t in tokens]
+        for result, lp in zip(results, token_logprobs or []):
+            result["logprobs"] = lp
+        return results

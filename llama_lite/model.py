@@ -1,0 +1,185 @@
+"""The Llama transformer: tokens and their positions in, logits out. No I/O.
+
+Meta's weight names and layout (interleaved RoPE pairs), grouped-query attention, SwiGLU and a
+KV cache preallocated as buffers of a fixed shape, so a decode step never allocates a growing cache.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    hidden_dim: int  # SwiGLU width (feed_forward_length); Meta derives it from multiple_of
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048  # KV-cache length
+    max_batch_size: int = 8  # KV-cache rows
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the weights' dtype, as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
+    """cos and sin of every (position, frequency) pair: two float32 (max_seq_len, head_dim // 2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its position's angle.
+
+    This is Meta's (and GGUF's) interleaved convention; Hugging Face checkpoints store Q/K rows
+    permuted for a rotate-half layout instead, which a loader must undo.
+    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim // 2).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, n_heads, head_dim // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, seqlen, 1, head_dim // 2)
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)  # (bsz, seqlen, n_heads, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, start_pos, cos, sin, mask):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # The cache is (max_batch_size, n_kv_heads, max_seq_len, head_dim): written in place by
+        # position, read back as everything up to the newest position.
+        end = start_pos + seqlen
+        self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
+        self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
+        keys = self.cache_k[:bsz, :, :end]  # (bsz, n_kv_heads, end, head_dim)
+        values = self.cache_v[:bsz, :, :end]
+
+        # Grouped-query attention: query head h reads kv head h // n_rep.
+        n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1:
+            keys = keys.repeat_interleave(n_rep, dim=1)  # (bsz, n_heads, end, head_dim)
+            values = values.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, start_pos, cos, sin, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        if params.dim % params.n_heads or params.n_heads % params.n_kv_heads:
+            raise ValueError(
+                f"n_heads={params.n_heads} must divide dim={params.dim} and be a multiple of "
+                f"n_kv_heads={params.n_kv_heads}"
+            )
+        self.params = params
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        self.setup_cache()
+
+    def setup_cache(self):
+        """(Re)allocate the KV cache and RoPE tables on the weights' device, in their dtype.
+
+        Called by __init__, and again after weights built on the meta device were loaded with
+        `assign=True`, since buffers made on the meta device hold no memory.
+        """
+        p = self.params
+        weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device=weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        shape = (p.max_batch_size, p.n_kv_heads, p.max_seq_len, p.head_dim)
+        for layer in self.layers:
+            for name in ("cache_k", "cache_v"):
+                cache = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+                layer.attention.register_buffer(name, cache, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32, (bsz, seqlen, vocab_size)) for `tokens` at positions start_pos onward.
+
+        Writes K/V for those positions into cache rows 0..bsz-1. `last_only` computes the output
+        projection for the last position alone (bsz, 1, vocab_size): a long prompt's full logits
+        would cost seqlen x vocab floats that generation never reads.
+        """
+        bsz, seqlen = tokens.shape
+        if bsz > self.params.max_batch_size or start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(
+                f"{bsz} rows at positions {start_pos}..{start_pos + seqlen - 1} do not fit the KV cache "
+                f"({self.params.max_batch_size} rows x {self.params.max_seq_len} positions); "
+                "build with a larger max_batch_size or max_seq_len"
+            )
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        cos = self.rope_cos[start_pos : start_pos + seqlen]
+        sin = self.rope_sin[start_pos : start_pos + seqlen]
+        mask = None
+        if seqlen > 1:
+            # Query i (at position start_pos + i) sees keys 0..start_pos + i.
+            query_pos = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+            key_pos = torch.arange(start_pos + seqlen, device=tokens.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # (seqlen, start_pos + seqlen)
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()

@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llama_lite",
+    version="0.1.0",
+    description="A small, readable, fast Llama-style batched text generator with a pluggable tokenizer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llama_lite", "llama_lite.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "sentencepiece",
+        "fairscale",
+        "fire",
+        "gguf>=0.17",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest", "transformers>=4.46", "accelerate"]},
+)

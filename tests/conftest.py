@@ -1,0 +1,38 @@
+"""Shared fixtures: the real SmolLM2 GGUF (loaded once per session) and its transformers oracle."""
+
+import pytest
+import torch
+
+from llama_lite import Llama
+from llama_lite.checkpoint import default_checkpoint
+from tests.tiny_gguf import write_tiny_gguf
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    return default_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def llm(smollm_path):
+    return Llama.build(smollm_path, max_seq_len=512, max_batch_size=8, device="cpu", dtype="float32", seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_model(smollm_path):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm_path.parent, gguf_file=smollm_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(smollm_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name)
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    return write_tiny_gguf(tmp_path / "tiny.gguf")

@@ -1,0 +1,81 @@
+"""Tiny random Llama GGUF files, written with gguf-py's own writer, for fast and failure-path tests."""
+
+import numpy as np
+
+
+def byte_alphabet():
+    """GPT-2's printable spelling of the 256 bytes, the alphabet of byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    spelled, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            spelled[b] = chr(b)
+        else:
+            spelled[b] = chr(256 + extra)
+            extra += 1
+    return [spelled[b] for b in range(256)]
+
+
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def write_tiny_gguf(path, *, arch="llama", pre="smollm", n_layers=2, dim=64, n_heads=4, n_kv_heads=2, hidden=96,
+                    context=256, seed=0, tie=True, extra_tensors=()):
+    """A random tiny Llama with a byte-level vocabulary (3 control tokens, 256 bytes, 2 merges)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    tokens = TINY_SPECIALS + byte_alphabet()
+    tokens += ["he", "the"]
+    merges = ["h e", "t he"]
+    types = [3] * len(TINY_SPECIALS) + [1] * (len(tokens) - len(TINY_SPECIALS))
+    vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(n_layers)
+    w.add_context_length(context)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+
+    def weight(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    head_dim = dim // n_heads
+    w.add_tensor("token_embd.weight", weight(vocab, dim))
+    for i in range(n_layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + weight(dim))
+        w.add_tensor(f"blk.{i}.attn_q.weight", weight(dim, dim))
+        w.add_tensor(f"blk.{i}.attn_k.weight", weight(n_kv_heads * head_dim, dim))
+        w.add_tensor(f"blk.{i}.attn_v.weight", weight(n_kv_heads * head_dim, dim))
+        w.add_tensor(f"blk.{i}.attn_output.weight", weight(dim, dim))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + weight(dim))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", weight(hidden, dim))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", weight(hidden, dim))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", weight(dim, hidden))
+    w.add_tensor("output_norm.weight", 1 + weight(dim))
+    if not tie:
+        w.add_tensor("output.weight", weight(vocab, dim))
+    for name, array in extra_tensors:
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
