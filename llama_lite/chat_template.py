@@ -34,5 +34,5 @@ def render_chat(template: str, dialog: list, *, bos_token: str = "", eos_token: 
         return env.from_string(template).render(
             messages=list(dialog), add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
         )
-    except jinja2.TemplateError as e:  # includes SecurityError from the sandbox
+    except Exception as e:  # SecurityError from the sandbox, syntax errors, a template's own TypeError...
         raise ValueError(f"the checkpoint's chat template failed: {type(e).__name__}: {e}") from None

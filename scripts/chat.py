@@ -58,7 +58,11 @@ def chat(checkpoint=None, tokenizer=None, system=None, prompt=None, temperature=
         if not text.strip():
             continue
         history.append({"role": "user", "content": text})
-        history.append({"role": "assistant", "content": reply(history)})
+        try:
+            history.append({"role": "assistant", "content": reply(history)})
+        except ValueError as e:  # one turn too long for the context: say so, keep chatting
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":
