@@ -19,5 +19,11 @@ setup(
         "tqdm",
         "numpy",
     ],
+    entry_points={
+        "console_scripts": [
+            "llama-lite-chat=llama_lite.cli:chat_main",
+            "llama-lite-complete=llama_lite.cli:complete_main",
+        ]
+    },
     extras_require={"test": ["pytest", "transformers>=4.46", "accelerate"]},
 )

@@ -1,17 +1,35 @@
-"""What the command-line scripts share: running a fire command with users' exit codes."""
+"""The command-line programs: `chat` and `complete`, run by fire with users' exit codes.
 
+scripts/chat.py and scripts/complete.py and the installed `llama-lite-chat` / `llama-lite-complete`
+all call `chat_main` / `complete_main` here, so there is one implementation of each.
+Exit codes: 0 done; 2 bad input (one `error: ...` line on stderr, no traceback); 130 interrupted.
+"""
+
+import inspect
+import json
+import os
+import signal
 import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .generation import Llama, check_positive_int
+from .sampling import check_sampling
 
 
 def run(command) -> None:
-    """`fire.Fire(command)`, with bad input as one `error: ...` line and exit 2, Ctrl-C as 130."""
+    """`fire.Fire(command)` with bad input as one `error: ...` line and exit 2, Ctrl-C as 130."""
     import fire
 
     args = sys.argv[1:]
-    if "--" not in args:
-        # Fire reads a lone "-" as its command separator; "-" here means stdin, so pick another.
-        args += ["--", "--separator", "\x1f"]
+    # SIGTERM unwinds like Ctrl-C, so `finally` blocks remove temporary files.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     try:
+        _check_flags(command, args)
+        if "--" not in args:
+            # Fire reads a lone "-" as its command separator; "-" here means stdin, so pick another.
+            args = args + ["--", "--separator", "\x1f"]
         fire.Fire(command, command=args)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
@@ -19,3 +37,180 @@ def run(command) -> None:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+
+
+def _check_flags(command, args) -> None:
+    """Refuse an unknown --flag in one line (fire would print its whole usage text)."""
+    known = set(inspect.signature(command).parameters)
+    for arg in args:
+        if arg == "--":
+            break
+        if arg.startswith("--") and arg not in ("--help",):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown flag {arg.split('=', 1)[0]}; see --help for the flags")
+
+
+def _check_generation_flags(temperature, top_p, top_k, max_gen_len):
+    check_sampling(temperature, top_p, top_k)
+    if max_gen_len is not None:
+        check_positive_int("--max_gen_len", max_gen_len)
+
+
+# --- chat ----------------------------------------------------------------------------------------
+
+def chat(checkpoint=None, tokenizer=None, system=None, prompt=None, temperature=0.6, top_p=0.9, top_k=None,
+         max_gen_len=None, max_seq_len=2048, device=None, dtype=None, seed=None):
+    """Chat with a checkpoint (default: SmolLM2-135M-Instruct).
+
+    Without --prompt: one user turn a line from stdin (a terminal or a pipe); /reset clears the
+    history, /exit or EOF ends; Ctrl-C stops a reply. With --prompt: one reply, then exit.
+    """
+    _check_generation_flags(temperature, top_p, top_k, max_gen_len)
+    llm = Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=1, device=device, dtype=dtype, seed=seed)
+    start = [{"role": "system", "content": str(system)}] if system is not None else []
+    # Keep room for a reply: drop the oldest turns before the history squeezes it below this.
+    reply_room = max_gen_len or max(1, min(512, max_seq_len // 4))
+
+    def reply(history):
+        """Stream the assistant's answer to stdout and return it (history may lose its oldest turns)."""
+        dropped = False
+        while True:
+            tokens = llm.chat_prompt_tokens(history)
+            room = max_seq_len - 1 - len(tokens)
+            if room >= reply_room or len(history) - len(start) <= 1:
+                break
+            del history[len(start) : len(start) + 2]  # the oldest user turn and its answer
+            dropped = True
+        if dropped:
+            print("(the conversation outgrew --max_seq_len: dropped its oldest turns)", file=sys.stderr)
+        if room < 1:
+            raise ValueError(f"the message is too long for --max_seq_len {max_seq_len}; shorten it or raise --max_seq_len")
+        pieces = []
+        try:
+            for piece in llm.stream(tokens, min(max_gen_len or room, room), temperature, top_p, top_k):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+        finally:
+            print(flush=True)
+        return "".join(pieces)
+
+    if prompt is not None:
+        reply(start + [{"role": "user", "content": str(prompt)}])
+        return
+    interactive = sys.stdin.isatty()
+    history = list(start)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()  # Ctrl-C here ends the program (exit 130)
+        if not line or line.strip() == "/exit":
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            history = list(start)
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            history.append({"role": "assistant", "content": reply(history)})
+        except KeyboardInterrupt:  # Ctrl-C during a reply: forget the turn, back to the prompt
+            history.pop()
+        except ValueError as e:  # one turn too long for the context: say so, keep chatting
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+
+
+def chat_main():
+    run(chat)
+
+
+# --- complete ------------------------------------------------------------------------------------
+
+def read_prompts(source) -> list:
+    """(line number, {"prompt": ..., other fields}) for each non-empty line of a .txt (a prompt a
+    line), a .jsonl ({"prompt": ...} a line) or "-" (stdin, a prompt a line)."""
+    if source == "-":
+        lines, is_jsonl = sys.stdin.read().splitlines(), False
+    else:
+        path = Path(str(source))
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} does not exist; pass a .txt or .jsonl file, or - for stdin")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"prompt file {path} is not UTF-8 text; pass a .txt or .jsonl file") from None
+        is_jsonl = path.suffix == ".jsonl"
+    records, empty = [], 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            empty += 1
+            continue
+        if not is_jsonl:
+            records.append((number, {"prompt": line}))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} line {number} is not JSON ({e.msg}); write one {{\"prompt\": ...}} object a line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{source} line {number} has no \"prompt\" string; write one {{\"prompt\": ...}} object a line")
+        records.append((number, record))
+    if empty:
+        print(f"skipped {empty} empty line(s) of {source}", file=sys.stderr)
+    if not records:
+        raise ValueError(f"{source} holds no prompts")
+    return records
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside the target, then rename: the file appears whole or not at all."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def complete(prompts, out=None, max_gen_len=64, temperature=0.0, top_p=0.9, top_k=None, max_batch_size=8,
+             checkpoint=None, tokenizer=None, max_seq_len=2048, device=None, dtype=None, seed=None):
+    """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
+    stdout or atomically in --out."""
+    from tqdm import tqdm
+
+    _check_generation_flags(temperature, top_p, top_k, max_gen_len)
+    check_positive_int("--max_batch_size", max_batch_size)
+    if out is not None and not Path(str(out)).parent.is_dir():
+        raise FileNotFoundError(f"the folder of --out {out} does not exist; create it or write elsewhere")
+    records = read_prompts(prompts)
+    llm = Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                      device=device, dtype=dtype, seed=seed)
+    tok = llm.tokenizer
+    for number, record in records:  # report an over-long prompt by its line before any work starts
+        n = len(tok.encode(record["prompt"], bos=tok.add_bos, eos=False))
+        if n + max_gen_len > max_seq_len:
+            raise ValueError(
+                f"{prompts} line {number}: the prompt has {n} tokens, and with --max_gen_len {max_gen_len} it "
+                f"exceeds --max_seq_len {max_seq_len}; shorten it or raise --max_seq_len"
+            )
+    lines, new_tokens, started = [], 0, time.perf_counter()
+    with tqdm(total=len(records), desc="completing", unit="prompt", file=sys.stderr) as bar:
+        for start in range(0, len(records), max_batch_size):
+            batch = [record for _, record in records[start : start + max_batch_size]]
+            done = llm.text_completion([r["prompt"] for r in batch], max_gen_len, temperature, top_p, top_k)
+            lines += [json.dumps({**r, "generation": d["generation"]}, ensure_ascii=False) + "\n" for r, d in zip(batch, done)]
+            new_tokens += sum(len(d["tokens"]) for d in done)
+            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - started):.1f} tok/s")
+            bar.update(len(batch))
+    if out is None:
+        sys.stdout.write("".join(lines))
+    else:
+        write_atomically(Path(str(out)), "".join(lines))
+
+
+def complete_main():
+    run(complete)

@@ -1,7 +1,12 @@
 """The fire scripts end to end in a subprocess, compared with the Python API on the same input."""
 
 import json
+import os
+import pty
+import select
+import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -46,17 +51,41 @@ def test_chat_keeps_history_over_a_pipe(llm):
 
 
 def test_complete_matches_text_completion(llm, tmp_path):
-    prompts = ["The capital of France is", "", "def square(x):", "Once upon a time"]
+    prompts = [f"Fact number {n} about {topic}:" for n, topic in enumerate(["cats", "the moon", "rivers", "bread"] * 5)]
+    prompts[3] = "Write the word hello in Korean: 안녕"
+    prompts.insert(7, "")  # an empty line: skipped, and counted on stderr
     source = tmp_path / "prompts.txt"
     source.write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out.jsonl"
-    done = script("complete.py", source, "--out", out, "--max_gen_len", "12", *FLAGS)
+    done = script("complete.py", source, "--out", out, "--max_gen_len", "8", *FLAGS)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "skipped 1 empty line" in done.stderr and "tok/s" in done.stderr
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     kept = [p for p in prompts if p]
-    want = llm.text_completion(kept, max_gen_len=12, temperature=0)
+    assert len(kept) == 20
+    want = llm.text_completion(kept, max_gen_len=8, temperature=0)
     assert lines == [{"prompt": p, "generation": w["generation"]} for p, w in zip(kept, want)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.txt"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_complete_leaves_no_output_file(tmp_path, signum):
+    source = tmp_path / "prompts.txt"
+    source.write_text("".join(f"Tell me a long story about number {n}.\n" for n in range(40)))
+    out = tmp_path / "out.jsonl"
+    args = [sys.executable, str(ROOT / "scripts" / "complete.py"), str(source), "--out", str(out),
+            "--max_gen_len", "48", "--max_batch_size", "2", *FLAGS]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    seen = b""
+    while b"2/40" not in seen:  # half-way: some batches done, most not
+        chunk = proc.stderr.read1(4096)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    proc.send_signal(signum)
+    proc.stderr.read()
+    assert proc.wait(timeout=60) in (130, 143)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
 
 
 def test_complete_reads_jsonl_from_stdin_and_keeps_fields(tmp_path):
@@ -79,6 +108,9 @@ def test_complete_reads_jsonl_from_stdin_and_keeps_fields(tmp_path):
         ("chat.py", ["--prompt", "hi", "--checkpoint", __file__], "not a GGUF file"),
         ("complete.py", ["/no/such/prompts.txt"], "does not exist"),
         ("complete.py", ["-", "--top_k", "0"], "top_k"),
+        ("complete.py", ["-", "--bogus", "1"], "unknown flag --bogus"),
+        ("chat.py", ["--promt", "hi"], "unknown flag --promt"),
+        ("complete.py", [__file__ + "x", "--out", "/no/such/folder/out.jsonl"], "--out"),
         ("complete.py", ["-", "--max_gen_len", "508", "--max_seq_len", "512"], "line 1"),
     ],
 )
@@ -89,3 +121,74 @@ def test_bad_input_exits_2_with_one_line(name, args, message):
     errors = [line for line in done.stderr.split("\n") if "error" in line.lower()]  # progress bars aside
     assert len(errors) == 1 and errors[0].rsplit("\r", 1)[-1].lstrip().startswith("error: "), done.stderr
     assert message in errors[0]
+
+
+def test_installed_commands_show_every_flag_with_its_default():
+    bin_dir = Path(sys.executable).parent
+    for command, flags in [("llama-lite-chat", ["--system", "--prompt", "--top_k", "--seed"]),
+                           ("llama-lite-complete", ["--out", "--max_batch_size", "--checkpoint"])]:
+        done = subprocess.run([str(bin_dir / command), "--help"], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PAGER": "cat"})
+        assert done.returncode == 0, done.stderr
+        shown = done.stdout + done.stderr  # fire writes help to stderr when not on a terminal
+        for flag in flags + ["--temperature", "--top_p", "--max_gen_len", "--device", "--dtype"]:
+            assert flag in shown
+        assert "Default: 0.9" in shown  # top_p
+
+
+class Terminal:
+    """chat.py on a pseudo-terminal, as a person at a keyboard runs it."""
+
+    def __init__(self, *args):
+        main, child = pty.openpty()
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "chat.py"), *args],
+                                     stdin=child, stdout=child, stderr=subprocess.DEVNULL, close_fds=True)
+        os.close(child)
+        self.fd, self.screen, self.seen = main, "", 0
+
+    def read_until(self, text, timeout=120):
+        """Wait for `text` to appear after everything read_until has already matched."""
+        end = time.time() + timeout
+        while text not in self.screen[self.seen :]:
+            assert time.time() < end, f"never saw {text!r} in {self.screen[self.seen:]!r}"
+            if select.select([self.fd], [], [], 1)[0]:
+                self.screen += os.read(self.fd, 4096).decode(errors="replace")
+        self.seen = self.screen.index(text, self.seen) + len(text)
+
+    def type(self, line):
+        os.write(self.fd, (line + "\n").encode())
+
+
+def test_chat_on_a_terminal(llm):
+    term = Terminal("--max_gen_len", "20", *FLAGS)
+    term.read_until("> ")
+    turns = ["The secret code is 4729.", "Repeat the secret code."]
+    dialog, want = [], ""
+    for turn in turns:
+        term.type(turn)
+        dialog.append({"role": "user", "content": turn})
+        reply = llm.chat_completion([dialog], max_gen_len=20, temperature=0)[0]["generation"]["content"]
+        dialog.append({"role": "assistant", "content": reply})
+        want += f"> {turn}\r\n{reply}\r\n"
+        term.read_until(reply + "\r\n> ")
+    term.type("/exit")
+    assert term.proc.wait(timeout=60) == 0
+    assert term.screen.replace("\r\n", "\n").startswith(want.replace("\r\n", "\n"))
+
+
+def test_ctrl_c_stops_a_reply_then_exits_130_at_the_prompt():
+    term = Terminal("--max_gen_len", "400", *FLAGS)
+    term.read_until("> ")
+    term.type("Write a very long essay about the history of bread.")
+    term.read_until("essay about the history of bread.\r\n")
+    time.sleep(3)
+    if select.select([term.fd], [], [], 0)[0]:
+        term.screen += os.read(term.fd, 4096).decode(errors="replace")
+    assert "\r\n> " not in term.screen[term.seen :]  # the reply is still streaming
+    term.proc.send_signal(signal.SIGINT)
+    term.read_until("> ", timeout=60)  # back at the prompt, not dead
+    term.type("Say hi.")
+    term.read_until("Say hi.\r\n")
+    term.read_until("\r\n> ")  # a whole new reply, then the prompt again
+    term.proc.send_signal(signal.SIGINT)
+    assert term.proc.wait(timeout=60) == 130
