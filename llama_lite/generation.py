@@ -95,8 +95,11 @@ class Llama:
             raise CheckpointError(f"the tokenizer has {tok.n_words} tokens but the model only {params.vocab_size}; pass the model's own tokenizer")
 
         state = gguf_state_dict(reader, progress=path.stat().st_size > _PROGRESS_BYTES)
-        converted = {}  # by id, so a tied embedding/output pair stays one tensor
-        state = {k: converted.setdefault(id(v), v.to(device=device, dtype=dtype)) for k, v in state.items()}
+        converted = {}  # by id, so a tied embedding/output pair is converted once and stays one tensor
+        for name, tensor in state.items():
+            if id(tensor) not in converted:
+                converted[id(tensor)] = tensor.to(device=device, dtype=dtype)
+            state[name] = converted[id(tensor)]
         with torch.device("meta"):  # no throw-away random init: the checkpoint's tensors are assigned
             model = Transformer(params)
         try:
