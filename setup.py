@@ -11,6 +11,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "sentencepiece",
+        "protobuf",  # to read and build SentencePiece model protos (sentencepiece_model_pb2)
         "fairscale",
         "fire",
         "gguf>=0.17",

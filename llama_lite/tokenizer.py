@@ -1,19 +1,28 @@
 """Text to token ids and back, behind one interface whatever the back-end.
 
 `Tokenizer` is the interface (Meta's `encode(s, bos, eos)` / `decode(ids)` plus the ids generation
-needs); each back-end is one small subclass, and `Tokenizer.from_file` picks it by the file. Back-end
-libraries are imported only when used.
+needs). Two classes do the work, each over the reference library of its kind:
+- `SentencePieceTokenizer` (the `sentencepiece` library): a tokenizer.model, or a GGUF whose
+  vocabulary is of the "llama" (SentencePiece) kind, rebuilt as a SentencePiece model;
+- `HFTokenizer` (the `tokenizers` library): a tokenizer.json, or a GGUF "gpt2" (byte-level BPE)
+  vocabulary with its merges and named pre-tokenizer.
+`Tokenizer.from_file` picks by the file's content, never by a model's name. Back-end libraries are
+imported only when used.
 """
 
+import json
+import re
 from pathlib import Path
 
 from .checkpoint import CheckpointError, gguf_field, open_gguf
 
-# Text of tokens that end a turn or a document. Like llama.cpp, a checkpoint's control tokens with
+# Text of tokens that end a turn or a document. Like llama.cpp, a vocabulary's control tokens with
 # these names stop generation even when its metadata names only one eos id.
 END_OF_TURN_TEXTS = frozenset(
     {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<end_of_turn>", "<|end|>"}
 )
+
+SUPPORTED_FILES = "tokenizer.model (SentencePiece), tokenizer.json (Hugging Face) or a .gguf"
 
 
 class Tokenizer:
@@ -58,28 +67,171 @@ class Tokenizer:
     def _decode(self, ids: list) -> str:
         raise NotImplementedError
 
+    def _set_ids(self, *, bos_id, eos_id, pad_id, stop_ids, add_bos, chat_template, where):
+        """Check and keep the ids generation relies on; `where` names the file in errors."""
+        for name, value in (("eos", eos_id), ("bos", bos_id), ("pad", pad_id)):
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.n_words):
+                raise CheckpointError(f"{where}: {name} token id {value!r} is outside the vocabulary of {self.n_words}")
+        stop_ids = {i for i in stop_ids if isinstance(i, int) and 0 <= i < self.n_words}
+        if eos_id is None and stop_ids:  # e.g. a tokenizer.json with no config beside it
+            eos_id = min(stop_ids)
+        if eos_id is None:
+            raise CheckpointError(f"{where}: no eos token is declared; generation could never stop")
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.pad_id = eos_id if pad_id is None else pad_id  # any valid index: padding is masked anyway
+        self.stop_ids = frozenset({eos_id, *stop_ids})
+        self.add_bos, self.chat_template = bool(add_bos) and bos_id is not None, chat_template or None
+
     @staticmethod
     def from_file(path) -> "Tokenizer":
-        """The tokenizer a file holds, its back-end chosen by the file's kind."""
+        """The tokenizer a file holds, its back-end chosen by the file's content."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist; pass a .gguf file")
+            raise FileNotFoundError(f"tokenizer file {path} does not exist; pass {SUPPORTED_FILES}")
         if path.is_file():
             with open(path, "rb") as f:
-                if f.read(4) == b"GGUF":
-                    return gguf_tokenizer(open_gguf(path))
-        raise CheckpointError(f"{path} is not a tokenizer file llama_lite can read; pass a .gguf file")
+                head = f.read(64)
+            if head.startswith(b"GGUF"):
+                return gguf_tokenizer(open_gguf(path))
+            if head.lstrip()[:1] == b"{":
+                return json_tokenizer(path)
+            if path.stat().st_size < (1 << 30):
+                sp = _sentencepiece_proto(path.read_bytes())
+                if sp is not None:
+                    spec = sp.trainer_spec  # Meta's files: <s>=1, </s>=2, no pad (-1); bos on prompts
+                    return SentencePieceTokenizer(
+                        sp, where=path, bos_id=spec.bos_id if spec.bos_id >= 0 else None,
+                        eos_id=spec.eos_id if spec.eos_id >= 0 else None, pad_id=spec.pad_id if spec.pad_id >= 0 else None,
+                        add_bos=True, chat_template=None,
+                    )
+        raise CheckpointError(f"{path} is not a tokenizer file llama_lite can read; pass {SUPPORTED_FILES}")
 
+
+def _special_splitter(specials: dict):
+    """A function text -> [(id or None, text)]: each special token's text as its id, the rest as text."""
+    if not specials:
+        return lambda text: [(None, text)] if text else []
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+
+    def split(text):
+        parts, pos = [], 0
+        for m in pattern.finditer(text):
+            if m.start() > pos:
+                parts.append((None, text[pos : m.start()]))
+            parts.append((specials[m.group()], m.group()))
+            pos = m.end()
+        if pos < len(text):
+            parts.append((None, text[pos:]))
+        return parts
+
+    return split
+
+
+# --- SentencePiece ------------------------------------------------------------------------------
+
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED, _SP_UNUSED, _SP_BYTE = 1, 2, 3, 4, 5, 6  # = llama.cpp's
+
+
+def _sentencepiece_proto(data: bytes):
+    """The parsed SentencePiece ModelProto in `data`, or None if it is not one."""
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError):
+        return None
+    return proto if len(proto.pieces) > 0 else None
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Over the `sentencepiece` library, for Meta's tokenizer.model and GGUF "llama" vocabularies.
+
+    Text of control tokens (<s>, </s>, ...) encodes to their ids, as API.md asks; plain
+    `sentencepiece` would spell them out. Like Hugging Face's (non-legacy) Llama tokenizer, only
+    text at the very start gets the dummy prefix space, not text that follows a special token;
+    so two processors are kept, with and without it.
+    """
+
+    def __init__(self, proto, *, where, stop_ids=(), **ids):
+        import sentencepiece as spm
+
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+            inner = type(proto)()
+            inner.CopyFrom(proto)
+            inner.normalizer_spec.add_dummy_prefix = False
+            self.sp_inner = spm.SentencePieceProcessor(model_proto=inner.SerializeToString())
+        except (RuntimeError, OSError) as e:
+            raise CheckpointError(f"{where}: sentencepiece cannot load this vocabulary ({e})") from None
+        self.n_words = self.sp.vocab_size()
+        controls = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == _SP_CONTROL}
+        self.control_text = {i: piece for piece, i in controls.items()}
+        self._split = _special_splitter(controls)
+        stop_ids = {*stop_ids, *(i for piece, i in controls.items() if piece in END_OF_TURN_TEXTS)}
+        self._set_ids(stop_ids=stop_ids, where=where, **ids)
+
+    def _encode(self, s):
+        ids = []
+        for n, (special, text) in enumerate(self._split(s)):
+            if special is not None:
+                ids.append(special)
+            else:  # the dummy prefix space only for text at the very start
+                ids += (self.sp if n == 0 else self.sp_inner).encode(text)
+        return ids
+
+    def _decode(self, ids):
+        out, run, at_start = [], [], True
+        for i in ids + [None]:
+            if i is None or i in self.control_text:
+                if run:
+                    out.append((self.sp if at_start else self.sp_inner).decode(run))
+                    run = []
+                if i is not None:
+                    out.append(self.control_text[i])
+                at_start = False
+            else:
+                run.append(i)
+        return "".join(out)
+
+
+def _gguf_sentencepiece(reader, tokens, types, where) -> SentencePieceTokenizer:
+    """A GGUF "llama" vocabulary rebuilt as the SentencePiece BPE model it was converted from."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    scores = gguf_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens))
+    if not (len(scores) == len(types) == len(tokens)):
+        raise CheckpointError(f"{where}: tokenizer tokens, scores and token types differ in length")
+    proto = pb.ModelProto()
+    for token, score, kind in zip(tokens, scores, types):
+        proto.pieces.add(piece=token, score=float(score), type=kind if 1 <= kind <= 6 else _SP_NORMAL)
+    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+    proto.trainer_spec.byte_fallback = _SP_BYTE in types
+    unk = gguf_field(reader, "tokenizer.ggml.unknown_token_id", None)
+    if unk is None or not 0 <= unk < len(tokens):
+        unk = next((i for i, kind in enumerate(types) if kind == _SP_UNKNOWN), None)
+    if unk is None:
+        raise CheckpointError(f"{where}: a SentencePiece vocabulary needs an unknown token; this one has none")
+    proto.pieces[unk].type = _SP_UNKNOWN
+    proto.trainer_spec.unk_id = unk
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = bool(gguf_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    return SentencePieceTokenizer(proto, where=where, **_gguf_ids(reader, tokens, default_add_bos=True))
+
+
+# --- Hugging Face tokenizers --------------------------------------------------------------------
 
 class HFTokenizer(Tokenizer):
-    """Over a Hugging Face `tokenizers.Tokenizer` (built from tokenizer.json or a GGUF vocabulary)."""
+    """Over a Hugging Face `tokenizers.Tokenizer` (from tokenizer.json or a GGUF "gpt2" vocabulary)."""
 
-    def __init__(self, backend, *, bos_id, eos_id, pad_id, stop_ids, add_bos, chat_template):
+    def __init__(self, backend, *, where, stop_ids=(), **ids):
         self.backend = backend
         self.n_words = backend.get_vocab_size(with_added_tokens=True)
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.stop_ids = frozenset(stop_ids)
-        self.add_bos, self.chat_template = add_bos, chat_template
+        specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self._set_ids(stop_ids={*stop_ids, *(i for t, i in specials.items() if t in END_OF_TURN_TEXTS)}, where=where, **ids)
 
     def _encode(self, s):
         return self.backend.encode(s, add_special_tokens=False).ids
@@ -88,74 +240,141 @@ class HFTokenizer(Tokenizer):
         return self.backend.decode(ids, skip_special_tokens=False)
 
 
-def _smollm_pre_tokenizer():
-    # SmolLM's own tokenizer.json: every digit alone, then GPT-2's byte-level split.
-    from tokenizers import pre_tokenizers
+def json_tokenizer(path: Path) -> HFTokenizer:
+    """tokenizer.json, with bos/eos/pad, add_bos and the chat template from the tokenizer_config.json
+    and generation_config.json beside it when present."""
+    from tokenizers import Tokenizer as Backend
 
-    return pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    try:
+        backend = Backend.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise CheckpointError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+    config = _json_beside(path, "tokenizer_config.json")
+    generation = _json_beside(path, "generation_config.json")
+
+    def token_id(value):  # a token's text, or {"content": text} as transformers saves AddedToken
+        text = value.get("content") if isinstance(value, dict) else value
+        return backend.token_to_id(text) if isinstance(text, str) else None
+
+    declared_eos = generation.get("eos_token_id")
+    declared_eos = declared_eos if isinstance(declared_eos, list) else [declared_eos]
+    eos_id = token_id(config.get("eos_token"))
+    if eos_id is None:
+        eos_id = next((i for i in declared_eos if isinstance(i, int)), None)
+    bos_id = token_id(config.get("bos_token"))
+    if bos_id is None and isinstance(generation.get("bos_token_id"), int):
+        bos_id = generation["bos_token_id"]
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:  # not stated: does the file's own post-processor put a bos first?
+        add_bos = bos_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja = path.parent / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return HFTokenizer(
+        backend,
+        where=path,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=token_id(config.get("pad_token")),
+        stop_ids=[i for i in declared_eos if isinstance(i, int)],
+        add_bos=add_bos,
+        chat_template=template if isinstance(template, str) else None,
     )
 
 
-# tokenizer.ggml.pre -> the pre-tokenizer its merges were learned with. A name not here is refused:
-# a wrong split gives plausible-looking but wrong ids.
-GGUF_PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
+def _json_beside(path: Path, name: str) -> dict:
+    other = path.parent / name
+    if not other.is_file():
+        return {}
+    try:
+        value = json.loads(other.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{other} is not valid JSON ({e}); fix or remove it") from None
+    return value if isinstance(value, dict) else {}
 
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+# Pre-tokenizer splits (the regexes the vocabularies' merges were learned with), by the name
+# llama.cpp writes in tokenizer.ggml.pre.
+_GPT2_SPLIT = None  # ByteLevel's own regex
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# name -> (split regex or None for GPT-2's, digits one by one first, BPE ignore_merges)
+GGUF_PRE_TOKENIZERS = {
+    "gpt-2": (_GPT2_SPLIT, False, False),
+    "smollm": (_GPT2_SPLIT, True, False),  # SmolLM's tokenizer.json: Digits(individual) + ByteLevel
+    "llama-bpe": (_LLAMA3_SPLIT, False, True),  # Llama 3 / 3.1 / 3.2
+    "llama3": (_LLAMA3_SPLIT, False, True),
+    "qwen2": (_QWEN2_SPLIT, False, False),
+}
 
 
-def gguf_tokenizer(reader) -> Tokenizer:
-    """The tokenizer embedded in a GGUF file's metadata."""
-    path = reader.data.filename
-    kind = gguf_field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise CheckpointError(f"{path}: tokenizer model {kind!r} is not supported; llama_lite reads 'gpt2' (BPE) GGUF vocabularies")
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-    types = gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-    eos_id = gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    bos_id = gguf_field(reader, "tokenizer.ggml.bos_token_id", None)
-    pad_id = gguf_field(reader, "tokenizer.ggml.padding_token_id", eos_id)
-    for name, value in (("eos", eos_id), ("bos", bos_id), ("padding", pad_id)):
-        if value is not None and not 0 <= value < len(tokens):
-            raise CheckpointError(f"{path}: tokenizer.ggml.{name}_token_id {value} is outside the vocabulary of {len(tokens)}")
-    stop_ids = {eos_id} | {
-        i for i, (text, kind) in enumerate(zip(tokens, types)) if kind == _CONTROL and text in END_OF_TURN_TEXTS
-    }
-    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        declared = gguf_field(reader, key, None)
-        if declared is not None and 0 <= declared < len(tokens):
-            stop_ids.add(declared)
-    return HFTokenizer(
-        _gguf_bpe(reader, tokens, types),
-        bos_id=bos_id,
+def _pre_tokenizer(split, digits):
+    from tokenizers import Regex, pre_tokenizers
+
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    return pre_tokenizers.Sequence(steps)
+
+
+def _gguf_bpe(reader, tokens, types, where) -> HFTokenizer:
+    """A GGUF "gpt2" vocabulary: byte-level BPE from its tokens, merges and named pre-tokenizer."""
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as Backend
+
+    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise CheckpointError(
+            f"{where}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(GGUF_PRE_TOKENIZERS))})"
+        )
+    split, digits, ignore_merges = GGUF_PRE_TOKENIZERS[pre]
+    merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges")]
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=ignore_merges))
+    backend.pre_tokenizer = _pre_tokenizer(split, digits)
+    backend.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>...) and user-defined ones are matched whole in the text.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _SP_CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _SP_USER_DEFINED])
+    return HFTokenizer(backend, where=where, **_gguf_ids(reader, tokens, default_add_bos=False))
+
+
+# --- GGUF ---------------------------------------------------------------------------------------
+
+def _gguf_ids(reader, tokens, default_add_bos):
+    eos_id = gguf_field(reader, "tokenizer.ggml.eos_token_id", None)
+    return dict(
+        bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id", None),
         eos_id=eos_id,
-        pad_id=pad_id,
-        stop_ids=stop_ids,
-        add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        pad_id=gguf_field(reader, "tokenizer.ggml.padding_token_id", None),
+        stop_ids=[gguf_field(reader, f"tokenizer.ggml.{k}_token_id", None) for k in ("eot", "eom")],
+        add_bos=gguf_field(reader, "tokenizer.ggml.add_bos_token", default_add_bos),
         chat_template=gguf_field(reader, "tokenizer.chat_template", None),
     )
 
 
-def _gguf_bpe(reader, tokens, types):
-    """A byte-level BPE `tokenizers.Tokenizer` from GGUF tokens, merges and token types."""
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as Backend
-
-    path = reader.data.filename
-    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
-    if pre not in GGUF_PRE_TOKENIZERS:
-        raise CheckpointError(
-            f"{path}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(GGUF_PRE_TOKENIZERS))})"
-        )
-    merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges")]
-    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
-    backend.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>...) and user-defined ones are matched whole in the text.
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == _CONTROL]
+def gguf_tokenizer(reader) -> Tokenizer:
+    """The tokenizer embedded in a GGUF file's metadata."""
+    where = reader.data.filename
+    kind = gguf_field(reader, "tokenizer.ggml.model")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    types = gguf_field(reader, "tokenizer.ggml.token_type", [_SP_NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
+    if kind == "gpt2":
+        return _gguf_bpe(reader, tokens, types, where)
+    if kind == "llama":
+        return _gguf_sentencepiece(reader, tokens, types, where)
+    raise CheckpointError(
+        f"{where}: tokenizer model {kind!r} is not supported; llama_lite reads 'gpt2' (byte-level BPE) and 'llama' (SentencePiece) vocabularies"
     )
-    backend.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
-    )
-    return backend

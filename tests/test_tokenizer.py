@@ -1,28 +1,10 @@
-"""The GGUF byte-level BPE tokenizer against transformers' AutoTokenizer on the same file."""
+"""The GGUF byte-level BPE tokenizer (SmolLM2's) against transformers' AutoTokenizer on the same file."""
 
 import pytest
 
 from llama_lite import CheckpointError, Tokenizer
+from tests.corpus import CORPUS
 from tests.tiny_gguf import write_tiny_gguf
-
-CORPUS = [
-    "",
-    "Hello, world!",
-    "The quick brown fox jumps over the lazy dog.",
-    "def add(a, b):\n    return a + b  # sum\n",
-    "for (int i = 0; i < n; ++i) { x[i] *= 2; }",
-    "1234567890 3.14159 -42 1e-5 2024-11-25",
-    "   leading spaces, trailing   ",
-    "tabs\tand\nnewlines\n\n\nand  double  spaces",
-    "emoji 😀🎉👍🏽 and symbols ©®™ €",
-    "한국어 문장입니다. 안녕하세요!",
-    "中文和日本語のテキスト",
-    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
-    "text with <|endoftext|> inside and <|im_end|>",
-    "I'm sure they'll say it's what we've done",
-    "UPPER lower MiXeD",
-    "\u00a0non-breaking\u2009thin space",
-]
 
 
 @pytest.mark.parametrize("text", CORPUS)

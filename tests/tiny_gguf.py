@@ -1,5 +1,7 @@
 """Tiny random Llama GGUF files, written with gguf-py's own writer, for fast and failure-path tests."""
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -23,16 +25,30 @@ CHATML = (
 )
 
 
-def write_tiny_gguf(path, *, arch="llama", pre="smollm", n_layers=2, dim=64, n_heads=4, n_kv_heads=2, hidden=96,
-                    context=256, seed=0, tie=True, extra_tensors=()):
-    """A random tiny Llama with a byte-level vocabulary (3 control tokens, 256 bytes, 2 merges)."""
+SHIPPED_SP_MODEL = Path(__file__).resolve().parent.parent / "tokenizer" / "llama_lite_sp.model"
+
+
+def sentencepiece_vocab(model=SHIPPED_SP_MODEL):
+    """(pieces, scores, types) of a SentencePiece model, as llama.cpp's converter writes them."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model).read_bytes())
+    return [p.piece for p in proto.pieces], [p.score for p in proto.pieces], [p.type for p in proto.pieces]
+
+
+def write_tiny_gguf(path, *, arch="llama", pre="smollm", vocab_kind="gpt2", n_layers=2, dim=64, n_heads=4,
+                    n_kv_heads=2, hidden=96, context=256, seed=0, tie=True, extra_tensors=()):
+    """A random tiny Llama. vocab_kind "gpt2": a byte-level vocabulary (3 control tokens, 256 bytes,
+    2 merges); "llama": the shipped SentencePiece model's vocabulary, with scores and byte tokens."""
     import gguf
 
     rng = np.random.default_rng(seed)
-    tokens = TINY_SPECIALS + byte_alphabet()
-    tokens += ["he", "the"]
-    merges = ["h e", "t he"]
-    types = [3] * len(TINY_SPECIALS) + [1] * (len(tokens) - len(TINY_SPECIALS))
+    if vocab_kind == "gpt2":
+        tokens = TINY_SPECIALS + byte_alphabet() + ["he", "the"]
+        types = [3] * len(TINY_SPECIALS) + [1] * (len(tokens) - len(TINY_SPECIALS))
+    else:
+        tokens, scores, types = sentencepiece_vocab()
     vocab = len(tokens)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(n_layers)
@@ -44,15 +60,21 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", n_layers=2, dim=64, n_h
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
+    w.add_tokenizer_model(vocab_kind)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    if vocab_kind == "gpt2":
+        w.add_tokenizer_pre(pre)
+        w.add_token_merges(["h e", "t he"])
+        w.add_add_bos_token(False)
+        w.add_chat_template(CHATML)
+    else:
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(True)
 
     def weight(*shape):
         return (rng.standard_normal(shape) * 0.1).astype(np.float32)
