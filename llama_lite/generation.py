@@ -58,6 +58,17 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _stop_prefix_length(text: str, stop_texts) -> int:
+    """How many trailing characters of `text` could begin one of `stop_texts` (0 if none)."""
+    longest = 0
+    for stop in stop_texts:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
 def check_positive_int(name, value):
     """ValueError unless `value` is a whole number >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -200,9 +211,12 @@ class Llama:
         """Yield the reply to one prompt as text pieces while it is generated.
 
         A piece is released only when the text decoded so far does not end in an incomplete UTF-8
-        character, so no piece ever holds half of one; the pieces join to decode(generate(...)).
+        character, so no piece ever holds half of one; text that could be the start of a stop token
+        spelled out ("<|im" of "<|im_end|>") is held until the next tokens settle it. The pieces
+        join to decode() of the tokens generate() returns.
         """
         n = len(prompt_tokens) if isinstance(prompt_tokens, (list, tuple)) else 0
+        stop_texts = [self.tokenizer.decode([i]) for i in self.tokenizer.stop_ids]
         new, emitted = [], ""
         for cur_pos, tokens, _ in self._decode([prompt_tokens], max_gen_len, temperature, top_p, top_k, False, False):
             if cur_pos < n:
@@ -211,10 +225,15 @@ class Llama:
             if token in self.tokenizer.stop_ids:
                 break
             new.append(token)
+            # Decode everything so far, not the new token alone: SentencePiece spaces and multi-token
+            # characters come out right only in context.
             text = self.tokenizer.decode(new)
-            if not text.endswith("\ufffd") and text.startswith(emitted):
-                yield text[len(emitted) :]
-                emitted = text
+            if text.endswith("\ufffd") or not text.startswith(emitted):
+                continue  # the next token should complete a character
+            ready = len(text) - _stop_prefix_length(text, stop_texts)
+            if ready > len(emitted):
+                yield text[len(emitted) : ready]
+                emitted = text[:ready]
         text = self.tokenizer.decode(new)
         if text != emitted:
             yield text[len(emitted) :]

@@ -238,3 +238,39 @@ def test_bad_arguments_are_clear(llm):
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+class PieceTokenizer(Tokenizer):
+    """Each id decodes to one fixed string; id 1 is a stop token whose text is "<END>"."""
+
+    PIECES = ["<pad>", "<END>", "<", "E", "N", "D", ">", "a", " b"]
+    bos_id, eos_id, pad_id, n_words, stop_ids, add_bos, chat_template = None, STOP, PAD, 9, frozenset({STOP}), False, None
+
+    def _decode(self, ids):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_stream_holds_back_what_could_start_a_stop_token():
+    follow = [[7, 2, 3, 7, 2, 3, 4, 5, 6, 8, STOP]]  # "a" then "<", "E", "a", "<END>" spelled out, " b"
+    model = ScriptedModel(follow)
+    llm = Llama(model, PieceTokenizer(), torch.Generator())
+    pieces = list(llm.stream([7], 20, temperature=0))
+    assert pieces == ["<Ea", "<END>", " b"]  # "<" and "<E" waited until "a" ruled the stop token out
+    tokens, _ = llm.generate([[7]], 20, temperature=0)
+    assert "".join(pieces) == llm.tokenizer.decode(tokens[0])
+
+
+def test_stream_keeps_sentencepiece_spaces(tmp_path):
+    """Decoding one SentencePiece token at a time loses the spaces its pieces carry ("▁the");
+    the stream must not."""
+    llm = Llama.build(write_tiny_gguf(tmp_path / "spm.gguf", vocab_kind="llama"), max_seq_len=128, device="cpu",
+                      dtype="float32", seed=0)
+    ids = llm.tokenizer.encode("The history of", bos=True, eos=False)
+    for seed in range(3):
+        llm.generator.manual_seed(seed)
+        pieces = list(llm.stream(ids, 50, temperature=1.0, top_p=1.0))
+        llm.generator.manual_seed(seed)
+        tokens, _ = llm.generate([ids], 50, temperature=1.0, top_p=1.0)
+        text = llm.tokenizer.decode(tokens[0])
+        assert "".join(pieces) == text
+        assert text.count(" ") > 5  # the random model's pieces do carry spaces
