@@ -96,14 +96,9 @@ class Tokenizer:
             if head.lstrip()[:1] == b"{":
                 return json_tokenizer(path)
             if path.stat().st_size < (1 << 30):
-                sp = _sentencepiece_proto(path.read_bytes())
-                if sp is not None:
-                    spec = sp.trainer_spec  # Meta's files: <s>=1, </s>=2, no pad (-1); bos on prompts
-                    return SentencePieceTokenizer(
-                        sp, where=path, bos_id=spec.bos_id if spec.bos_id >= 0 else None,
-                        eos_id=spec.eos_id if spec.eos_id >= 0 else None, pad_id=spec.pad_id if spec.pad_id >= 0 else None,
-                        add_bos=True, chat_template=None,
-                    )
+                proto = _sentencepiece_proto(path.read_bytes())
+                if proto is not None:
+                    return _sentencepiece_file(proto, path)
         raise CheckpointError(f"{path} is not a tokenizer file llama_lite can read; pass {SUPPORTED_FILES}")
 
 
@@ -129,7 +124,7 @@ def _special_splitter(specials: dict):
 
 # --- SentencePiece ------------------------------------------------------------------------------
 
-_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED, _SP_UNUSED, _SP_BYTE = 1, 2, 3, 4, 5, 6  # = llama.cpp's
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED, _SP_BYTE = 1, 2, 3, 4, 6  # = llama.cpp's token types
 
 
 def _sentencepiece_proto(data: bytes):
@@ -143,6 +138,18 @@ def _sentencepiece_proto(data: bytes):
     except (DecodeError, ValueError, RuntimeError):
         return None
     return proto if len(proto.pieces) > 0 else None
+
+
+def _sentencepiece_file(proto, path) -> "SentencePieceTokenizer":
+    """A tokenizer.model: ids as its trainer recorded them (Meta's: <s>=1, </s>=2, no pad = -1),
+    and a bos on every prompt, as Meta's generation code does."""
+    spec = proto.trainer_spec
+
+    def declared(value):
+        return value if value >= 0 else None
+
+    return SentencePieceTokenizer(proto, where=path, bos_id=declared(spec.bos_id), eos_id=declared(spec.eos_id),
+                                  pad_id=declared(spec.pad_id), add_bos=True, chat_template=None)
 
 
 class SentencePieceTokenizer(Tokenizer):
