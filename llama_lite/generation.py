@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .chat_template import render_chat
-from .checkpoint import CheckpointError, default_checkpoint, gguf_model_args, gguf_state_dict, open_gguf
+from .checkpoint import CheckpointError, gguf_model_args, gguf_state_dict, open_gguf
+from .download import default_checkpoint
 from .model import ModelArgs, Transformer
 from .sampling import check_sampling, sample
 from .tokenizer import Tokenizer, gguf_tokenizer

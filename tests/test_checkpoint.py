@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama_lite import CheckpointError, Llama
-from llama_lite import checkpoint as ckpt
+from llama_lite import download as ckpt
 from tests.tiny_gguf import write_tiny_gguf
 
 
