@@ -16,6 +16,7 @@ setup(
         "fire",
         "gguf>=0.17",
         "tokenizers>=0.20",
+        "safetensors",
         "jinja2>=3.1",
         "tqdm",
         "numpy",

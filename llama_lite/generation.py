@@ -5,13 +5,14 @@ prompt's end, prompt tokens kept with `torch.where`, a finished mask that only O
 once every row is finished, and truncation done once on the host with `tolist()`.
 """
 
-from pathlib import Path
+import sys
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .chat_template import render_chat
-from .checkpoint import CheckpointError, gguf_model_args, gguf_state_dict, open_gguf
+from .checkpoint import CheckpointError, read_checkpoint
 from .download import default_checkpoint
 from .model import ModelArgs, Transformer
 from .sampling import check_sampling, sample
@@ -91,34 +92,39 @@ class Llama:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
 
-        path = default_checkpoint() if checkpoint is None else Path(checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .gguf file, or no checkpoint for the default model")
-        if path.is_dir():
-            raise CheckpointError(f"{path} is a folder; llama_lite reads .gguf checkpoint files, pass one")
-        reader = open_gguf(path)
-        args = gguf_model_args(reader)
-        context_length = args.pop("context_length")
-        if max_seq_len > context_length:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context length {context_length}; pass max_seq_len <= {context_length}")
-        params = ModelArgs(**args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else gguf_tokenizer(reader)
+        ckpt = read_checkpoint(default_checkpoint() if checkpoint is None else checkpoint)
+        if ckpt.context_length and max_seq_len > ckpt.context_length:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} exceeds the model's context length {ckpt.context_length}; "
+                f"pass max_seq_len <= {ckpt.context_length}"
+            )
+        params = ModelArgs(**ckpt.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if tokenizer is not None:
+            tok = Tokenizer.from_file(tokenizer)
+        elif ckpt.gguf_reader is not None:
+            tok = gguf_tokenizer(ckpt.gguf_reader)
+        elif ckpt.tokenizer_file is not None:
+            tok = Tokenizer.from_file(ckpt.tokenizer_file)
+        else:
+            raise CheckpointError(f"{ckpt.path} has no tokenizer.json or tokenizer.model; pass tokenizer=PATH")
         if tok.n_words > params.vocab_size:
             raise CheckpointError(f"the tokenizer has {tok.n_words} tokens but the model only {params.vocab_size}; pass the model's own tokenizer")
 
-        state = gguf_state_dict(reader, progress=path.stat().st_size > _PROGRESS_BYTES)
-        converted = {}  # by id, so a tied embedding/output pair is converted once and stays one tensor
-        for name, tensor in state.items():
-            if id(tensor) not in converted:
-                converted[id(tensor)] = tensor.to(device=device, dtype=dtype)
-            state[name] = converted[id(tensor)]
+        # One tensor at a time: read (dequantized, merged or un-permuted), converted, placed.
+        state = {}
+        progress = tqdm(ckpt.tensors(), total=ckpt.n_tensors, desc="loading", unit="tensor", leave=False,
+                        file=sys.stderr, disable=ckpt.size < _PROGRESS_BYTES)
+        for name, tensor in progress:
+            state[name] = tensor.to(device=device, dtype=dtype)
+        if ckpt.tied and "tok_embeddings.weight" in state:
+            state["output.weight"] = state["tok_embeddings.weight"]  # the same tensor, not a copy
         with torch.device("meta"):  # no throw-away random init: the checkpoint's tensors are assigned
             model = Transformer(params)
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
             detail = " ".join(str(e).split())
-            raise CheckpointError(f"{path}: its tensors do not match its metadata ({detail[:300]})") from None
+            raise CheckpointError(f"{ckpt.path}: its tensors do not match its metadata ({detail[:300]})") from None
         model.setup_cache()
         model.eval()
 
