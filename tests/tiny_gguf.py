@@ -37,10 +37,20 @@ def sentencepiece_vocab(model=SHIPPED_SP_MODEL):
     return [p.piece for p in proto.pieces], [p.score for p in proto.pieces], [p.type for p in proto.pieces]
 
 
+def random_blocks(rows, cols, qtype, rng):
+    """Valid blocks of a quantized type gguf-py cannot write: random bytes below 0x20, so every
+    float16 scale inside is finite and below 1/128, and weights stay moderate."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return rng.integers(0, 0x20, size=(rows, cols // block * size), dtype=np.uint8)
+
+
 def write_tiny_gguf(path, *, arch="llama", pre="smollm", vocab_kind="gpt2", n_layers=2, dim=64, n_heads=4,
-                    n_kv_heads=2, hidden=96, context=256, seed=0, tie=True, extra_tensors=()):
+                    n_kv_heads=2, hidden=96, context=256, seed=0, tie=True, extra_tensors=(), weight_type="F32"):
     """A random tiny Llama. vocab_kind "gpt2": a byte-level vocabulary (3 control tokens, 256 bytes,
-    2 merges); "llama": the shipped SentencePiece model's vocabulary, with scores and byte tokens."""
+    2 merges); "llama": the shipped SentencePiece model's vocabulary, with scores and byte tokens.
+    weight_type: the GGML type of every matrix (norms stay F32), quantized by gguf-py where it can."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -76,26 +86,39 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", vocab_kind="gpt2", n_la
         w.add_add_bos_token(True)
         w.add_add_space_prefix(True)
 
-    def weight(*shape):
+    def vector(*shape):
         return (rng.standard_normal(shape) * 0.1).astype(np.float32)
 
+    qtype = gguf.GGMLQuantizationType[weight_type]
+
+    def weight(*shape):
+        if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            return vector(*shape)
+        try:
+            return gguf.quants.quantize(vector(*shape), qtype)
+        except NotImplementedError:  # the k-quants: gguf-py reads them but cannot write them
+            return random_blocks(*shape, qtype, rng)
+
+    def add(name, array):  # quantized blocks arrive as bytes and need their type named
+        w.add_tensor(name, array, raw_dtype=qtype if array.dtype == np.uint8 else None)
+
     head_dim = dim // n_heads
-    w.add_tensor("token_embd.weight", weight(vocab, dim))
+    add("token_embd.weight", weight(vocab, dim))
     for i in range(n_layers):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + weight(dim))
-        w.add_tensor(f"blk.{i}.attn_q.weight", weight(dim, dim))
-        w.add_tensor(f"blk.{i}.attn_k.weight", weight(n_kv_heads * head_dim, dim))
-        w.add_tensor(f"blk.{i}.attn_v.weight", weight(n_kv_heads * head_dim, dim))
-        w.add_tensor(f"blk.{i}.attn_output.weight", weight(dim, dim))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + weight(dim))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", weight(hidden, dim))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", weight(hidden, dim))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", weight(dim, hidden))
-    w.add_tensor("output_norm.weight", 1 + weight(dim))
+        add(f"blk.{i}.attn_norm.weight", 1 + vector(dim))
+        add(f"blk.{i}.attn_q.weight", weight(dim, dim))
+        add(f"blk.{i}.attn_k.weight", weight(n_kv_heads * head_dim, dim))
+        add(f"blk.{i}.attn_v.weight", weight(n_kv_heads * head_dim, dim))
+        add(f"blk.{i}.attn_output.weight", weight(dim, dim))
+        add(f"blk.{i}.ffn_norm.weight", 1 + vector(dim))
+        add(f"blk.{i}.ffn_gate.weight", weight(hidden, dim))
+        add(f"blk.{i}.ffn_up.weight", weight(hidden, dim))
+        add(f"blk.{i}.ffn_down.weight", weight(dim, hidden))
+    add("output_norm.weight", 1 + vector(dim))
     if not tie:
-        w.add_tensor("output.weight", weight(vocab, dim))
+        add("output.weight", weight(vocab, dim))
     for name, array in extra_tensors:
-        w.add_tensor(name, array)
+        add(name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
