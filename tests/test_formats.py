@@ -161,14 +161,14 @@ def test_gguf_tensor_types_match_transformers(tmp_path, weight_type):
     assert close(ours, reference(model.eval(), TOKENS % 261))
 
 
-def test_gguf_with_mixed_types_loads(tmp_path):
+def test_gguf_with_mixed_types_matches_transformers(tmp_path):
     import gguf
 
-    path = write_tiny_gguf(tmp_path / "mixed.gguf", dim=256, hidden=512, weight_type="Q4_K",
-                           extra_tensors=[])  # token_embd and matrices Q4_K, norms F32
-    reader = gguf.GGUFReader(path)
-    assert {t.tensor_type.name for t in reader.tensors} == {"Q4_K", "F32"}
-    assert torch.isfinite(logits(build(path), TOKENS % 261)).all()
+    mix = ["Q8_0", "Q4_1", "F16", "Q6_K", "Q4_K", "F32", "Q5_0"]
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", dim=256, hidden=512, weight_type=mix)
+    assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} == set(mix)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert close(logits(build(path), TOKENS % 261), reference(model.eval(), TOKENS % 261))
 
 
 def test_unsupported_gguf_type_names_tensor_and_type(tmp_path, monkeypatch):

@@ -50,7 +50,8 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", vocab_kind="gpt2", n_la
                     n_kv_heads=2, hidden=96, context=256, seed=0, tie=True, extra_tensors=(), weight_type="F32"):
     """A random tiny Llama. vocab_kind "gpt2": a byte-level vocabulary (3 control tokens, 256 bytes,
     2 merges); "llama": the shipped SentencePiece model's vocabulary, with scores and byte tokens.
-    weight_type: the GGML type of every matrix (norms stay F32), quantized by gguf-py where it can."""
+    weight_type: the GGML type of every matrix, or a list of types taken in turn (norms stay F32);
+    gguf-py quantizes what it can."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -89,17 +90,22 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", vocab_kind="gpt2", n_la
     def vector(*shape):
         return (rng.standard_normal(shape) * 0.1).astype(np.float32)
 
-    qtype = gguf.GGMLQuantizationType[weight_type]
+    types = [gguf.GGMLQuantizationType[t] for t in ([weight_type] if isinstance(weight_type, str) else weight_type)]
+    matrices = 0
 
-    def weight(*shape):
-        if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32:
+    def weight(*shape):  # the next matrix, in the next of `types`
+        nonlocal matrices
+        qtype = types[matrices % len(types)]
+        matrices += 1
+        if qtype == gguf.GGMLQuantizationType.F32:
             return vector(*shape)
         try:
-            return gguf.quants.quantize(vector(*shape), qtype)
+            return qtype, gguf.quants.quantize(vector(*shape), qtype)
         except NotImplementedError:  # the k-quants: gguf-py reads them but cannot write them
-            return random_blocks(*shape, qtype, rng)
+            return qtype, random_blocks(*shape, qtype, rng)
 
-    def add(name, array):  # quantized blocks arrive as bytes and need their type named
+    def add(name, array):  # quantized blocks arrive as bytes, with their type named
+        qtype, array = array if isinstance(array, tuple) else (None, array)
         w.add_tensor(name, array, raw_dtype=qtype if array.dtype == np.uint8 else None)
 
     head_dim = dim // n_heads
