@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import parallel
 from .chat_template import render_chat
 from .checkpoint import CheckpointError, read_checkpoint
 from .download import default_checkpoint
@@ -99,6 +100,10 @@ class Llama:
                 f"pass max_seq_len <= {ckpt.context_length}"
             )
         params = ModelArgs(**ckpt.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        world = parallel.world_size()
+        if world > 1:  # under torchrun: split the model across the processes
+            parallel.check_divisible(world, params.n_heads, params.n_kv_heads, params.hidden_dim, params.vocab_size)
+            device = parallel.setup(device)
         if tokenizer is not None:
             tok = Tokenizer.from_file(tokenizer)
         elif ckpt.gguf_reader is not None:
@@ -110,15 +115,18 @@ class Llama:
         if tok.n_words > params.vocab_size:
             raise CheckpointError(f"the tokenizer has {tok.n_words} tokens but the model only {params.vocab_size}; pass the model's own tokenizer")
 
-        # One tensor at a time: read (dequantized, merged or un-permuted), converted, placed.
+        # One tensor at a time: read (dequantized, merged or un-permuted), cut to this rank's part,
+        # converted, placed.
         state = {}
         progress = tqdm(ckpt.tensors(), total=ckpt.n_tensors, desc="loading", unit="tensor", leave=False,
-                        file=sys.stderr, disable=ckpt.size < _PROGRESS_BYTES)
+                        file=sys.stderr, disable=ckpt.size < _PROGRESS_BYTES or not parallel.is_main())
         for name, tensor in progress:
-            state[name] = tensor.to(device=device, dtype=dtype)
+            state[name] = parallel.shard(name, tensor).to(device=device, dtype=dtype)
         if ckpt.tied and "tok_embeddings.weight" in state:
             state["output.weight"] = state["tok_embeddings.weight"]  # the same tensor, not a copy
-        with torch.device("meta"):  # no throw-away random init: the checkpoint's tensors are assigned
+        # No throw-away random init: the checkpoint's tensors are assigned. (fairscale's layers
+        # cannot be made on the meta device; they get uninitialised memory instead.)
+        with torch.device("meta" if world == 1 else device):
             model = Transformer(params)
         try:
             model.load_state_dict(state, strict=True, assign=True)
@@ -130,9 +138,8 @@ class Llama:
 
         generator = torch.Generator(device=device)
         if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
+            seed = parallel.broadcast(generator.seed())  # every rank must sample the same tokens
+        generator.manual_seed(seed)
         return Llama(model, tok, generator)
 
     # --- the decode loop ---------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import parallel
+
 
 @dataclass
 class ModelArgs:
@@ -66,11 +68,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        world = parallel.world_size()  # under torchrun each rank holds n_heads / world of the heads
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // world, args.n_kv_heads // world, args.head_dim
+        self.wq = parallel.column_linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wv = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
 
     def forward(self, x, start_pos, cos, sin, mask):
         bsz, seqlen, _ = x.shape
@@ -93,7 +96,7 @@ class Attention(nn.Module):
             keys = keys.repeat_interleave(n_rep, dim=1)  # (bsz, n_heads, end, head_dim)
             values = values.repeat_interleave(n_rep, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim) of this rank
         return self.wo(out)
 
 
@@ -102,9 +105,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = parallel.column_linear(dim, hidden_dim)
+        self.w2 = parallel.row_linear(hidden_dim, dim)
+        self.w3 = parallel.column_linear(dim, hidden_dim)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -132,10 +135,10 @@ class Transformer(nn.Module):
                 f"n_kv_heads={params.n_kv_heads}"
             )
         self.params = params
-        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.tok_embeddings = parallel.embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
-        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
         self.setup_cache()
 
     def setup_cache(self):
@@ -149,7 +152,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device=weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        shape = (p.max_batch_size, p.n_kv_heads, p.max_seq_len, p.head_dim)
+        shape = (p.max_batch_size, p.n_kv_heads // parallel.world_size(), p.max_seq_len, p.head_dim)
         for layer in self.layers:
             for name in ("cache_k", "cache_v"):
                 cache = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
