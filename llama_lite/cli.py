@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import parallel
 from .generation import Llama, check_positive_int
 from .sampling import check_sampling
 
@@ -23,6 +24,8 @@ def run(command) -> None:
     import fire
 
     args = sys.argv[1:]
+    if not parallel.is_main():  # under torchrun, rank 0 alone talks to the user
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks remove temporary files.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     try:
@@ -49,6 +52,21 @@ def _check_flags(command, args) -> None:
             name = arg[2:].split("=", 1)[0].replace("-", "_")
             if name not in known:
                 raise ValueError(f"unknown flag {arg.split('=', 1)[0]}; see --help for the flags")
+
+
+def on_main(read):
+    """`read()` on rank 0 alone (stdin and input files belong to it), its result on every rank; an
+    error there is raised on every rank, so none waits forever."""
+    result = error = None
+    if parallel.is_main():
+        try:
+            result = read()
+        except (ValueError, FileNotFoundError) as e:
+            error = str(e)
+    result, error = parallel.broadcast((result, error))
+    if error is not None:
+        raise ValueError(error)
+    return result
 
 
 def _check_generation_flags(temperature, top_p, top_k, max_gen_len):
@@ -103,7 +121,7 @@ def chat(checkpoint=None, tokenizer=None, system=None, prompt=None, temperature=
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()  # Ctrl-C here ends the program (exit 130)
+        line = on_main(sys.stdin.readline)  # Ctrl-C here ends the program (exit 130)
         if not line or line.strip() == "/exit":
             break
         text = line.rstrip("\n")
@@ -186,7 +204,7 @@ def complete(prompts, out=None, max_gen_len=64, temperature=0.0, top_p=0.9, top_
     check_positive_int("--max_batch_size", max_batch_size)
     if out is not None and not Path(str(out)).parent.is_dir():
         raise FileNotFoundError(f"the folder of --out {out} does not exist; create it or write elsewhere")
-    records = read_prompts(prompts)
+    records = on_main(lambda: read_prompts(prompts))
     llm = Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                       device=device, dtype=dtype, seed=seed)
     tok = llm.tokenizer
@@ -208,7 +226,7 @@ def complete(prompts, out=None, max_gen_len=64, temperature=0.0, top_p=0.9, top_
             bar.update(len(batch))
     if out is None:
         sys.stdout.write("".join(lines))
-    else:
+    elif parallel.is_main():
         write_atomically(Path(str(out)), "".join(lines))
 
 
