@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from . import parallel
+
 
 class CheckpointError(ValueError):
     """A checkpoint or tokenizer file that is corrupt, truncated or of an unsupported kind."""
@@ -392,6 +394,10 @@ def _meta_folder(folder: Path) -> Checkpoint:
             "w1": (args["hidden_dim"], dim), "w3": (args["hidden_dim"], dim), "w2": (dim, args["hidden_dim"]),
         }.get(kind, (dim,))
 
+    # Under torchrun with as many ranks as shards, each rank takes its own shard where it was cut
+    # the way this model splits (mmap: the others are never read).
+    same_split = parallel.world_size() == len(loaded) > 1
+
     def tensors():
         for name in first:
             if name == "rope.freqs":  # Meta's precomputed RoPE table; recomputed here
@@ -400,21 +406,27 @@ def _meta_folder(folder: Path) -> Checkpoint:
                 parts = [sd[name] for sd in loaded]
             except KeyError:
                 raise CheckpointError(f"{folder}: {name} is missing from some consolidated.*.pth shards") from None
-            yield name, _merge_shards(name, parts, full_shape(name), folder)
+            dim = _shard_dim(name, parts, full_shape(name), folder)
+            if dim is None:
+                yield name, parts[0]
+            elif same_split and dim == parallel.split_dim(name):
+                yield name, parts[parallel.rank()]  # this rank's part as saved: the other shards stay unread
+            else:
+                yield name, torch.cat(parts, dim=dim)
 
     return Checkpoint(folder, args, None, False, tensors, n_tensors=len(first),
                       size=sum(s.stat().st_size for s in shards), tokenizer_file=_tokenizer_beside(folder))
 
 
-def _merge_shards(name, parts, full, folder):
-    """One tensor from its model-parallel shards: concatenated along the one dimension where the
-    shards are a 1/len(parts) slice (rows for column-parallel weights, columns for row-parallel
-    ones and Llama 2's embedding), or any one of them where every shard holds it whole (norms)."""
+def _shard_dim(name, parts, full, folder):
+    """The dimension along which model-parallel shards of one tensor were cut: where each is a
+    1/len(parts) slice (rows for column-parallel weights, columns for row-parallel ones and Llama 2's
+    embedding); None where every shard holds it whole (norms)."""
     if len(parts) == 1 or tuple(parts[0].shape) == tuple(full):
-        return parts[0]
+        return None
     for dim in range(len(full)):
         shape = list(full)
         shape[dim] = full[dim] // len(parts)
         if full[dim] % len(parts) == 0 and all(list(p.shape) == shape for p in parts):
-            return torch.cat(parts, dim=dim)
+            return dim
     raise CheckpointError(f"{folder}: the shards of {name} ({[tuple(p.shape) for p in parts]}) do not make its shape {tuple(full)}")

@@ -115,19 +115,21 @@ class Llama:
         if tok.n_words > params.vocab_size:
             raise CheckpointError(f"the tokenizer has {tok.n_words} tokens but the model only {params.vocab_size}; pass the model's own tokenizer")
 
+        # No throw-away random init: the checkpoint's tensors are assigned. (fairscale's layers
+        # cannot be made on the meta device; they get uninitialised memory instead.)
+        with torch.device("meta" if world == 1 else device):
+            model = Transformer(params)
+        local_shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
         # One tensor at a time: read (dequantized, merged or un-permuted), cut to this rank's part,
         # converted, placed.
         state = {}
         progress = tqdm(ckpt.tensors(), total=ckpt.n_tensors, desc="loading", unit="tensor", leave=False,
                         file=sys.stderr, disable=ckpt.size < _PROGRESS_BYTES or not parallel.is_main())
         for name, tensor in progress:
-            state[name] = parallel.shard(name, tensor).to(device=device, dtype=dtype)
+            state[name] = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape)).to(device=device, dtype=dtype)
         if ckpt.tied and "tok_embeddings.weight" in state:
             state["output.weight"] = state["tok_embeddings.weight"]  # the same tensor, not a copy
-        # No throw-away random init: the checkpoint's tensors are assigned. (fairscale's layers
-        # cannot be made on the meta device; they get uninitialised memory instead.)
-        with torch.device("meta" if world == 1 else device):
-            model = Transformer(params)
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:

@@ -113,11 +113,14 @@ _SPLIT_ROWS = ("tok_embeddings", "wq", "wk", "wv", "w1", "w3", "output")
 _SPLIT_COLUMNS = ("wo", "w2")
 
 
-def shard(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a full Meta-named tensor."""
-    world = world_size()
-    if world == 1:
-        return tensor
+def split_dim(name: str):
     kind = name.split(".")[-2]
-    dim = 0 if kind in _SPLIT_ROWS else 1 if kind in _SPLIT_COLUMNS else None
-    return tensor if dim is None else tensor.chunk(world, dim=dim)[rank()].clone()
+    return 0 if kind in _SPLIT_ROWS else 1 if kind in _SPLIT_COLUMNS else None
+
+
+def shard(name: str, tensor: torch.Tensor, local_shape) -> torch.Tensor:
+    """This rank's part of a Meta-named tensor: as given if it already has this rank's shape (one
+    process, or a checkpoint shard saved for this rank), else cut from the full tensor."""
+    if world_size() == 1 or tuple(tensor.shape) == tuple(local_shape) or split_dim(name) is None:
+        return tensor
+    return tensor.chunk(world_size(), dim=split_dim(name))[rank()].clone()

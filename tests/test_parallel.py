@@ -70,6 +70,17 @@ def test_two_ranks_on_a_tiny_model_equal_one_process(tmp_path):
     check(run_worker(2, path, tmp_path, prompts), alone(path, prompts), world=2)
 
 
+def test_meta_shards_load_per_rank(tmp_path):
+    """Two consolidated.NN.pth shards and two ranks: each rank takes its own shard (the embedding,
+    which Llama 2 cut by columns, is merged and re-cut by rows)."""
+    from tests.test_formats import HIDDEN, meta_folder
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", vocab_kind="llama", n_heads=4, n_kv_heads=2, hidden=HIDDEN)
+    folder = meta_folder(Llama.build(path, max_seq_len=64, device="cpu", dtype="float32"), tmp_path / "meta", shards=2)
+    prompts = ["The history of", "A", "Python is a programming language that"]
+    check(run_worker(2, folder, tmp_path, prompts), alone(folder, prompts), world=2)
+
+
 def test_complete_under_torchrun_prints_once(smollm_path):
     stdin = "The capital of France is\nHello\n"
     flags = ["--max_gen_len", "8", "--dtype", "float32", "--device", "cpu", "--checkpoint", smollm_path]
