@@ -43,14 +43,23 @@ def open_gguf(path) -> "gguf.GGUFReader":
 _MISSING = object()
 
 
-def gguf_field(reader, key: str, default=_MISSING):
-    """The Python value of metadata `key` (str, int, float, bool or list)."""
+def gguf_field(reader, key: str, default=_MISSING, kind=None):
+    """The Python value of metadata `key` (str, int, float, bool or list); with `kind`, a
+    CheckpointError unless it is of that type (a file's metadata can hold any type under any key)."""
     field = reader.fields.get(key)
     if field is None:
         if default is _MISSING:
             raise CheckpointError(f"{reader.data.filename}: metadata {key!r} is missing; the file is not a complete GGUF model")
         return default
-    return field.contents()
+    try:
+        value = field.contents()
+    except Exception as e:  # gguf-py on a field whose declared types do not fit its bytes
+        raise CheckpointError(f"{reader.data.filename}: metadata {key!r} cannot be read ({type(e).__name__})") from None
+    if kind is not None:
+        wanted = (int, float) if kind is float else kind
+        if not isinstance(value, wanted) or (isinstance(value, bool) and kind is not bool):
+            raise CheckpointError(f"{reader.data.filename}: metadata {key!r} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 # GGUF tensor names -> Meta's. Per-block names sit under blk.N. / layers.N.
@@ -85,13 +94,13 @@ def _meta_name(gguf_name: str):
 def gguf_model_args(reader) -> dict:
     """ModelArgs fields from `llama.*` metadata (no cache sizes)."""
     path = reader.data.filename
-    arch = gguf_field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture", kind=str)
     if arch != "llama":
         raise CheckpointError(f"{path}: architecture {arch!r} is not supported; llama_lite runs 'llama' GGUF models")
 
     def positive_int(key, default=_MISSING):
-        value = gguf_field(reader, f"llama.{key}", default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        value = gguf_field(reader, f"llama.{key}", default, kind=int)
+        if value <= 0:
             raise CheckpointError(f"{path}: metadata llama.{key} = {value!r} is not a positive integer")
         return value
 
@@ -103,9 +112,9 @@ def gguf_model_args(reader) -> dict:
         n_heads=n_heads,
         n_kv_heads=positive_int("attention.head_count_kv", n_heads),
         hidden_dim=positive_int("feed_forward_length"),
-        norm_eps=float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        vocab_size=positive_int("vocab_size", len(gguf_field(reader, "tokenizer.ggml.tokens", []))),
+        norm_eps=float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5, kind=float)),
+        rope_theta=float(gguf_field(reader, "llama.rope.freq_base", 10000.0, kind=float)),
+        vocab_size=positive_int("vocab_size", len(gguf_field(reader, "tokenizer.ggml.tokens", [], kind=list))),
         context_length=positive_int("context_length", 2048),
     )
     if dim % n_heads:

@@ -46,6 +46,10 @@ class Tokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> list:
         if not isinstance(s, str):
             raise ValueError(f"can only encode text (str), got {type(s).__name__}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:  # back-ends crash on these
+            raise ValueError(f"the text holds {s[e.start]!r} at {e.start}, a lone surrogate, which is not text; pass valid Unicode") from None
         ids = self._encode(s)
         if bos:
             if self.bos_id is None:
@@ -80,7 +84,8 @@ class Tokenizer:
         self.bos_id, self.eos_id = bos_id, eos_id
         self.pad_id = eos_id if pad_id is None else pad_id  # any valid index: padding is masked anyway
         self.stop_ids = frozenset({eos_id, *stop_ids})
-        self.add_bos, self.chat_template = bool(add_bos) and bos_id is not None, chat_template or None
+        self.add_bos = bool(add_bos) and bos_id is not None
+        self.chat_template = chat_template if isinstance(chat_template, str) and chat_template else None
 
     @staticmethod
     def from_file(path) -> "Tokenizer":
@@ -207,16 +212,16 @@ def _gguf_sentencepiece(reader, tokens, types, where) -> SentencePieceTokenizer:
     """A GGUF "llama" vocabulary rebuilt as the SentencePiece BPE model it was converted from."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    scores = gguf_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens))
-    if not (len(scores) == len(types) == len(tokens)):
-        raise CheckpointError(f"{where}: tokenizer tokens, scores and token types differ in length")
+    scores = gguf_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens), kind=list)
+    if len(scores) != len(tokens) or not all(isinstance(x, (int, float)) for x in scores):
+        raise CheckpointError(f"{where}: tokenizer.ggml.scores does not give one number per token")
     proto = pb.ModelProto()
     for token, score, kind in zip(tokens, scores, types):
         proto.pieces.add(piece=token, score=float(score), type=kind if 1 <= kind <= 6 else _SP_NORMAL)
     proto.trainer_spec.model_type = pb.TrainerSpec.BPE
     proto.trainer_spec.byte_fallback = _SP_BYTE in types
     unk = gguf_field(reader, "tokenizer.ggml.unknown_token_id", None)
-    if unk is None or not 0 <= unk < len(tokens):
+    if not isinstance(unk, int) or not 0 <= unk < len(tokens):
         unk = next((i for i, kind in enumerate(types) if kind == _SP_UNKNOWN), None)
     if unk is None:
         raise CheckpointError(f"{where}: a SentencePiece vocabulary needs an unknown token; this one has none")
@@ -340,14 +345,21 @@ def _gguf_bpe(reader, tokens, types, where) -> HFTokenizer:
     from tokenizers import AddedToken, decoders, models
     from tokenizers import Tokenizer as Backend
 
-    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
+    pre = gguf_field(reader, "tokenizer.ggml.pre", "default", kind=str)
     if pre not in GGUF_PRE_TOKENIZERS:
         raise CheckpointError(
             f"{where}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(GGUF_PRE_TOKENIZERS))})"
         )
     split, digits, ignore_merges = GGUF_PRE_TOKENIZERS[pre]
-    merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges")]
-    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=ignore_merges))
+    merges = gguf_field(reader, "tokenizer.ggml.merges", kind=list)
+    if not all(isinstance(m, str) and " " in m for m in merges):
+        raise CheckpointError(f"{where}: tokenizer.ggml.merges is not a list of 'left right' strings")
+    try:
+        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
+                         ignore_merges=ignore_merges)
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+        raise CheckpointError(f"{where}: the BPE vocabulary is inconsistent ({e})") from None
+    backend = Backend(bpe)
     backend.pre_tokenizer = _pre_tokenizer(split, digits)
     backend.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>...) and user-defined ones are matched whole in the text.
@@ -375,9 +387,11 @@ def gguf_tokenizer(reader) -> Tokenizer:
     where = reader.data.filename
     kind = gguf_field(reader, "tokenizer.ggml.model")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(f"{where}: tokenizer.ggml.tokens is not a list of strings")
     types = gguf_field(reader, "tokenizer.ggml.token_type", [_SP_NORMAL] * len(tokens))
-    if len(types) != len(tokens):
-        raise CheckpointError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
+    if not isinstance(types, list) or len(types) != len(tokens) or not all(isinstance(k, int) for k in types):
+        raise CheckpointError(f"{where}: tokenizer.ggml.token_type does not give one integer type per token")
     if kind == "gpt2":
         return _gguf_bpe(reader, tokens, types, where)
     if kind == "llama":
