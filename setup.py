@@ -27,5 +27,5 @@ setup(
             "llama-lite-complete=llama_lite.cli:complete_main",
         ]
     },
-    extras_require={"test": ["pytest", "transformers>=4.46", "accelerate"]},
+    extras_require={"test": ["pytest", "transformers>=4.46", "accelerate", "hypothesis"]},
 )
