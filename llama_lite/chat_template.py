@@ -1,12 +1,19 @@
 """Dialogs to prompt text with a checkpoint's own jinja2 chat template.
 
 Templates come inside downloaded files, so they are untrusted: they render in jinja2's immutable
-sandbox, which refuses attribute walks such as `__class__.__subclasses__` and cannot touch files.
+sandbox, which refuses attribute walks such as `__class__.__subclasses__` and cannot touch files;
+string and list repetition, powers and the output's length are capped, and rendering stops after
+a time bound, so a template can neither exhaust memory nor loop forever.
 """
 
+import sys
+import time
 from datetime import datetime
 
 ROLES = ("system", "user", "assistant")
+TIME_LIMIT_S = 2.0  # real templates render in milliseconds
+MAX_REPEAT = 100_000  # the longest string or list a template may build by '*'
+MAX_OUTPUT = 4_000_000  # characters: far beyond any context window
 
 
 def check_dialog(dialog) -> None:
@@ -17,22 +24,64 @@ def check_dialog(dialog) -> None:
             raise ValueError(f"message {i} of the dialog must be {{'role': one of {ROLES}, 'content': str}}, got {message!r}")
 
 
-def render_chat(template: str, dialog: list, *, bos_token: str = "", eos_token: str = "") -> str:
-    """The prompt text for `dialog`, ending with the assistant's turn opened (add_generation_prompt)."""
+def _environment():
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-    check_dialog(dialog)
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise SecurityError("exponent too large")
+            if operator == "*":
+                for seq, count in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_REPEAT:
+                        raise SecurityError("repetition too large")
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _within(seconds, work):
+    """work(), stopped with TimeoutError once it runs past `seconds` in template code."""
+    deadline = time.monotonic() + seconds
+
+    def check(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rendering ran over {seconds:g} s")
+        return check if frame.f_code.co_filename == "<template>" else None  # line events: template code only
+
+    previous = sys.gettrace()
+    sys.settrace(check)
     try:
-        return env.from_string(template).render(
-            messages=list(dialog), add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
-        )
-    except Exception as e:  # SecurityError from the sandbox, syntax errors, a template's own TypeError...
+        return work()
+    finally:
+        sys.settrace(previous)
+
+
+def render_chat(template: str, dialog: list, *, bos_token: str = "", eos_token: str = "") -> str:
+    """The prompt text for `dialog`, ending with the assistant's turn opened (add_generation_prompt)."""
+    check_dialog(dialog)
+    try:
+        compiled = _environment().from_string(template)
+
+        def render():
+            pieces, size = [], 0
+            for piece in compiled.generate(messages=list(dialog), add_generation_prompt=True,
+                                           bos_token=bos_token, eos_token=eos_token):
+                size += len(piece)
+                if size > MAX_OUTPUT:
+                    raise MemoryError(f"the prompt grew past {MAX_OUTPUT} characters")
+                pieces.append(piece)
+            return "".join(pieces)
+
+        return _within(TIME_LIMIT_S, render)
+    except Exception as e:  # SecurityError from the sandbox, syntax errors, the time bound, a template's own TypeError...
         raise ValueError(f"the checkpoint's chat template failed: {type(e).__name__}: {e}") from None

@@ -31,3 +31,32 @@ def test_hostile_or_broken_templates_fail_cleanly(template):
 def test_file_reads_are_impossible():
     with pytest.raises(ValueError, match="chat template failed"):
         render_chat("{% include '/etc/passwd' %}", DIALOG)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # 1e10 steps
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+        "{{ 'x' * 10**9 }}",
+        "{{ [1] * 10**9 }}",
+        "{% for i in range(100000) %}{{ 'y' * 90000 }}{% endfor %}",  # 9e9 characters of output
+        "{{ 9 ** 99999999 }}",
+    ],
+)
+def test_huge_work_is_stopped_within_a_time_bound(template):
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="chat template failed"):
+        render_chat(template, DIALOG)
+    assert time.monotonic() - started < 5
+
+
+def test_the_real_template_still_renders_fast(llm):
+    import time
+
+    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 50
+    started = time.monotonic()
+    text = render_chat(llm.tokenizer.chat_template, dialog + [{"role": "user", "content": "bye"}])
+    assert text.count("<|im_start|>") == 103 and time.monotonic() - started < 0.5
