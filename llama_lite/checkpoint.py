@@ -31,9 +31,11 @@ def open_gguf(path) -> "gguf.GGUFReader":
 
     path = Path(path)
     with open(path, "rb") as f:
-        magic = f.read(4)
+        magic, version = f.read(4), int.from_bytes(f.read(4), "little")
     if magic != b"GGUF":
         raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf checkpoint")
+    if version not in (2, 3):
+        raise CheckpointError(f"{path} is GGUF version {version}; llama_lite reads versions 2 and 3, convert the model again with a current llama.cpp")
     try:
         return GGUFReader(path)
     except Exception as e:  # gguf-py raises ValueError, IndexError, struct errors... on damaged files
