@@ -133,3 +133,19 @@ def test_cuda_matches_cpu(tiny_gguf):
     gpu = Llama.build(tiny_gguf, max_seq_len=64, device="cuda", dtype="float32")
     prompts = [[5, 6, 7], [9]]
     assert gpu.generate(prompts, 16, temperature=0)[0] == cpu.generate(prompts, 16, temperature=0)[0]
+
+
+def test_two_processes_fetching_at_once_end_with_one_good_file(tmp_path):
+    import os
+    import sys
+
+    code = "from llama_lite.download import default_checkpoint; print(default_checkpoint())"
+    env = {**os.environ, "LLAMA_LITE_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    target = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert {out.strip() for out, _ in outs} == {str(target)}
+    assert ckpt.sha256_of(target) == ckpt.DEFAULT_SHA256
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no partial or temporary file left
