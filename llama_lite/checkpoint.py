@@ -3,8 +3,8 @@
 
 `read_checkpoint` detects the format and reads only metadata; the returned `Checkpoint` then yields
 one Meta-named tensor at a time, so the caller converts and places each before the next is read and
-peak memory stays near the final weights' size. GGUF is read with gguf-py's memory-mapping
-`GGUFReader` and dequantized with `gguf.quants` (every type llama.cpp's Python tools know, no
+peak memory stays near the final weights' size. GGUF is parsed by `gguf_file.GGUFFile` (a memory
+map) and dequantized with `gguf.quants` (every type llama.cpp's Python tools know, no
 hand-written dequantizer); safetensors with `safetensors`; .pth with `torch.load(weights_only=True)`.
 """
 
@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import parallel
+from .gguf_file import GGUFFile
 
 
 class CheckpointError(ValueError):
@@ -25,10 +26,8 @@ class CheckpointError(ValueError):
 
 # --- GGUF ----------------------------------------------------------------------------------------
 
-def open_gguf(path) -> "gguf.GGUFReader":
-    """A memory-mapped GGUF reader, or a one-line CheckpointError if the file is not a readable GGUF."""
-    from gguf import GGUFReader
-
+def open_gguf(path) -> GGUFFile:
+    """A GGUF file's metadata and tensor table, or a one-line CheckpointError if it is not a readable GGUF."""
     path = Path(path)
     with open(path, "rb") as f:
         magic, version = f.read(4), int.from_bytes(f.read(4), "little")
@@ -37,30 +36,26 @@ def open_gguf(path) -> "gguf.GGUFReader":
     if version not in (2, 3):
         raise CheckpointError(f"{path} is GGUF version {version}; llama_lite reads versions 2 and 3, convert the model again with a current llama.cpp")
     try:
-        return GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError, IndexError, struct errors... on damaged files
-        raise CheckpointError(f"{path} is a damaged GGUF file ({type(e).__name__}: {e}); download it again") from None
+        return GGUFFile(path)
+    except (ValueError, OverflowError, MemoryError) as e:
+        raise CheckpointError(f"{path} is a damaged GGUF file ({e}); download it again") from None
 
 
 _MISSING = object()
 
 
-def gguf_field(reader, key: str, default=_MISSING, kind=None):
-    """The Python value of metadata `key` (str, int, float, bool or list); with `kind`, a
-    CheckpointError unless it is of that type (a file's metadata can hold any type under any key)."""
-    field = reader.fields.get(key)
-    if field is None:
+def gguf_field(reader: GGUFFile, key: str, default=_MISSING, kind=None):
+    """The value of metadata `key` (str, int, float, bool or list); with `kind`, a CheckpointError
+    unless it is of that type (a file's metadata can hold any type under any key)."""
+    if key not in reader.fields:
         if default is _MISSING:
-            raise CheckpointError(f"{reader.data.filename}: metadata {key!r} is missing; the file is not a complete GGUF model")
+            raise CheckpointError(f"{reader.path}: metadata {key!r} is missing; the file is not a complete GGUF model")
         return default
-    try:
-        value = field.contents()
-    except Exception as e:  # gguf-py on a field whose declared types do not fit its bytes
-        raise CheckpointError(f"{reader.data.filename}: metadata {key!r} cannot be read ({type(e).__name__})") from None
+    value = reader.fields[key]
     if kind is not None:
         wanted = (int, float) if kind is float else kind
         if not isinstance(value, wanted) or (isinstance(value, bool) and kind is not bool):
-            raise CheckpointError(f"{reader.data.filename}: metadata {key!r} is a {type(value).__name__}, not a {kind.__name__}")
+            raise CheckpointError(f"{reader.path}: metadata {key!r} is a {type(value).__name__}, not a {kind.__name__}")
     return value
 
 
@@ -95,7 +90,7 @@ def _meta_name(gguf_name: str):
 
 def gguf_model_args(reader) -> dict:
     """ModelArgs fields from `llama.*` metadata (no cache sizes)."""
-    path = reader.data.filename
+    path = reader.path
     arch = gguf_field(reader, "general.architecture", kind=str)
     if arch != "llama":
         raise CheckpointError(f"{path}: architecture {arch!r} is not supported; llama_lite runs 'llama' GGUF models")
@@ -134,7 +129,7 @@ def _gguf_tensors(reader) -> Iterator:
     """(Meta name, float32 tensor) for each tensor, dequantized one at a time."""
     from gguf.quants import dequantize
 
-    path = reader.data.filename
+    path = reader.path
     for t in reader.tensors:
         name = _meta_name(t.name)
         if name is None:
@@ -143,8 +138,7 @@ def _gguf_tensors(reader) -> Iterator:
             array = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize; convert the model to another type") from None
-        # ggml lists dimensions fastest-first; torch wants them slowest-first: (out, in) for a weight.
-        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
+        array = array.reshape(t.shape)
         if not array.flags.writeable:  # a view of the read-only memory map
             array = array.copy()
         yield name, torch.from_numpy(array)

@@ -384,7 +384,7 @@ def _gguf_ids(reader, tokens, default_add_bos):
 
 def gguf_tokenizer(reader) -> Tokenizer:
     """The tokenizer embedded in a GGUF file's metadata."""
-    where = reader.data.filename
+    where = reader.path
     kind = gguf_field(reader, "tokenizer.ggml.model")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):

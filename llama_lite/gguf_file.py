@@ -1,0 +1,130 @@
+"""A GGUF file's metadata and tensor table, parsed in one pass over a memory map.
+
+Why not gguf-py's `GGUFReader`: it makes a numpy view for every item of every metadata array,
+which for a 49k-token vocabulary plus its merges takes ~2.5 s, more than the whole cold-start
+budget. This parser decodes each string once with `struct` (~0.1 s) and leaves tensor bytes in the
+memory map; dequantization is still gguf-py's (`gguf.quants`), which knows every ggml type.
+
+Every count and size is checked against the bytes left in the file before it is used, so a damaged
+or hostile file ends in a ValueError here (the caller words it), never a huge allocation.
+"""
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+# GGUF metadata value types: struct format of the scalars, 8 = string, 9 = array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+_MAX_NESTING = 4  # arrays of arrays: llama.cpp writes none; a mutated file could nest without end
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple  # torch order, slowest dimension first: (out_features, in_features) for a weight
+    data: np.ndarray  # the raw bytes (uint8), a view of the memory map
+
+
+class GGUFFile:
+    """`fields`: metadata key -> Python value (str, int, float, bool or list); `tensors`: GGUFTensor list."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._buf = memoryview(self._map)
+        self._pos = 0
+        magic, self.version, n_tensors, n_fields = self._unpack("<4sIQQ")
+        if magic != b"GGUF" or self.version not in (2, 3):
+            raise ValueError(f"not a GGUF version 2 or 3 file (magic {magic!r}, version {self.version})")
+        self._check_count(n_fields, 12)  # a key's length, its type
+        self.fields = {}
+        for _ in range(n_fields):
+            key = self._string()
+            if key in self.fields:
+                raise ValueError(f"metadata key {key!r} appears twice")
+            self.fields[key] = self._value(self._unpack("<I")[0], 0)
+        self._check_count(n_tensors, 24)  # a name's length, n_dims, type, offset
+        infos = [self._tensor_info() for _ in range(n_tensors)]
+        alignment = self.fields.get("general.alignment", 32)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment {alignment!r} is not a power of two")
+        data_start = -(-self._pos // alignment) * alignment
+        self.tensors = []
+        for name, dims, ggml_type, offset in infos:
+            self.tensors.append(self._tensor(name, dims, ggml_type, data_start + offset))
+        if len({t.name for t in self.tensors}) != len(self.tensors):
+            raise ValueError("two tensors share a name")
+
+    # --- primitive reads, each bounds-checked ------------------------------------------------------
+
+    def _unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self._pos + size > len(self._buf):
+            raise ValueError(f"the file ends at byte {len(self._buf)}, inside its header")
+        values = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += size
+        return values
+
+    def _check_count(self, count: int, min_item_bytes: int):
+        if count * min_item_bytes > len(self._buf) - self._pos:
+            raise ValueError(f"a count of {count} items cannot fit in the {len(self._buf) - self._pos} bytes left")
+
+    def _string(self) -> str:
+        (length,) = self._unpack("<Q")
+        end = self._pos + length
+        if end > len(self._buf):
+            raise ValueError(f"a string of {length} bytes runs past the end of the file")
+        text = str(self._buf[self._pos : end], "utf-8")  # UnicodeDecodeError is a ValueError
+        self._pos = end
+        return text
+
+    def _value(self, kind: int, depth: int):
+        if kind in _SCALARS:
+            return self._unpack(_SCALARS[kind])[0]
+        if kind == _STRING:
+            return self._string()
+        if kind != _ARRAY or depth >= _MAX_NESTING:
+            raise ValueError(f"metadata value type {kind} is unknown")
+        item_kind, count = self._unpack("<IQ")
+        if item_kind in _NUMPY:  # numbers: one numpy read, not a Python loop
+            dtype = np.dtype(_NUMPY[item_kind])
+            self._check_count(count, dtype.itemsize)
+            values = np.frombuffer(self._buf, dtype, count, self._pos).tolist()
+            self._pos += count * dtype.itemsize
+            return values
+        self._check_count(count, 8)  # a string's length, or an inner array's type and length
+        return [self._value(item_kind, depth + 1) for _ in range(count)]
+
+    def _tensor_info(self):
+        name = self._string()
+        (n_dims,) = self._unpack("<I")
+        if n_dims > 4:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions; ggml allows at most 4")
+        dims = self._unpack(f"<{n_dims}Q")
+        ggml_type, offset = self._unpack("<IQ")
+        return name, dims, ggml_type, offset
+
+    def _tensor(self, name, dims, raw_type, start) -> GGUFTensor:
+        try:
+            ggml_type = GGMLQuantizationType(raw_type)
+            block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        except (ValueError, KeyError):
+            raise ValueError(f"tensor {name!r} has unknown type number {raw_type}") from None
+        n_elements = 1
+        for d in dims:
+            n_elements *= d
+        if dims and dims[0] % block_size:
+            raise ValueError(f"tensor {name!r}: rows of {dims[0]} values do not fill {block_size}-value blocks")
+        n_bytes = n_elements // block_size * block_bytes
+        if start + n_bytes > len(self._buf):
+            raise ValueError(f"tensor {name!r} ({n_bytes} bytes at {start}) runs past the end of the file")
+        data = np.frombuffer(self._buf, np.uint8, n_bytes, start)
+        return GGUFTensor(name, ggml_type, tuple(reversed(dims)), data)  # ggml lists dims fastest first
