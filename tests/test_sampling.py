@@ -75,3 +75,29 @@ def test_seeded_sampling_repeats():
 def test_bad_settings_are_refused(temperature, top_p, top_k, message):
     with pytest.raises(ValueError, match=message):
         check_sampling(temperature, top_p, top_k)
+
+
+def nucleus_frequencies(logits, temperature, top_p):
+    """The reference: sort the whole vocabulary, keep the smallest prefix reaching top_p, renormalise."""
+    probs = torch.softmax(logits[0] / temperature, -1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+    want = torch.zeros_like(probs)
+    want[order[keep]] = sorted_probs[keep] / sorted_probs[keep].sum()
+    return want
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.05])  # a peaked row (nucleus in the candidates) and a flat one (beyond them)
+def test_top_p_candidates_match_a_full_sort(scale):
+    from llama_lite.sampling import TOP_P_CANDIDATES
+
+    logits = torch.randn(1, 3000, generator=torch.Generator().manual_seed(3)) * scale
+    want = nucleus_frequencies(logits, 0.8, 0.9)
+    n_kept = int((want > 0).sum())
+    assert (n_kept < TOP_P_CANDIDATES) == (scale > 1)  # both paths are exercised
+    got = torch.bincount(draws(logits, n=40000, temperature=0.8, top_p=0.9), minlength=3000).float() / 40000
+    assert got[want == 0].sum() == 0  # nothing outside the nucleus
+    assert (got - want).abs().max() < 0.01
+    if scale < 1:  # flat: draws reach ranks far past the candidates
+        ranks = torch.argsort(torch.argsort(logits[0], descending=True))
+        assert ranks[got > 0].max() > 2 * TOP_P_CANDIDATES
