@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import parallel
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, dequantize
 
 
 class CheckpointError(ValueError):
@@ -127,21 +127,14 @@ def gguf_model_args(reader) -> dict:
 
 def _gguf_tensors(reader) -> Iterator:
     """(Meta name, float32 tensor) for each tensor, dequantized one at a time."""
-    from gguf.quants import dequantize
-
-    path = reader.path
     for t in reader.tensors:
         name = _meta_name(t.name)
         if name is None:
-            raise CheckpointError(f"{path}: unexpected tensor {t.name!r}; this llama variant is not supported")
+            raise CheckpointError(f"{reader.path}: unexpected tensor {t.name!r}; this llama variant is not supported")
         try:
-            array = dequantize(t.data, t.tensor_type)
+            yield name, dequantize(t)
         except NotImplementedError:
-            raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize; convert the model to another type") from None
-        array = array.reshape(t.shape)
-        if not array.flags.writeable:  # a view of the read-only memory map
-            array = array.copy()
-        yield name, torch.from_numpy(array)
+            raise CheckpointError(f"{reader.path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize; convert the model to another type") from None
 
 
 # --- every format --------------------------------------------------------------------------------

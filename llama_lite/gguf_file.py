@@ -3,7 +3,8 @@
 Why not gguf-py's `GGUFReader`: it makes a numpy view for every item of every metadata array,
 which for a 49k-token vocabulary plus its merges takes ~2.5 s, more than the whole cold-start
 budget. This parser decodes each string once with `struct` (~0.1 s) and leaves tensor bytes in the
-memory map; dequantization is still gguf-py's (`gguf.quants`), which knows every ggml type.
+memory map; `dequantize` unpacks the common types with torch and the rest with gguf-py's
+`gguf.quants`, which knows every ggml type.
 
 Every count and size is checked against the bytes left in the file before it is used, so a damaged
 or hostile file ends in a ValueError here (the caller words it), never a huge allocation.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # GGUF metadata value types: struct format of the scalars, 8 = string, 9 = array.
@@ -38,7 +40,8 @@ class GGUFFile:
     def __init__(self, path):
         self.path = Path(path)
         with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # Copy-on-write: tensors can wrap the bytes without a copy, and no write ever reaches the file.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._buf = memoryview(self._map)
         self._pos = 0
         magic, self.version, n_tensors, n_fields = self._unpack("<4sIQQ")
@@ -128,3 +131,42 @@ class GGUFFile:
             raise ValueError(f"tensor {name!r} ({n_bytes} bytes at {start}) runs past the end of the file")
         data = np.frombuffer(self._buf, np.uint8, n_bytes, start)
         return GGUFTensor(name, ggml_type, tuple(reversed(dims)), data)  # ggml lists dims fastest first
+
+
+def dequantize(tensor: GGUFTensor) -> torch.Tensor:
+    """A GGUF tensor as float32 of its torch shape.
+
+    The types common in Llama GGUFs are unpacked with torch (all cores; ~6x faster than numpy, half
+    the cold start for a 135M model); every other type goes through gguf-py's reference code.
+    """
+    unpack = _TORCH_UNPACKERS.get(tensor.tensor_type)
+    if unpack is None:
+        from gguf.quants import dequantize as gguf_dequantize
+
+        return torch.from_numpy(gguf_dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape))
+    block_size, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
+    blocks = torch.from_numpy(tensor.data).view(-1, block_bytes)  # (n_blocks, block_bytes)
+    return unpack(blocks).reshape(tensor.shape)  # (n_blocks, block_size) -> the tensor's shape
+
+
+def _f16(blocks, start):
+    """Column `start` (and start+1) of each block read as one float16 scale: (n_blocks, 1) float32."""
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(packed):
+    """ggml's 4-bit packing: byte j holds value j in its low nibble and value j + 16 in its high one."""
+    return torch.cat((packed & 0x0F, packed >> 4), dim=-1)  # (n_blocks, 32) of 0..15
+
+
+_TORCH_UNPACKERS = {
+    GGMLQuantizationType.F32: lambda b: b.view(torch.float32).clone(),  # its own memory, not the map's
+    GGMLQuantizationType.F16: lambda b: b.view(torch.float16).float(),
+    GGMLQuantizationType.BF16: lambda b: b.view(torch.bfloat16).float(),
+    # Q8_0: f16 scale d, 32 int8 values: d * q
+    GGMLQuantizationType.Q8_0: lambda b: _f16(b, 0) * b[:, 2:].view(torch.int8),
+    # Q4_0: f16 scale d, 32 nibbles: d * (q - 8)
+    GGMLQuantizationType.Q4_0: lambda b: _f16(b, 0) * (_nibbles(b[:, 2:]).float() - 8),
+    # Q4_1: f16 scale d, f16 minimum m, 32 nibbles: d * q + m
+    GGMLQuantizationType.Q4_1: lambda b: _f16(b, 0) * _nibbles(b[:, 4:]) + _f16(b, 2),
+}

@@ -149,9 +149,10 @@ class Transformer(nn.Module):
         """
         p = self.params
         weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device=weight.device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # Computed on the CPU and moved: arithmetic on the meta device would import torch._dynamo (0.6 s).
+        cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device="cpu")
+        self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
         shape = (p.max_batch_size, p.n_kv_heads // parallel.world_size(), p.max_seq_len, p.head_dim)
         for layer in self.layers:
             for name in ("cache_k", "cache_v"):

@@ -102,7 +102,9 @@ def row_linear(in_features: int, out_features: int) -> nn.Module:
 def embedding(vocab_size: int, dim: int) -> nn.Module:
     """Token embeddings with the vocabulary's rows split across ranks."""
     if world_size() == 1:
-        return nn.Embedding(vocab_size, dim)
+        # _weight skips the random init: weights are assigned from the checkpoint (and a normal_ on
+        # the meta device would import torch._dynamo, 0.8 s of cold start).
+        return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
     from fairscale.nn.model_parallel.layers import VocabParallelEmbedding
 
     return VocabParallelEmbedding(vocab_size, dim, init_method=_keep)

@@ -149,3 +149,24 @@ def test_two_processes_fetching_at_once_end_with_one_good_file(tmp_path):
     assert {out.strip() for out, _ in outs} == {str(target)}
     assert ckpt.sha256_of(target) == ckpt.DEFAULT_SHA256
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no partial or temporary file left
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q6_K"])
+def test_torch_dequantize_equals_gguf_py(type_name):
+    """The torch unpackers (and the gguf-py fallback, Q6_K here) give gguf-py's reference values exactly."""
+    import gguf
+    from gguf.quants import dequantize as reference
+
+    from llama_lite.gguf_file import GGUFTensor, dequantize
+    from tests.tiny_gguf import random_blocks
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    rng = np.random.default_rng(0)
+    raw = random_blocks(48, 512, qtype, rng)  # scales below 1/128, finite
+    if type_name in ("F32", "F16", "BF16"):  # any finite value
+        values = rng.standard_normal((48, 512)).astype(np.float32)
+        raw = gguf.quants.quantize(values, qtype).view(np.uint8) if type_name != "F32" else values.view(np.uint8)
+    got = dequantize(GGUFTensor("t", qtype, (48, 512), raw.reshape(-1)))
+    want = reference(raw, qtype).reshape(48, 512)
+    assert got.dtype == torch.float32 and got.shape == (48, 512)
+    assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want)))
