@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from . import parallel
@@ -198,8 +197,6 @@ def complete(prompts, out=None, max_gen_len=64, temperature=0.0, top_p=0.9, top_
              checkpoint=None, tokenizer=None, max_seq_len=2048, device=None, dtype=None, seed=None):
     """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
     stdout or atomically in --out."""
-    from tqdm import tqdm
-
     _check_generation_flags(temperature, top_p, top_k, max_gen_len)
     check_positive_int("--max_batch_size", max_batch_size)
     if out is not None and not Path(str(out)).parent.is_dir():
@@ -215,15 +212,8 @@ def complete(prompts, out=None, max_gen_len=64, temperature=0.0, top_p=0.9, top_
                 f"{prompts} line {number}: the prompt has {n} tokens, and with --max_gen_len {max_gen_len} it "
                 f"exceeds --max_seq_len {max_seq_len}; shorten it or raise --max_seq_len"
             )
-    lines, new_tokens, started = [], 0, time.perf_counter()
-    with tqdm(total=len(records), desc="completing", unit="prompt", file=sys.stderr) as bar:
-        for start in range(0, len(records), max_batch_size):
-            batch = [record for _, record in records[start : start + max_batch_size]]
-            done = llm.text_completion([r["prompt"] for r in batch], max_gen_len, temperature, top_p, top_k)
-            lines += [json.dumps({**r, "generation": d["generation"]}, ensure_ascii=False) + "\n" for r, d in zip(batch, done)]
-            new_tokens += sum(len(d["tokens"]) for d in done)
-            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - started):.1f} tok/s")
-            bar.update(len(batch))
+    done = llm.text_completion([r["prompt"] for _, r in records], max_gen_len, temperature, top_p, top_k, progress=True)
+    lines = [json.dumps({**r, "generation": d["generation"]}, ensure_ascii=False) + "\n" for (_, r), d in zip(records, done)]
     if out is None:
         sys.stdout.write("".join(lines))
     elif parallel.is_main():

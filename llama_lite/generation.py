@@ -6,6 +6,7 @@ once every row is finished, and truncation done once on the host with `tolist()`
 """
 
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -256,8 +257,12 @@ class Llama:
 
     # --- text in, text out -------------------------------------------------------------------------
 
-    def _generate_batches(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo=False):
-        """`generate` over a list of any length, max_batch_size prompts at a time, in order."""
+    def _generate_many(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo=False, progress=False):
+        """`generate`'s results for a list of any length, in order, with the KV cache's rows kept busy
+        (continuous batching): each prompt is prefilled alone into a free row, all rows decode
+        together at their own positions, and a row that finishes takes the next prompt at once, so
+        no row idles while a long reply in the same batch goes on and no prompt is walked token by
+        token. Greedy results equal each prompt run alone."""
         params = self.model.params
         if max_gen_len is None:
             longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
@@ -269,16 +274,77 @@ class Llama:
                 )
         self._check_prompts(prompt_tokens, max_gen_len, one_batch=False)  # errors name a prompt's place in the list
         check_sampling(temperature, top_p, top_k)
-        tokens, token_logprobs = [], []
-        size = params.max_batch_size
-        for start in range(0, len(prompt_tokens), size):
-            t, lp = self.generate(prompt_tokens[start : start + size], max_gen_len, temperature, top_p, top_k, logprobs, echo)
-            tokens += t
-            token_logprobs += lp or []
-        return tokens, (token_logprobs if logprobs else None)
+        with torch.inference_mode():
+            return self._continuous(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, progress)
 
-    def text_completion(self, prompts, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False):
-        """Complete each prompt string: [{"generation": str, "tokens": [int], ("logprobs": [float])}]."""
+    def _continuous(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, progress):
+        n_rows = min(self.model.params.max_batch_size, len(prompt_tokens))
+        stop_ids, device = self.tokenizer.stop_ids, self.device
+        waiting = iter(range(len(prompt_tokens)))
+        results = [None] * len(prompt_tokens)  # (tokens, logprobs or None) per prompt
+        # Per row: the prompt it holds (None: idle), its new tokens and their logprobs, the echoed
+        # prompt's logprobs, and its next input token and that token's position.
+        held, new, new_logprobs, prompt_logprobs = [None] * n_rows, [[]] * n_rows, [[]] * n_rows, [[]] * n_rows
+        next_input, next_position = [0] * n_rows, [0] * n_rows
+        bar = tqdm(total=len(prompt_tokens), desc="completing", unit="prompt", file=sys.stderr,
+                   disable=not progress or not parallel.is_main())
+        started, n_new = time.perf_counter(), 0
+
+        def chosen_logprobs(logits, chosen):  # (rows, vocab), (rows,) -> (rows,)
+            return F.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+
+        def take(row, token, logprob) -> bool:
+            """Record a row's new token; True once the row is finished (stop id or max_gen_len)."""
+            nonlocal n_new
+            if token not in stop_ids:
+                new[row].append(token)
+                new_logprobs[row].append(logprob)
+                next_input[row], next_position[row] = token, next_position[row] + 1
+                if len(new[row]) < max_gen_len:
+                    return False
+            i = held[row]
+            results[i] = ((list(prompt_tokens[i]) if echo else []) + new[row],
+                          prompt_logprobs[row] + new_logprobs[row] if logprobs else None)
+            n_new += len(new[row])
+            bar.set_postfix_str(f"{n_new / (time.perf_counter() - started):.1f} tok/s", refresh=False)
+            bar.update(1)
+            return True
+
+        def fill(row):
+            """Prefill waiting prompts into `row` until one does not finish at once; idle if none wait."""
+            while True:
+                i = held[row] = next(waiting, None)
+                if i is None:
+                    return
+                ids = list(prompt_tokens[i])
+                new[row], new_logprobs[row], prompt_logprobs[row] = [], [], []
+                echoed = logprobs and echo  # echoed logprobs score every prompt token: all positions' logits
+                logits = self.model(torch.tensor([ids], device=device), 0, last_only=not echoed, first_row=row)
+                if echoed:  # the first prompt token has nothing before it: 0
+                    prompt_logprobs[row] = [0.0] + chosen_logprobs(logits[0, :-1], torch.tensor(ids[1:], device=device)).tolist()
+                token = sample(logits[:, -1], temperature, top_p, top_k, self.generator)
+                next_position[row] = len(ids) - 1
+                if not take(row, int(token[0]), float(chosen_logprobs(logits[:, -1], token)[0]) if logprobs else None):
+                    return
+
+        for row in range(n_rows):
+            fill(row)
+        while any(i is not None for i in held):
+            # Idle rows ride along at their last position (a batch row costs little); their output is ignored.
+            tokens = torch.tensor(next_input, device=device)[:, None]  # (n_rows, 1)
+            logits = self.model(tokens, torch.tensor(next_position, device=device), last_only=True)[:, -1]  # (n_rows, vocab)
+            chosen = sample(logits, temperature, top_p, top_k, self.generator)
+            lps = chosen_logprobs(logits, chosen).tolist() if logprobs else [None] * n_rows
+            for row, token in enumerate(chosen.tolist()):  # the one host sync a step
+                if held[row] is not None and take(row, token, lps[row]):
+                    fill(row)
+        bar.close()
+        return [r[0] for r in results], ([r[1] for r in results] if logprobs else None)
+
+    def text_completion(self, prompts, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False,
+                        progress=False):
+        """Complete each prompt string: [{"generation": str, "tokens": [int], ("logprobs": [float])}].
+        `progress` shows a bar (prompts done, tokens/s) on stderr."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
         prompt_tokens = []
@@ -286,7 +352,7 @@ class Llama:
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not text")
             prompt_tokens.append(self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False))
-        tokens, token_logprobs = self._generate_batches(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo)
+        tokens, token_logprobs = self._generate_many(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, progress)
         results = [{"generation": self.tokenizer.decode(t), "tokens": t} for t in tokens]
         for result, lp in zip(results, token_logprobs or []):
             result["logprobs"] = lp
@@ -311,7 +377,7 @@ class Llama:
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
             raise ValueError("dialogs must be a non-empty list of dialogs")
         prompt_tokens = [self.chat_prompt_tokens(d) for d in dialogs]
-        tokens, token_logprobs = self._generate_batches(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs)
+        tokens, token_logprobs = self._generate_many(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs)
         results = [{"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}} for t in tokens]
         for result, lp in zip(results, token_logprobs or []):
             result["logprobs"] = lp

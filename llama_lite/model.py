@@ -56,11 +56,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     This is Meta's (and GGUF's) interleaved convention; Hugging Face checkpoints store Q/K rows
     permuted for a rotate-half layout instead, which a loader must undo.
-    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim // 2).
+    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (bsz or 1, seqlen, 1, head_dim // 2).
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, n_heads, head_dim // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, seqlen, 1, head_dim // 2)
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)  # (bsz, seqlen, n_heads, head_dim)
 
@@ -75,7 +74,9 @@ class Attention(nn.Module):
         self.wv = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
         self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
 
-    def forward(self, x, start_pos, cos, sin, mask):
+    def forward(self, x, rows, positions, cos, sin, mask):
+        """rows: the cache rows, a slice; positions: (bsz or 1, seqlen) or, when every row writes
+        the same positions, a slice; mask: (bsz or 1, 1, n_rep * seqlen, end) or None (see Transformer)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -83,21 +84,26 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         # The cache is (max_batch_size, n_kv_heads, max_seq_len, head_dim): written in place by
-        # position, read back as everything up to the newest position.
-        end = start_pos + seqlen
-        self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
-        self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
-        keys = self.cache_k[:bsz, :, :end]  # (bsz, n_kv_heads, end, head_dim)
-        values = self.cache_v[:bsz, :, :end]
+        # position, read back as every position up to the furthest one written (a view, no copy).
+        cache_k, cache_v = self.cache_k[rows], self.cache_v[rows]
+        if isinstance(positions, slice):
+            cache_k[:, :, positions] = k.transpose(1, 2)
+            cache_v[:, :, positions] = v.transpose(1, 2)
+            end = positions.stop
+        else:  # each row at its own positions: index (bsz, 1) x (bsz, seqlen) -> (bsz, seqlen, n_kv_heads, head_dim)
+            row_index = torch.arange(bsz, device=x.device)[:, None]
+            cache_k[row_index, :, positions] = k
+            cache_v[row_index, :, positions] = v
+            end = mask.shape[-1]
+        keys, values = cache_k[:, :, :end], cache_v[:, :, :end]  # (bsz, n_kv_heads, end, head_dim)
 
-        # Grouped-query attention: query head h reads kv head h // n_rep.
+        # Grouped-query attention without copying K/V: the n_rep query heads that share a kv head
+        # (query head h reads kv head h // n_rep) become n_rep * seqlen query rows against it.
         n_rep = self.n_heads // self.n_kv_heads
-        if n_rep > 1:
-            keys = keys.repeat_interleave(n_rep, dim=1)  # (bsz, n_heads, end, head_dim)
-            values = values.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim) of this rank
-        return self.wo(out)
+        q = q.transpose(1, 2).reshape(bsz, self.n_kv_heads, n_rep * seqlen, self.head_dim)  # rows ordered (rep, pos)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (bsz, n_kv_heads, n_rep * seqlen, head_dim)
+        out = out.view(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)  # (bsz, seqlen, n_heads, head_dim)
+        return self.wo(out.reshape(bsz, seqlen, -1))  # (bsz, seqlen, n_heads * head_dim) of this rank in
 
 
 class FeedForward(nn.Module):
@@ -121,8 +127,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, start_pos, cos, sin, mask):
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+    def forward(self, x, rows, positions, cos, sin, mask):
+        h = x + self.attention(self.attention_norm(x), rows, positions, cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -159,31 +165,42 @@ class Transformer(nn.Module):
                 cache = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
                 layer.attention.register_buffer(name, cache, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos, last_only: bool = False, first_row: int = 0) -> torch.Tensor:
         """Logits (float32, (bsz, seqlen, vocab_size)) for `tokens` at positions start_pos onward.
 
-        Writes K/V for those positions into cache rows 0..bsz-1. `last_only` computes the output
+        Writes K/V for those positions into cache rows first_row..first_row+bsz-1. `start_pos` is an
+        int, or a LongTensor (bsz,) giving each row its own start (continuous batching: rows at
+        different points of different sequences decode together). `last_only` computes the output
         projection for the last position alone (bsz, 1, vocab_size): a long prompt's full logits
         would cost seqlen x vocab floats that generation never reads.
         """
         bsz, seqlen = tokens.shape
-        if bsz > self.params.max_batch_size or start_pos + seqlen > self.params.max_seq_len:
+        p = self.params
+        per_row = isinstance(start_pos, torch.Tensor)
+        furthest = int(start_pos.max()) if per_row else start_pos  # a host sync only for per-row positions
+        if first_row + bsz > p.max_batch_size or furthest + seqlen > p.max_seq_len or first_row < 0:
             raise ValueError(
-                f"{bsz} rows at positions {start_pos}..{start_pos + seqlen - 1} do not fit the KV cache "
-                f"({self.params.max_batch_size} rows x {self.params.max_seq_len} positions); "
+                f"{bsz} rows from row {first_row} at positions up to {furthest + seqlen - 1} do not fit the KV "
+                f"cache ({p.max_batch_size} rows x {p.max_seq_len} positions); "
                 "build with a larger max_batch_size or max_seq_len"
             )
-        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        cos = self.rope_cos[start_pos : start_pos + seqlen]
-        sin = self.rope_sin[start_pos : start_pos + seqlen]
+        end = furthest + seqlen
+        offsets = torch.arange(seqlen, device=tokens.device)
+        query_pos = (start_pos[:, None] if per_row else torch.tensor([[start_pos]], device=tokens.device)) + offsets  # (bsz or 1, seqlen)
+        cos = self.rope_cos[query_pos][:, :, None]  # (bsz or 1, seqlen, 1, head_dim // 2)
+        sin = self.rope_sin[query_pos][:, :, None]
         mask = None
-        if seqlen > 1:
-            # Query i (at position start_pos + i) sees keys 0..start_pos + i.
-            query_pos = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
-            key_pos = torch.arange(start_pos + seqlen, device=tokens.device)
-            mask = key_pos[None, :] <= query_pos[:, None]  # (seqlen, start_pos + seqlen)
+        if per_row or seqlen > 1:
+            # Query at position q sees keys 0..q; rows of the attention's queries come as (rep, pos).
+            n_rep = p.n_heads // p.n_kv_heads
+            key_pos = torch.arange(end, device=tokens.device)
+            mask = key_pos <= query_pos[..., None]  # (bsz or 1, seqlen, end)
+            mask = mask[:, None].repeat(1, 1, n_rep, 1)  # (bsz or 1, 1, n_rep * seqlen, end)
+        positions = query_pos if per_row else slice(start_pos, end)
+        rows = slice(first_row, first_row + bsz)
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask)
+            h = layer(h, rows, positions, cos, sin, mask)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -62,14 +62,19 @@ def test_logprobs_match_a_full_forward(llm):
     assert max(abs(lp[j] - full[j - 1, ids[j]].item()) for j in range(1, len(ids))) < 1e-4
 
 
-def test_text_completion_batches_long_lists_in_order(llm):
-    prompts = [f"{n} + {n} =" for n in range(11)]  # more than max_batch_size (8)
-    results = llm.text_completion(prompts, max_gen_len=6, temperature=0)
+def test_text_completion_list_longer_than_the_batch_equals_each_prompt_alone(llm):
+    """Continuous batching (rows refilled as replies end, each at its own position) gives, for every
+    prompt, the greedy tokens of `generate` on that prompt alone; in input order."""
+    prompts = [f"{n} + {n} =" if n % 2 else "Tell me about the history of the number " * (n % 4 + 1) + str(n) for n in range(11)]
+    results = llm.text_completion(prompts, max_gen_len=12, temperature=0)  # 11 prompts, max_batch_size 8
     assert len(results) == 11
+    lengths = set()
     for prompt, result in zip(prompts, results):
-        alone = llm.text_completion([prompt], max_gen_len=6, temperature=0)[0]
-        assert result == alone
+        alone, _ = llm.generate([llm.tokenizer.encode(prompt, False, False)], max_gen_len=12, temperature=0)
+        assert result["tokens"] == alone[0]
         assert result["generation"] == llm.tokenizer.decode(result["tokens"])
+        lengths.add(len(alone[0]))
+    assert len(lengths) > 1  # replies end at different steps, so rows were refilled mid-batch
 
 
 def test_text_completion_echo_and_logprobs(llm):
@@ -274,3 +279,46 @@ def test_stream_keeps_sentencepiece_spaces(tmp_path):
         text = llm.tokenizer.decode(tokens[0])
         assert "".join(pieces) == text
         assert text.count(" ") > 5  # the random model's pieces do carry spaces
+
+
+# --- continuous batching, on a scripted model ------------------------------------------------------
+
+class RowScriptedModel(ScriptedModel):
+    """A model whose cache rows remember which prompt they hold: a prefill (start_pos 0) of a prompt
+    starting with token k puts script k in that row; each later step emits the script's next token
+    (STOP past its end). Records the shape of every call."""
+
+    def __init__(self, scripts, max_batch_size):
+        super().__init__([], vocab=32)
+        self.params.max_batch_size = max_batch_size
+        self.scripts, self.row_script, self.row_step, self.log = scripts, {}, {}, []
+
+    def forward(self, tokens, start_pos, last_only=False, first_row=0):
+        bsz, seqlen = tokens.shape
+        prefill = not isinstance(start_pos, torch.Tensor)
+        self.log.append("prefill" if prefill else "decode")
+        logits = torch.zeros(bsz, 1, self.params.vocab_size)
+        for b in range(bsz):
+            row = first_row + b
+            if prefill:
+                self.row_script[row], self.row_step[row] = self.scripts[int(tokens[b, 0])], 0
+            script, step = self.row_script[row], self.row_step[row]
+            logits[b, 0, script[step] if step < len(script) else STOP] = 10.0
+            self.row_step[row] += 1
+        return logits
+
+
+def test_a_finished_row_takes_the_next_prompt_at_once():
+    # Two rows; prompt 0 (script 20) runs 10 tokens while prompts 1-4 (scripts 21-24) run 2 each.
+    scripts = {20: [9] * 10, 21: [5, 6], 22: [7, 8], 23: [5, 5], 24: [6, 6]}
+    model = RowScriptedModel(scripts, max_batch_size=2)
+    llm = Llama(model, ToyTokenizer(), torch.Generator())
+    prompts = [[20, 3], [21], [22, 3, 3], [23], [24, 4]]
+    tokens, _ = llm._generate_many(prompts, max_gen_len=16, temperature=0, top_p=1.0, top_k=None, logprobs=False)
+    assert tokens == [[9] * 10, [5, 6], [7, 8], [5, 5], [6, 6]]
+    # Row 1 serves prompts 1-4 one after another while row 0 is still on prompt 0: 10 decode steps
+    # in all (each reply's first token comes from its prefill; each reply then needs one step per
+    # further token plus the step that yields STOP); fixed batches of two would take 10 + 2 + 2 = 14.
+    assert model.log.count("prefill") == 5
+    assert model.log.count("decode") == 10
+    assert model.log[:3] == ["prefill", "prefill", "decode"]

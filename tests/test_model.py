@@ -105,3 +105,28 @@ def test_gqa_grouping_matches_repeated_heads():
     tokens = torch.randint(0, 101, (2, 12))
     with torch.inference_mode():
         assert (gqa(tokens, 0) - mha(tokens, 0)).abs().max().item() < 1e-5
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("seqlen", [1, 3])
+def test_rows_at_their_own_positions_match_each_row_alone(seqlen):
+    """Continuous batching: rows prefilled separately (first_row) then run together, each from its
+    own start position, give each row's logits from a forward of that row alone."""
+    model = tiny_model()
+    tokens = torch.randint(0, 101, (3, 20))
+    starts = [4, 11, 7]
+    for row, start in enumerate(starts):
+        model(tokens[row : row + 1, :start], 0, first_row=row)
+    step = torch.stack([tokens[row, start : start + seqlen] for row, start in enumerate(starts)])  # (3, seqlen)
+    together = model(step, torch.tensor(starts))
+    for row, start in enumerate(starts):
+        alone = model(tokens[row : row + 1, : start + seqlen], 0)[0, start:]
+        assert (together[row] - alone).abs().max().item() < 1e-5
+
+
+def test_rows_past_the_cache_are_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="do not fit the KV cache"):
+        model(torch.zeros(2, 1, dtype=torch.long), 0, first_row=2)
+    with pytest.raises(ValueError, match="do not fit the KV cache"):
+        model(torch.zeros(2, 1, dtype=torch.long), torch.tensor([3, 32]))
