@@ -77,14 +77,15 @@ def _check_generation_flags(temperature, top_p, top_k, max_gen_len):
 # --- chat ----------------------------------------------------------------------------------------
 
 def chat(checkpoint=None, tokenizer=None, system=None, prompt=None, temperature=0.6, top_p=0.9, top_k=None,
-         max_gen_len=None, max_seq_len=2048, device=None, dtype=None, seed=None):
+         max_gen_len=None, max_seq_len=2048, device=None, dtype=None, seed=None, quantize=None, compile=False):
     """Chat with a checkpoint (default: SmolLM2-135M-Instruct).
 
     Without --prompt: one user turn a line from stdin (a terminal or a pipe); /reset clears the
     history, /exit or EOF ends; Ctrl-C stops a reply. With --prompt: one reply, then exit.
     """
     _check_generation_flags(temperature, top_p, top_k, max_gen_len)
-    llm = Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=1, device=device, dtype=dtype, seed=seed)
+    llm = Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=1, device=device, dtype=dtype, seed=seed,
+                      quantize=quantize, compile=compile)
     start = [{"role": "system", "content": str(system)}] if system is not None else []
     # Keep room for a reply: drop the oldest turns before the history squeezes it below this.
     reply_room = max_gen_len or max(1, min(512, max_seq_len // 4))
@@ -194,7 +195,8 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def complete(prompts, out=None, max_gen_len=64, temperature=0.0, top_p=0.9, top_k=None, max_batch_size=8,
-             checkpoint=None, tokenizer=None, max_seq_len=2048, device=None, dtype=None, seed=None):
+             checkpoint=None, tokenizer=None, max_seq_len=2048, device=None, dtype=None, seed=None, quantize=None,
+             compile=False):
     """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
     stdout or atomically in --out."""
     _check_generation_flags(temperature, top_p, top_k, max_gen_len)
@@ -203,7 +205,7 @@ def complete(prompts, out=None, max_gen_len=64, temperature=0.0, top_p=0.9, top_
         raise FileNotFoundError(f"the folder of --out {out} does not exist; create it or write elsewhere")
     records = on_main(lambda: read_prompts(prompts))
     llm = Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                      device=device, dtype=dtype, seed=seed)
+                      device=device, dtype=dtype, seed=seed, quantize=quantize, compile=compile)
     tok = llm.tokenizer
     for number, record in records:  # report an over-long prompt by its line before any work starts
         n = len(tok.encode(record["prompt"], bos=tok.add_bos, eos=False))

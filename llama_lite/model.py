@@ -74,15 +74,19 @@ class Attention(nn.Module):
         self.wv = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
         self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
 
-    def forward(self, x, rows, positions, cos, sin, mask):
-        """rows: the cache rows, a slice; positions: (bsz or 1, seqlen) or, when every row writes
-        the same positions, a slice; mask: (bsz or 1, 1, n_rep * seqlen, end) or None (see Transformer)."""
+    def project(self, x, cos, sin):
+        """Queries, keys and values of x (bsz, seqlen, dim), rotated to their positions."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def attend(self, q, k, v, rows, positions, mask):
+        """Store k, v in the cache and attend; (bsz, seqlen, n_heads * head_dim) of this rank, before wo.
+        rows: the cache rows, a slice; positions: (bsz or 1, seqlen) or, when every row writes the
+        same positions, a slice; mask: (bsz or 1, 1, n_rep * seqlen, end) or None (see Transformer)."""
+        bsz, seqlen = q.shape[:2]
         # The cache is (max_batch_size, n_kv_heads, max_seq_len, head_dim): written in place by
         # position, read back as every position up to the furthest one written (a view, no copy).
         cache_k, cache_v = self.cache_k[rows], self.cache_v[rows]
@@ -91,7 +95,7 @@ class Attention(nn.Module):
             cache_v[:, :, positions] = v.transpose(1, 2)
             end = positions.stop
         else:  # each row at its own positions: index (bsz, 1) x (bsz, seqlen) -> (bsz, seqlen, n_kv_heads, head_dim)
-            row_index = torch.arange(bsz, device=x.device)[:, None]
+            row_index = torch.arange(bsz, device=q.device)[:, None]
             cache_k[row_index, :, positions] = k
             cache_v[row_index, :, positions] = v
             end = mask.shape[-1]
@@ -103,7 +107,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2).reshape(bsz, self.n_kv_heads, n_rep * seqlen, self.head_dim)  # rows ordered (rep, pos)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (bsz, n_kv_heads, n_rep * seqlen, head_dim)
         out = out.view(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)  # (bsz, seqlen, n_heads, head_dim)
-        return self.wo(out.reshape(bsz, seqlen, -1))  # (bsz, seqlen, n_heads * head_dim) of this rank in
+        return out.reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
 
 
 class FeedForward(nn.Module):
@@ -127,9 +131,20 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rows, positions, cos, sin, mask):
-        h = x + self.attention(self.attention_norm(x), rows, positions, cos, sin, mask)
+        self.compiled = None  # (project, finish) compiled for one-position steps; see Transformer.compile_decode
+
+    def project(self, x, cos, sin):
+        return self.attention.project(self.attention_norm(x), cos, sin)
+
+    def finish(self, x, attended):
+        h = x + self.attention.wo(attended)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward(self, x, rows, positions, cos, sin, mask):
+        # The cache update and attention stay eager: their shapes grow with the sequence.
+        project, finish = self.compiled if self.compiled and x.shape[1] == 1 else (self.project, self.finish)
+        q, k, v = project(x, cos, sin)
+        return finish(x, self.attention.attend(q, k, v, rows, positions, mask))
 
 
 class Transformer(nn.Module):
@@ -145,6 +160,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
+        self.compiled_head = None
         self.setup_cache()
 
     def setup_cache(self):
@@ -154,7 +170,7 @@ class Transformer(nn.Module):
         `assign=True`, since buffers made on the meta device hold no memory.
         """
         p = self.params
-        weight = self.tok_embeddings.weight
+        weight = self.norm.weight  # in the activations' dtype, even when the matrices are int8
         # Computed on the CPU and moved: arithmetic on the meta device would import torch._dynamo (0.6 s).
         cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device="cpu")
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
@@ -203,4 +219,16 @@ class Transformer(nn.Module):
             h = layer(h, rows, positions, cos, sin, mask)
         if last_only:
             h = h[:, -1:]
+        return (self.compiled_head if self.compiled_head and seqlen == 1 else self.head)(h)
+
+    def head(self, h):
         return self.output(self.norm(h)).float()
+
+    def compile_decode(self):
+        """Compile the one-position step (decoding) around attention: per layer, norm + q/k/v + RoPE,
+        and wo + residual + feed-forward; then the output head. Fuses the small ops and turns each
+        one-row matrix product into a single pass over its weights (kernels.py). Compiled once for
+        all layers (they share code and shapes), again for each new batch size."""
+        for layer in self.layers:
+            layer.compiled = (torch.compile(layer.project, dynamic=False), torch.compile(layer.finish, dynamic=False))
+        self.compiled_head = torch.compile(self.head, dynamic=False)

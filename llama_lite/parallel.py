@@ -14,6 +14,8 @@ import sys
 import torch
 from torch import nn
 
+from .kernels import Linear
+
 
 def world_size() -> int:
     """How many processes split the model (1 outside torchrun)."""
@@ -84,7 +86,7 @@ def _keep(weight):
 def column_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
     """y = x W^T with W's rows (output features) split across ranks."""
     if world_size() == 1:
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features)
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear
 
     return ColumnParallelLinear(in_features, out_features, bias=False, gather_output=gather_output, init_method=_keep)
@@ -93,7 +95,7 @@ def column_linear(in_features: int, out_features: int, gather_output: bool = Fal
 def row_linear(in_features: int, out_features: int) -> nn.Module:
     """y = x W^T with W's columns split across ranks; the input arrives split, the sum is all-reduced."""
     if world_size() == 1:
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features)
     from fairscale.nn.model_parallel.layers import RowParallelLinear
 
     return RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True, init_method=_keep)

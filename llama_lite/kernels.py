@@ -1,0 +1,75 @@
+"""Linear layers for decoding: the step that reads every weight once per generated token.
+
+At one row of input a linear layer is a matrix-vector product, bound by memory bandwidth. MKL's
+GEMV (what `F.linear` calls) streams float32 weights at ~12 GB/s on a 2-core test machine; the same
+product written as multiply-and-sum and compiled by inductor streams them at ~30 GB/s. So inside a
+compiled region (`Llama.build(compile=True)`, see Transformer.compile_decode) one-row inputs take
+that path; several rows (prefill, batches) keep `F.linear`, whose GEMM reuses each weight across rows.
+
+`Int8Linear` / `Int8Embedding` hold weight-only int8 weights, one scale per output row: a quarter of
+float32's bytes to stream, and with the compiled product the int8-to-float cast is fused into the
+same single pass over them.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+def matvec(x, weight, scale=None):
+    """x @ weight.T (* scale) for a one-row x as multiply-and-sum; fast only inside torch.compile,
+    which fuses it (and an int8-to-float cast) into one pass over the weights."""
+    out = (x[..., None, :] * weight.to(x.dtype)).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+    return out if scale is None else out * scale
+
+
+def _compiled_matvec(x, max_rows: int) -> bool:
+    """Inside torch.compile with at most `max_rows` input rows: take the multiply-and-sum path."""
+    return torch.compiler.is_compiling() and x.numel() <= max_rows * x.shape[-1]
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias, with the one-row path when compiled."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self):
+        pass  # weights are always assigned from a checkpoint; a random init would be thrown away
+
+    def forward(self, x):
+        return matvec(x, self.weight) if _compiled_matvec(x, max_rows=1) else F.linear(x, self.weight)
+
+
+def quantize_int8(weight: torch.Tensor):
+    """Symmetric per-row int8: (int8 weight, float32 scale per row) with weight ~= q * scale."""
+    scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+    q = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A weight-only int8 linear layer: y = (x @ q.T) * scale, computed in x's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+
+    def forward(self, x):
+        # Up to 8 rows: casting int8 inside the fused loop beats materialising float weights for a GEMM
+        # (batch-8 decode 99 vs 60 tok/s here); float weights gain from the GEMM from 2 rows on.
+        if _compiled_matvec(x, max_rows=8):
+            return matvec(x, self.weight, self.scale)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings stored as int8 rows and their scales (shared with a tied Int8Linear output)."""
+
+    def __init__(self, vocab_size: int, dim: int, device=None, dtype=None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(vocab_size, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(vocab_size, dtype=dtype, device=device))
+
+    def forward(self, tokens):
+        return self.weight[tokens].to(self.scale.dtype) * self.scale[tokens, None]  # (..., dim)

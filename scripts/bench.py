@@ -1,0 +1,266 @@
+"""Side-by-side speed of llama_lite, transformers and llama.cpp on one checkpoint (default: the
+SmolLM2-135M-Instruct Q4_1 GGUF), greedy, end-of-sequence ignored, same prompts and thread count.
+
+    python scripts/bench.py                                  # every system that imports
+    python scripts/bench.py --systems llama_lite:bfloat16 --n_prompts 32
+
+Each system runs in fresh processes (so its load time and peak memory are its own) and prints
+one JSON line per case; the parent prints a table of the ratios issue 8 asks for and the
+fraction of the memory-bandwidth ceiling each batch-1 decode reaches. A system whose package is not
+installed is skipped with a note (transformers needs `accelerate`; llama.cpp `llama-cpp-python`).
+
+Cases: load (build on a cached file, then the first token), decode_b1 (128 new tokens, one
+sequence) with peak RSS after it (a one-row cache), decode_b8 (8 sequences, aggregate tokens/s),
+and mixed (--n_prompts prompts of 5-300 tokens, 64 new tokens each: llama_lite with continuous
+batching over --mixed_batch_size rows, transformers in batches of 8, llama.cpp one by one).
+llama_lite systems are named llama_lite:DTYPE[:int8][:compile].
+"""
+
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# llama_lite:DTYPE[:int8][:compile]: the dtype of activations (and weights, unless int8), the levers on.
+ALL_SYSTEMS = ("llama_lite:float32", "llama_lite:bfloat16", "llama_lite:float32:compile", "llama_lite:bfloat16:compile",
+               "llama_lite:float32:int8:compile", "transformers", "llama_cpp")
+CASES = ("load", "decode_b1", "decode_b8", "mixed")
+MAX_SEQ_LEN = 384  # the longest mixed prompt (300) + 64 new tokens fits
+
+
+def mixed_prompts(tokenizer_encode, n, seed=0):
+    """n token lists of 5-300 tokens cut from tokenizer/corpus.txt at seeded random places."""
+    ids = tokenizer_encode((ROOT / "tokenizer" / "corpus.txt").read_text(encoding="utf-8")[:400_000])
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        length = rng.randint(5, 300)
+        start = rng.randrange(len(ids) - length)
+        prompts.append(ids[start : start + length])
+    return prompts
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- one system per process ------------------------------------------------------------------------
+
+class LlamaLite:
+    def __init__(self, path, options, threads, max_batch_size):
+        import torch
+
+        from llama_lite import Llama
+
+        torch.set_num_threads(threads)
+        dtype = options[0] if options else None
+        self.llm = Llama.build(path, max_seq_len=MAX_SEQ_LEN, max_batch_size=max_batch_size, dtype=dtype, device="cpu",
+                               quantize="int8" if "int8" in options else None, compile="compile" in options)
+        self.llm.tokenizer.stop_ids = frozenset({-1})  # no token is -1: end-of-sequence is ignored
+        tensors = [*self.llm.model.parameters(), *self.llm.model.buffers()]  # the tied embedding/output counted once:
+        self.weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.dim() == 2}.values())
+
+    def encode(self, text):
+        return self.llm.tokenizer.encode(text, bos=False, eos=False)
+
+    def generate(self, prompts, n_new):
+        tokens, _ = self.llm.generate(prompts, n_new, temperature=0)
+        return tokens
+
+    def many(self, prompts, n_new):
+        tokens, _ = self.llm._generate_many(prompts, n_new, 0, 1.0, None, False)
+        return tokens
+
+
+class Transformers:
+    def __init__(self, path, options, threads, max_batch_size):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        path = Path(path)
+        self.torch = torch
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.batch = 8
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts, n_new):
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id or 0
+        ids = self.torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
+        mask = self.torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with self.torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                      do_sample=False, pad_token_id=pad)
+        return [row[width:] for row in out.tolist()]
+
+    def many(self, prompts, n_new):
+        out = []
+        for start in range(0, len(prompts), self.batch):
+            out += self.generate(prompts[start : start + self.batch], n_new)
+        return out
+
+
+class LlamaCpp:
+    def __init__(self, path, options, threads, max_batch_size):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(path), n_ctx=MAX_SEQ_LEN, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                                   verbose=False)
+        self.weight_bytes = Path(path).stat().st_size
+        self.batch = 1
+
+    def encode(self, text):
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def generate(self, prompts, n_new):
+        out = []
+        for prompt in prompts:  # llama-cpp-python runs one sequence at a time
+            tokens = []
+            for token in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):  # never stops by itself
+                tokens.append(token)
+                if len(tokens) == n_new:
+                    break
+            out.append(tokens)
+        return out
+
+    many = generate
+
+
+SYSTEMS = {"llama_lite": LlamaLite, "transformers": Transformers, "llama_cpp": LlamaCpp}
+
+
+def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_size):
+    """Run the cases for one system in this process; a JSON line each on stdout."""
+    name, *options = system.split(":")
+
+    def emit(case, **values):
+        print(json.dumps({"system": system, "case": case, **values}), flush=True)
+
+    started = time.perf_counter()
+    runner = SYSTEMS[name](checkpoint, options, threads, max_batch_size)
+    prompt = runner.encode("The history of the city of Rome begins")
+    first = runner.generate([prompt], 1)
+    assert len(first[0]) == 1
+    if "load" in cases:
+        emit("load", seconds=round(time.perf_counter() - started, 3))
+    for case, bsz in (("decode_b1", 1), ("decode_b8", 8)):
+        if case in cases:
+            runner.generate([prompt] * bsz, 8)  # warm up (and compile, where a system compiles)
+            started = time.perf_counter()
+            out = runner.generate([prompt] * bsz, new_tokens)
+            seconds = time.perf_counter() - started
+            assert all(len(row) == new_tokens for row in out)
+            extra = {"peak_rss_mb": round(peak_rss_mb())} if bsz == 1 else {}
+            emit(case, tok_s=round(bsz * new_tokens / seconds, 1), seconds=round(seconds, 2),
+                 weight_mb=round(runner.weight_bytes / 1e6), **extra)
+    if "mixed" in cases:
+        prompts = mixed_prompts(runner.encode, n_prompts)
+        runner.many(prompts[:2], 2)  # warm up
+        started = time.perf_counter()
+        out = runner.many(prompts, 64)
+        seconds = time.perf_counter() - started
+        assert len(out) == n_prompts and all(len(row) == 64 for row in out)
+        emit("mixed", seconds=round(seconds, 1), prompts=n_prompts, prompt_tokens=sum(map(len, prompts)),
+             tok_s=round(64 * n_prompts / seconds, 1), batch=getattr(runner, "batch", max_batch_size),
+             peak_rss_mb=round(peak_rss_mb()))
+
+
+# --- the parent: run each system, print the table --------------------------------------------------
+
+def importable(name) -> bool:
+    module = {"llama_lite": "llama_lite", "transformers": "accelerate", "llama_cpp": "llama_cpp"}[name]
+    found = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True)
+    return found.returncode == 0 and (name != "transformers" or subprocess.run(
+        [sys.executable, "-c", "import transformers"], capture_output=True).returncode == 0)
+
+
+def table(rows, bandwidth_gbs):
+    """The ratios issue 8 sets targets for, and each batch-1 decode against the bandwidth ceiling."""
+    get = {(r["system"], r["case"]): r for r in rows}
+    systems = sorted({r["system"] for r in rows}, key=lambda s: ALL_SYSTEMS.index(s) if s in ALL_SYSTEMS else 99)
+    lines = ["| system | load -> first token (s) | batch-1 tok/s | of ceiling | batch-8 tok/s | mixed: s (rows) | peak RSS b1 (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    for s in systems:
+        b1, b8, mixed, load = (get.get((s, c), {}) for c in ("decode_b1", "decode_b8", "mixed", "load"))
+        of_ceiling = "-"
+        if b1:
+            ceiling = bandwidth_gbs * 1e9 / (b1["weight_mb"] * 1e6)  # tok/s if every weight byte streams at that rate
+            of_ceiling = f"{b1['tok_s'] / ceiling:.0%} of {ceiling:.0f}"
+        lines.append(f"| {s} | {load.get('seconds', '-')} | {b1.get('tok_s', '-')} | {of_ceiling} | {b8.get('tok_s', '-')} | "
+                     f"{mixed.get('seconds', '-')} ({mixed.get('batch', '-')}) | {b1.get('peak_rss_mb', '-')} |")
+
+    def ratio(a, case_a, b, case_b, key="tok_s", inverse=False):
+        x, y = get.get((a, case_a), {}).get(key), get.get((b, case_b), {}).get(key)
+        if not x or not y:
+            return "-"
+        return f"{(y / x if inverse else x / y):.2f}x"
+
+    lines.append("")
+    for lite in (s for s in systems if s.startswith("llama_lite")):
+        lines += [
+            f"{lite}: batch-1 vs llama.cpp {ratio(lite, 'decode_b1', 'llama_cpp', 'decode_b1')} (target >= 1.0x), "
+            f"vs transformers {ratio(lite, 'decode_b1', 'transformers', 'decode_b1')}",
+            f"{lite}: batch-8 vs transformers batch-8 {ratio(lite, 'decode_b8', 'transformers', 'decode_b8')} (target >= 3.5x), "
+            f"vs llama.cpp batch-1 {ratio(lite, 'decode_b8', 'llama_cpp', 'decode_b1')} (target >= 3x)",
+            f"{lite}: mixed prompts vs transformers {ratio(lite, 'mixed', 'transformers', 'mixed', 'seconds', inverse=True)} "
+            f"(target >= 5x), vs llama.cpp {ratio(lite, 'mixed', 'llama_cpp', 'mixed', 'seconds', inverse=True)}",
+        ]
+    return "\n".join(lines)
+
+
+def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=",".join(CASES), n_prompts=256,
+         new_tokens=128, mixed_batch_size=32, bandwidth_gbs=20.0, worker_for=None, max_batch_size=1):
+    """Benchmark SYSTEMS (comma-separated; see ALL_SYSTEMS) and print a JSON line per case and a table.
+
+    Each system runs twice, each time in a fresh process: load and batch-1 decode with a one-row
+    cache (so peak RSS is batch 1's), then batch-8 decode and the mixed prompts with
+    --mixed_batch_size rows (llama_lite's continuous batching; transformers uses batches of 8).
+    """
+    threads = threads or len(os.sched_getaffinity(0))
+    cases = tuple(cases.split(",")) if isinstance(cases, str) else tuple(cases)
+    if checkpoint is None:
+        from llama_lite.download import default_checkpoint
+
+        checkpoint = str(default_checkpoint())
+    if worker_for:
+        return worker(worker_for, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_size)
+    systems = systems.split(",") if isinstance(systems, str) else list(systems)
+    phases = [(("load", "decode_b1"), 1), (("decode_b8", "mixed"), max(8, mixed_batch_size))]
+    rows = []
+    for system in systems:
+        if not importable(system.partition(":")[0]):
+            print(f"note: skipping {system}: its package is not installed", file=sys.stderr)
+            continue
+        for phase_cases, rows_in_cache in phases:
+            wanted = [c for c in phase_cases if c in cases]
+            if not wanted:
+                continue
+            print(f"running {system}: {', '.join(wanted)} ({threads} threads)...", file=sys.stderr)
+            cmd = [sys.executable, __file__, f"--worker_for={system}", f"--checkpoint={checkpoint}", f"--threads={threads}",
+                   f"--cases={','.join(wanted)}", f"--n_prompts={n_prompts}", f"--new_tokens={new_tokens}",
+                   f"--max_batch_size={rows_in_cache}"]
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+            for line in done.stdout.splitlines():
+                if line.startswith("{"):
+                    print(line, flush=True)
+                    rows.append(json.loads(line))
+            if done.returncode:
+                print(f"note: {system} failed (exit {done.returncode}); its rows are missing", file=sys.stderr)
+    print(table(rows, bandwidth_gbs))
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
