@@ -19,7 +19,6 @@ llama_lite systems are named llama_lite:DTYPE[:int8][:compile].
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -46,7 +45,9 @@ def mixed_prompts(tokenizer_encode, n, seed=0):
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM, this process's own peak resident set (ru_maxrss would carry a parent's over exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 # --- one system per process ------------------------------------------------------------------------

@@ -10,7 +10,6 @@ running over 10 s, fails with hypothesis' smallest example. Prints one JSON line
 """
 
 import json
-import resource
 import signal
 import struct
 import sys
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 from llama_lite import CheckpointError, Llama, Tokenizer
 from llama_lite.checkpoint import read_checkpoint
 from llama_lite.tokenizer import gguf_tokenizer
+from tests.memory import peak_rss_mb
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 
 ALLOWED = (CheckpointError, ValueError)
@@ -133,5 +133,5 @@ if __name__ == "__main__":
         fuzz_text(n)
     else:
         fuzz_gguf(n, build=mode == "build")
-    counts["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    counts["max_rss_mb"] = peak_rss_mb()
     print(json.dumps(counts))

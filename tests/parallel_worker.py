@@ -2,13 +2,13 @@
 what this rank saw to OUT.rankN.json. Not a test module itself."""
 
 import json
-import resource
 import sys
 import time
 
 import torch
 
 from llama_lite import Llama, parallel
+from tests.memory import peak_rss_mb
 
 
 def main(checkpoint, prompts_file, out, max_gen_len, device="cpu"):
@@ -23,7 +23,7 @@ def main(checkpoint, prompts_file, out, max_gen_len, device="cpu"):
     result = dict(
         rank=parallel.rank(), world=parallel.world_size(), greedy=greedy, sampled=sampled, logits=first.tolist(),
         params=sum(p.numel() for p in llm.model.parameters()),
-        seconds=time.perf_counter() - started, max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        seconds=time.perf_counter() - started, max_rss_mb=peak_rss_mb(),
     )
     with open(f"{out}.rank{parallel.rank()}.json", "w") as f:
         json.dump(result, f)

@@ -29,7 +29,7 @@ def torchrun(nproc, *args, stdin=None):
 
 def run_worker(nproc, checkpoint, tmp_path, prompts, max_gen_len=16, device="cpu"):
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    done = torchrun(nproc, ROOT / "tests" / "parallel_worker.py", checkpoint, tmp_path / "prompts.json",
+    done = torchrun(nproc, "-m", "tests.parallel_worker", checkpoint, tmp_path / "prompts.json",
                     tmp_path / "out", max_gen_len, device)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in range(nproc)]
