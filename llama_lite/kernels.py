@@ -42,18 +42,26 @@ class Linear(nn.Linear):
 
 def quantize_int8(weight: torch.Tensor):
     """Symmetric per-row int8: (int8 weight, float32 scale per row) with weight ~= q * scale."""
-    scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-    q = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+    q = (weight / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (out, in); one float temporary
     return q, scale
 
 
-class Int8Linear(nn.Module):
+class Int8Rows(nn.Module):
+    """A (rows, cols) int8 matrix `weight` and one `scale` per row (in the activations' dtype)."""
+
+    def __init__(self, rows: int, cols: int, dtype=None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(rows, cols, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(rows, dtype=dtype))
+
+
+class Int8Linear(Int8Rows):
     """A weight-only int8 linear layer: y = (x @ q.T) * scale, computed in x's dtype."""
 
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
-        super().__init__()
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+    def __init__(self, in_features: int, out_features: int, dtype=None):
+        super().__init__(out_features, in_features, dtype)
 
     def forward(self, x):
         # Up to 8 rows: casting int8 inside the fused loop beats materialising float weights for a GEMM
@@ -63,13 +71,8 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(Int8Rows):
     """Token embeddings stored as int8 rows and their scales (shared with a tied Int8Linear output)."""
-
-    def __init__(self, vocab_size: int, dim: int, device=None, dtype=None):
-        super().__init__()
-        self.register_buffer("weight", torch.empty(vocab_size, dim, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(vocab_size, dtype=dtype, device=device))
 
     def forward(self, tokens):
         return self.weight[tokens].to(self.scale.dtype) * self.scale[tokens, None]  # (..., dim)
