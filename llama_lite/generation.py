@@ -16,7 +16,7 @@ from . import parallel
 from .chat_template import render_chat
 from .checkpoint import CheckpointError, read_checkpoint
 from .download import default_checkpoint
-from .kernels import Int8Embedding, Int8Linear, Linear, quantize_int8
+from .kernels import quantize_int8, quantize_modules
 from .model import ModelArgs, Transformer
 from .sampling import check_sampling, sample
 from .tokenizer import Tokenizer, gguf_tokenizer
@@ -74,16 +74,6 @@ def _stop_prefix_length(text: str, stop_texts) -> int:
     return longest
 
 
-def quantize_modules(model: Transformer, dtype: torch.dtype) -> None:
-    """Swap every linear layer and the embedding for int8 ones (still empty, on the same device)."""
-    for parent in list(model.modules()):
-        for child_name, child in parent.named_children():
-            if isinstance(child, Linear):
-                setattr(parent, child_name, Int8Linear(child.in_features, child.out_features, dtype=dtype))
-            elif isinstance(child, torch.nn.Embedding):
-                setattr(parent, child_name, Int8Embedding(child.num_embeddings, child.embedding_dim, dtype=dtype))
-
-
 def check_positive_int(name, value):
     """ValueError unless `value` is a whole number >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -101,9 +91,9 @@ class Llama:
         """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator.
 
         quantize="int8": every weight matrix held as int8 with a scale per row (weight-only; about a
-        quarter of float32's memory). compile=True: one-row (decode) matrix-vector products run
-        through inductor-compiled kernels, ~2.5x faster on CPU; compiling costs tens of seconds the
-        first time a shape is seen (inductor caches kernels on disk for later runs).
+        quarter of float32's memory). compile=True: the one-token decode step is compiled with
+        torch.compile (Transformer.compile_decode), 2-3x faster at batch 1 on CPU; compiling costs
+        seconds to tens of seconds the first time a batch size is seen (inductor caches on disk).
         """
         if quantize not in (None, "int8"):
             raise ValueError(f"unknown quantize {quantize!r}; use 'int8' or None")
@@ -156,10 +146,9 @@ class Llama:
         for name, tensor in progress:
             tensor = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape))
             scale_name = name.removesuffix("weight") + "scale"
-            if scale_name in local_shapes and tensor.dim() == 2:  # an int8 layer: quantized as it is read
-                tensor, state[scale_name] = quantize_int8(tensor.to(device))
-                state[scale_name] = state[scale_name].to(dtype)
-                state[name] = tensor
+            if scale_name in local_shapes:  # an int8 layer: quantized as it is read
+                state[name], scale = quantize_int8(tensor.to(device))
+                state[scale_name] = scale.to(dtype)
             else:
                 state[name] = tensor.to(device=device, dtype=dtype)
         if ckpt.tied and "tok_embeddings.weight" in state:

@@ -48,6 +48,16 @@ def quantize_int8(weight: torch.Tensor):
     return q, scale
 
 
+def quantize_modules(model: nn.Module, dtype: torch.dtype) -> None:
+    """Swap every linear layer and the embedding for int8 ones (still empty, on the same device)."""
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, Linear):
+                setattr(parent, child_name, Int8Linear(child.in_features, child.out_features, dtype=dtype))
+            elif isinstance(child, torch.nn.Embedding):
+                setattr(parent, child_name, Int8Embedding(child.num_embeddings, child.embedding_dim, dtype=dtype))
+
+
 class Int8Rows(nn.Module):
     """A (rows, cols) int8 matrix `weight` and one `scale` per row (in the activations' dtype)."""
 
