@@ -132,9 +132,11 @@ def _gguf_tensors(reader) -> Iterator:
         if name is None:
             raise CheckpointError(f"{reader.path}: unexpected tensor {t.name!r}; this llama variant is not supported")
         try:
-            yield name, dequantize(t)
+            tensor = dequantize(t)
         except NotImplementedError:
             raise CheckpointError(f"{reader.path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize; convert the model to another type") from None
+        reader.release(t)
+        yield name, tensor
 
 
 # --- every format --------------------------------------------------------------------------------

@@ -66,6 +66,17 @@ class GGUFFile:
         if len({t.name for t in self.tensors}) != len(self.tensors):
             raise ValueError("two tensors share a name")
 
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop the file pages behind a tensor that has been converted, so loading does not keep the
+        whole file resident beside the model (they are read again from disk if ever touched)."""
+        if not hasattr(self._map, "madvise"):
+            return
+        start = tensor.data.ctypes.data - np.frombuffer(self._buf, np.uint8, 1).ctypes.data  # offset in the file
+        first_page = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end_page = (start + tensor.data.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end_page > first_page:
+            self._map.madvise(mmap.MADV_DONTNEED, first_page, end_page - first_page)
+
     # --- primitive reads, each bounds-checked ------------------------------------------------------
 
     def _unpack(self, fmt: str):
