@@ -309,7 +309,7 @@ class Llama:
         results = [None] * len(prompt_tokens)  # (tokens, logprobs or None) per prompt
         # Per row: the prompt it holds (None: idle), its new tokens and their logprobs, the echoed
         # prompt's logprobs, and its next input token and that token's position.
-        held, new, new_logprobs, prompt_logprobs = [None] * n_rows, [[]] * n_rows, [[]] * n_rows, [[]] * n_rows
+        held, new, new_logprobs, prompt_logprobs = [None] * n_rows, [None] * n_rows, [None] * n_rows, [None] * n_rows  # set by fill
         next_input, next_position = [0] * n_rows, [0] * n_rows
         bar = tqdm(total=len(prompt_tokens), desc="completing", unit="prompt", file=sys.stderr,
                    disable=not progress or not parallel.is_main())
