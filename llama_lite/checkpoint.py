@@ -79,12 +79,13 @@ _BLOCK_NAMES = {
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
-def _meta_name(gguf_name: str):
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _BLOCK_TENSOR.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"
+def _meta_name(name: str, global_names=_GLOBAL_NAMES, block_tensor=_BLOCK_TENSOR, block_names=_BLOCK_NAMES):
+    """A checkpoint's tensor name as Meta's (GGUF names by default; HF passes its own tables), or None."""
+    if name in global_names:
+        return global_names[name]
+    m = block_tensor.fullmatch(name)
+    if m and m.group(2) in block_names:
+        return f"layers.{m.group(1)}.{block_names[m.group(2)]}.weight"
     return None
 
 
@@ -303,7 +304,7 @@ def _hf_folder(folder: Path) -> Checkpoint:
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for key in keys[file]:
-                    name = _hf_name(key)
+                    name = _meta_name(key, _HF_GLOBAL_NAMES, _HF_BLOCK_TENSOR, _HF_BLOCK_NAMES)
                     if name is None:
                         if key.endswith("rotary_emb.inv_freq"):  # recomputed, not loaded
                             continue
@@ -324,15 +325,6 @@ def _hf_folder(folder: Path) -> Checkpoint:
     return Checkpoint(folder, args, config.get("max_position_embeddings"), tied, tensors,
                       n_tensors=sum(map(len, keys.values())), size=sum(f.stat().st_size for f in files),
                       tokenizer_file=_tokenizer_beside(folder))
-
-
-def _hf_name(key: str):
-    if key in _HF_GLOBAL_NAMES:
-        return _HF_GLOBAL_NAMES[key]
-    m = _HF_BLOCK_TENSOR.fullmatch(key)
-    if m and m.group(2) in _HF_BLOCK_NAMES:
-        return f"layers.{m.group(1)}.{_HF_BLOCK_NAMES[m.group(2)]}.weight"
-    return None
 
 
 # --- Meta folders --------------------------------------------------------------------------------
