@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 def matvec(x, weight, scale=None):
     """x @ weight.T (* scale) for a one-row x as multiply-and-sum; fast only inside torch.compile,
     which fuses it (and an int8-to-float cast) into one pass over the weights."""
