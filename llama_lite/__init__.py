@@ -1,9 +1,11 @@
 """llama_lite: a small, readable Llama-style batched text generator."""
 
 from .checkpoint import CheckpointError
+from .engine import Engine, RequestOutput
 from .generation import Llama
 from .model import ModelArgs, Transformer
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
-__all__ = ["Llama", "Tokenizer", "CheckpointError", "Transformer", "ModelArgs"]
+__all__ = ["Llama", "Tokenizer", "CheckpointError", "Transformer", "ModelArgs", "SamplingParams", "Engine", "RequestOutput"]
 __version__ = "0.1.0"

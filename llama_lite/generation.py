@@ -1,24 +1,26 @@
 """`Llama`: build a model and tokenizer from a checkpoint, then generate text in batches.
 
-The decode loop is Meta's: prompts padded into one token tensor, decoding from the shortest
-prompt's end, prompt tokens kept with `torch.where`, a finished mask that only ORs, an early stop
-once every row is finished, and truncation done once on the host with `tolist()`.
+`generate` is Meta's decode loop, kept as the readable core: prompts padded into one token tensor,
+decoding from the shortest prompt's end, prompt tokens kept with `torch.where`, a finished mask that
+only ORs, an early stop once every row is finished, and truncation done once on the host with
+`tolist()`. Everything else (`text_completion`, `chat_completion`, `stream`) is a request on the
+engine (engine.py), so it shares one continuous batch with whatever else runs.
 """
 
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import parallel
 from .chat_template import render_chat
 from .checkpoint import CheckpointError, read_checkpoint
 from .download import default_checkpoint
+from .engine import Engine
 from .kernels import quantize_int8, quantize_modules
 from .model import ModelArgs, Transformer
-from .sampling import check_sampling, sample
+from .sampling import SamplingParams, check_sampling, chosen_logprobs, sample
 from .tokenizer import Tokenizer, gguf_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,17 +65,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _stop_prefix_length(text: str, stop_texts) -> int:
-    """How many trailing characters of `text` could begin one of `stop_texts` (0 if none)."""
-    longest = 0
-    for stop in stop_texts:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
-
-
 def check_positive_int(name, value):
     """ValueError unless `value` is a whole number >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -84,6 +75,15 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator):
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
         self.device = next(model.parameters()).device
+        self._engine = None
+        self._inbox = {}  # request id -> outputs not yet read, for requests these methods run
+
+    @property
+    def engine(self) -> Engine:
+        """The engine over this model's KV cache (made on first use)."""
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, self.generator)
+        return self._engine
 
     @staticmethod
     def build(checkpoint=None, tokenizer=None, max_seq_len=2048, max_batch_size=8, device=None, dtype=None, seed=None,
@@ -170,7 +170,7 @@ class Llama:
         generator.manual_seed(seed)
         return Llama(model, tok, generator)
 
-    # --- the decode loop ---------------------------------------------------------------------------
+    # --- Meta's decode loop ---------------------------------------------------------------------------
 
     def _check_prompts(self, prompt_tokens, max_gen_len, one_batch=True):
         params = self.model.params
@@ -193,11 +193,15 @@ class Llama:
                     f"max_seq_len {params.max_seq_len}; shorten it, lower max_gen_len or build with a larger max_seq_len"
                 )
 
-    def _decode(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo):
-        """Fill a padded batch one position at a time; yields (cur_pos, tokens, token_logprobs)
-        after each step. tokens: (bsz, longest prompt + max_gen_len); token_logprobs likewise or None."""
+    @torch.inference_mode()
+    def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False):
+        """New tokens for each prompt (with the prompt first if `echo`), cut to `max_gen_len` and
+        before the first stop id; and their log-probabilities if `logprobs`, else None."""
         self._check_prompts(prompt_tokens, max_gen_len)
         check_sampling(temperature, top_p, top_k)
+        if self._engine is not None and self._engine.has_unfinished():
+            raise ValueError("generate uses KV-cache rows 0..N-1, which the engine's unfinished requests hold; "
+                             "finish or abort them first, or add this prompt to the engine")
         bsz, device = len(prompt_tokens), self.device
         lens = torch.tensor([len(p) for p in prompt_tokens], device=device)
         total_len = max(len(p) for p in prompt_tokens) + max_gen_len
@@ -215,27 +219,19 @@ class Llama:
         for cur_pos in range(min(len(p) for p in prompt_tokens), total_len):
             # The first call is the prefill of every row's shared prompt length; then one token a step.
             # Echoed logprobs need every prompt position's logits, otherwise only the last is computed.
-            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not (logprobs and echo))
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not (logprobs and echo))
             next_token = sample(logits[:, -1], temperature, top_p, top_k, self.generator)
             next_token = torch.where(prompt_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if logprobs:
                 first = cur_pos - logits.shape[1] + 1  # the logits at position p score the token at p + 1
-                targets = tokens[:, first : cur_pos + 1, None]
-                token_logprobs[:, first : cur_pos + 1] = F.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+                token_logprobs[:, first : cur_pos + 1] = chosen_logprobs(logits, tokens[:, first : cur_pos + 1])
             finished |= ~prompt_mask[:, cur_pos] & torch.isin(next_token, stop_ids)
             finished |= cur_pos + 1 >= row_end
             prev_pos = cur_pos
-            yield cur_pos, tokens, token_logprobs
             if finished.all():  # the one host sync a step
                 break
 
-    @torch.inference_mode()
-    def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False):
-        """New tokens for each prompt (with the prompt first if `echo`), cut to `max_gen_len` and
-        before the first stop id; and their log-probabilities if `logprobs`, else None."""
-        for _, tokens, token_logprobs in self._decode(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo):
-            pass
         out_tokens, out_logprobs = [], []
         rows_logprobs = token_logprobs.tolist() if logprobs else None
         for i, row in enumerate(tokens.tolist()):
@@ -248,128 +244,106 @@ class Llama:
                 out_logprobs.append(rows_logprobs[i][start:end])
         return out_tokens, (out_logprobs if logprobs else None)
 
-    @torch.inference_mode()
-    def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None):
-        """Yield the reply to one prompt as text pieces while it is generated.
+    # --- requests on the engine ----------------------------------------------------------------------
 
-        A piece is released only when the text decoded so far does not end in an incomplete UTF-8
-        character, so no piece ever holds half of one; text that could be the start of a stop token
-        spelled out ("<|im" of "<|im_end|>") is held until the next tokens settle it. The pieces
-        join to decode() of the tokens generate() returns.
-        """
-        n = len(prompt_tokens) if isinstance(prompt_tokens, (list, tuple)) else 0
-        stop_texts = [self.tokenizer.decode([i]) for i in self.tokenizer.stop_ids]
-        new, emitted = [], ""
-        for cur_pos, tokens, _ in self._decode([prompt_tokens], max_gen_len, temperature, top_p, top_k, False, False):
-            if cur_pos < n:
-                continue
-            token = int(tokens[0, cur_pos])
-            if token in self.tokenizer.stop_ids:
-                break
-            new.append(token)
-            # Decode everything so far, not the new token alone: SentencePiece spaces and multi-token
-            # characters come out right only in context.
-            text = self.tokenizer.decode(new)
-            if text.endswith("\ufffd") or not text.startswith(emitted):
-                continue  # the next token should complete a character
-            ready = len(text) - _stop_prefix_length(text, stop_texts)
-            if ready > len(emitted):
-                yield text[len(emitted) : ready]
-                emitted = text[:ready]
-        text = self.tokenizer.decode(new)
-        if text != emitted:
-            yield text[len(emitted) :]
+    def _outputs(self, request_ids):
+        """Step the engine until these requests finish, yielding their outputs as they come. Outputs
+        of other requests these methods run (a paused stream) wait in their inboxes; a request whose
+        reader stops early (a closed stream, an error, Ctrl-C) is aborted."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                ready = [out for rid in request_ids if rid in pending for out in self._take(rid)]
+                if not ready:
+                    if not any(rid in self.engine.requests for rid in pending):
+                        raise RuntimeError("the engine was stepped directly while these requests ran; their outputs are gone")
+                    for out in self.engine.step():
+                        if out.request_id in self._inbox:
+                            self._inbox[out.request_id].append(out)
+                for out in ready:
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+        finally:
+            for rid in request_ids:
+                self._inbox.pop(rid, None)
+                if rid in pending:
+                    self.engine.abort(rid)
 
-    # --- text in, text out -------------------------------------------------------------------------
+    def _take(self, rid):
+        box = self._inbox[rid]
+        taken, box[:] = list(box), []
+        return taken
 
-    def _generate_many(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo=False, progress=False):
-        """`generate`'s results for a list of any length, in order, with the KV cache's rows kept busy
-        (continuous batching): each prompt is prefilled alone into a free row, all rows decode
-        together at their own positions, and a row that finishes takes the next prompt at once, so
-        no row idles while a long reply in the same batch goes on and no prompt is walked token by
-        token. Greedy results equal each prompt run alone."""
-        params = self.model.params
-        if max_gen_len is None:
+    def _add(self, prompt_tokens, params):
+        """Add each prompt as a request with these params; their ids (nothing added if one is refused)."""
+        ids = []
+        try:
+            for prompt in prompt_tokens:
+                ids.append(self.engine.add(prompt, params))
+                self._inbox[ids[-1]] = []
+        except BaseException:
+            for rid in ids:
+                self._inbox.pop(rid, None)
+                self.engine.abort(rid)
+            raise
+        return ids
+
+    def _complete(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo=False, stop=None, seed=None,
+                  progress=False):
+        """Each prompt's whole result as a request on the engine, in order: dicts with tokens, text,
+        logprobs (or None) and finish_reason."""
+        if max_gen_len is None:  # as Meta's: up to the cache's end for the longest prompt
+            self._check_prompts(prompt_tokens, 1, one_batch=False)
             longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
-            max_gen_len = params.max_seq_len - 1 - len(prompt_tokens[longest])
+            max_gen_len = self.model.params.max_seq_len - 1 - len(prompt_tokens[longest])
             if max_gen_len < 1:
                 raise ValueError(
                     f"prompt {longest} has {len(prompt_tokens[longest])} tokens, leaving no room to generate within "
-                    f"max_seq_len {params.max_seq_len}; shorten it or build with a larger max_seq_len"
+                    f"max_seq_len {self.model.params.max_seq_len}; shorten it or build with a larger max_seq_len"
                 )
         self._check_prompts(prompt_tokens, max_gen_len, one_batch=False)  # errors name a prompt's place in the list
         check_sampling(temperature, top_p, top_k)
-        with torch.inference_mode():
-            return self._continuous(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, progress)
-
-    def _continuous(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, progress):
-        n_rows = min(self.model.params.max_batch_size, len(prompt_tokens))
-        stop_ids, device = self.tokenizer.stop_ids, self.device
-        waiting = iter(range(len(prompt_tokens)))
-        results = [None] * len(prompt_tokens)  # (tokens, logprobs or None) per prompt
-        # Per row: the prompt it holds (None: idle), its new tokens and their logprobs, the echoed
-        # prompt's logprobs, and its next input token and that token's position.
-        held, new, new_logprobs, prompt_logprobs = [None] * n_rows, [None] * n_rows, [None] * n_rows, [None] * n_rows  # set by fill
-        next_input, next_position = [0] * n_rows, [0] * n_rows
-        bar = tqdm(total=len(prompt_tokens), desc="completing", unit="prompt", file=sys.stderr,
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop,
+                                seed=seed, logprobs=logprobs, echo=echo)
+        request_ids = self._add(prompt_tokens, params)
+        results = {rid: {"tokens": [], "text": [], "logprobs": [] if logprobs else None} for rid in request_ids}
+        bar = tqdm(total=len(request_ids), desc="completing", unit="prompt", file=sys.stderr,
                    disable=not progress or not parallel.is_main())
         started, n_new = time.perf_counter(), 0
-
-        def chosen_logprobs(logits, chosen):  # (rows, vocab), (rows,) -> (rows,)
-            return F.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
-
-        def take(row, token, logprob) -> bool:
-            """Record a row's new token; True once the row is finished (stop id or max_gen_len)."""
-            nonlocal n_new
-            if token not in stop_ids:
-                new[row].append(token)
-                new_logprobs[row].append(logprob)
-                next_input[row], next_position[row] = token, next_position[row] + 1
-                if len(new[row]) < max_gen_len:
-                    return False
-            i = held[row]
-            results[i] = ((list(prompt_tokens[i]) if echo else []) + new[row],
-                          prompt_logprobs[row] + new_logprobs[row] if logprobs else None)
-            n_new += len(new[row])
-            bar.set_postfix_str(f"{n_new / (time.perf_counter() - started):.1f} tok/s", refresh=False)
-            bar.update(1)
-            return True
-
-        def fill(row):
-            """Prefill waiting prompts into `row` until one does not finish at once; idle if none wait."""
-            while True:
-                i = held[row] = next(waiting, None)
-                if i is None:
-                    return
-                ids = list(prompt_tokens[i])
-                new[row], new_logprobs[row], prompt_logprobs[row] = [], [], []
-                echoed = logprobs and echo  # echoed logprobs score every prompt token: all positions' logits
-                logits = self.model(torch.tensor([ids], device=device), 0, last_only=not echoed, first_row=row)
-                if echoed:  # the first prompt token has nothing before it: 0
-                    prompt_logprobs[row] = [0.0] + chosen_logprobs(logits[0, :-1], torch.tensor(ids[1:], device=device)).tolist()
-                token = sample(logits[:, -1], temperature, top_p, top_k, self.generator)
-                next_position[row] = len(ids) - 1
-                if not take(row, int(token[0]), float(chosen_logprobs(logits[:, -1], token)[0]) if logprobs else None):
-                    return
-
-        for row in range(n_rows):
-            fill(row)
-        while any(i is not None for i in held):
-            # Idle rows ride along at their last position (a batch row costs little); their output is ignored.
-            tokens = torch.tensor(next_input, device=device)[:, None]  # (n_rows, 1)
-            logits = self.model(tokens, torch.tensor(next_position, device=device), last_only=True)[:, -1]  # (n_rows, vocab)
-            chosen = sample(logits, temperature, top_p, top_k, self.generator)
-            lps = chosen_logprobs(logits, chosen).tolist() if logprobs else [None] * n_rows
-            for row, token in enumerate(chosen.tolist()):  # the one host sync a step
-                if held[row] is not None and take(row, token, lps[row]):
-                    fill(row)
+        for out in self._outputs(request_ids):
+            result = results[out.request_id]
+            result["tokens"] += out.token_ids
+            result["text"].append(out.text)
+            if logprobs:
+                result["logprobs"] += out.logprobs
+            n_new += len(out.token_ids)
+            if out.finished:
+                result["finish_reason"] = out.finish_reason
+                bar.set_postfix_str(f"{n_new / (time.perf_counter() - started):.1f} tok/s", refresh=False)
+                bar.update(1)
         bar.close()
-        return [r[0] for r in results], ([r[1] for r in results] if logprobs else None)
+        return [{**results[rid], "text": "".join(results[rid]["text"])} for rid in request_ids]
+
+    @torch.inference_mode()
+    def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None, stop=None, seed=None):
+        """Yield the reply to one prompt as text pieces while it is generated, as a request in the
+        engine's shared batch. No piece holds half a UTF-8 character or text that may still turn out
+        to be a stop string; the pieces join to the whole reply (decode() of what generate returns
+        for this prompt with the same seed). Closing the generator early aborts the request."""
+        self._check_prompts([prompt_tokens], max_gen_len)
+        check_sampling(temperature, top_p, top_k)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop, seed=seed)
+        for out in self._outputs(self._add([prompt_tokens], params)):
+            if out.text:
+                yield out.text
+
+    # --- text in, text out -------------------------------------------------------------------------
 
     def text_completion(self, prompts, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False,
-                        progress=False):
-        """Complete each prompt string: [{"generation": str, "tokens": [int], ("logprobs": [float])}].
-        `progress` shows a bar (prompts done, tokens/s) on stderr."""
+                        stop=None, seed=None, progress=False):
+        """Complete each prompt string: [{"generation": str, "tokens": [int], "finish_reason": str,
+        ("logprobs": [float])}]. `progress` shows a bar (prompts done, tokens/s) on stderr."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
         prompt_tokens = []
@@ -377,11 +351,9 @@ class Llama:
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not text")
             prompt_tokens.append(self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False))
-        tokens, token_logprobs = self._generate_many(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, progress)
-        results = [{"generation": self.tokenizer.decode(t), "tokens": t} for t in tokens]
-        for result, lp in zip(results, token_logprobs or []):
-            result["logprobs"] = lp
-        return results
+        done = self._complete(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, stop, seed, progress)
+        return [_with_logprobs({"generation": r["text"], "tokens": r["tokens"], "finish_reason": r["finish_reason"]}, r)
+                for r in done]
 
     def chat_prompt_tokens(self, dialog) -> list:
         """The tokens of `dialog` rendered with the checkpoint's chat template, ready for the reply."""
@@ -397,13 +369,18 @@ class Llama:
         )
         return tok.encode(text, bos=False, eos=False)  # the template writes any special tokens itself
 
-    def chat_completion(self, dialogs, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False):
-        """The assistant's next message for each dialog: [{"generation": {"role", "content"}}]."""
+    def chat_completion(self, dialogs, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, stop=None,
+                        seed=None):
+        """The assistant's next message for each dialog: [{"generation": {"role", "content"}, "finish_reason"}]."""
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
             raise ValueError("dialogs must be a non-empty list of dialogs")
         prompt_tokens = [self.chat_prompt_tokens(d) for d in dialogs]
-        tokens, token_logprobs = self._generate_many(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs)
-        results = [{"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}} for t in tokens]
-        for result, lp in zip(results, token_logprobs or []):
-            result["logprobs"] = lp
-        return results
+        done = self._complete(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, stop=stop, seed=seed)
+        return [_with_logprobs({"generation": {"role": "assistant", "content": r["text"]}, "finish_reason": r["finish_reason"]}, r)
+                for r in done]
+
+
+def _with_logprobs(result: dict, done: dict) -> dict:
+    if done["logprobs"] is not None:
+        result["logprobs"] = done["logprobs"]
+    return result

@@ -1,7 +1,19 @@
 """The Llama transformer: tokens and their positions in, logits out. No I/O.
 
-Meta's weight names and layout (interleaved RoPE pairs), grouped-query attention, SwiGLU and a
-KV cache preallocated as buffers of a fixed shape, so a decode step never allocates a growing cache.
+Meta's weight names and layout (interleaved RoPE pairs), grouped-query attention, SwiGLU, and a KV
+cache preallocated as one fixed-shape tensor per K and V, addressed by (row, position): a row is one
+sequence's memory, so any mix of sequences, each at its own point, can share a forward call.
+
+Batch invariance (float32, eager): a token's logits do not depend on what else shares its call.
+Three things make that hold on CPU:
+- MKL computes rows in blocks of four and takes other kernels for one to three left-over rows
+  (GEMV for a single row), which round differently: every product gets a multiple of ROW_BLOCK rows.
+- Attention is written out (scores, softmax, weighted sum) instead of calling
+  `scaled_dot_product_attention`, whose kernel blocks its sums by how many keys and queries share
+  the call; written out, keys past a query's position weigh exactly zero.
+- MKL also blocks a long sum by its length, so the weighted sum of values runs KEY_BLOCK keys at a
+  time in a fixed order, over a width padded to whole blocks: more keys only add exact zeros.
+(Found by measuring MKL's AVX-512 kernels; tests/test_engine.py says if another machine's differ.)
 """
 
 from dataclasses import dataclass
@@ -11,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import parallel
+
+ROW_BLOCK = 4  # every matrix product gets a multiple of this many rows (see the module docstring)
+KEY_BLOCK = 128  # attention reads whole blocks of this many keys, and sums their values block by block
 
 
 @dataclass
@@ -29,6 +44,21 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+
+class KVCache:
+    """Keys and values of every layer: (n_layers, rows, n_kv_heads, positions, head_dim) each, with
+    max_seq_len rounded up to whole KEY_BLOCKs of positions.
+
+    A token's K/V is written at (its sequence's row, its position); a query reads its row up to its
+    position. Zero-filled, not empty: attention multiplies masked-out values by zero, and garbage
+    memory could hold NaN."""
+
+    def __init__(self, n_layers, rows, n_kv_heads, max_seq_len, head_dim, dtype, device):
+        shape = (n_layers, rows, n_kv_heads, key_blocks(max_seq_len), head_dim)  # whole key blocks
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows, self.max_seq_len = rows, max_seq_len
 
 
 class RMSNorm(nn.Module):
@@ -52,16 +82,94 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its position's angle.
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its token's position's angle.
 
     This is Meta's (and GGUF's) interleaved convention; Hugging Face checkpoints store Q/K rows
     permuted for a rotate-half layout instead, which a loader must undo.
-    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (bsz or 1, seqlen, 1, head_dim // 2).
+    x: (tokens, n_heads, head_dim); cos, sin: (tokens, 1, head_dim // 2).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, n_heads, head_dim // 2, 2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (tokens, n_heads, head_dim // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)  # (bsz, seqlen, n_heads, head_dim)
+    return rotated.flatten(-2).type_as(x)  # (tokens, n_heads, head_dim)
+
+
+def key_blocks(n: int) -> int:
+    """n keys rounded up to whole KEY_BLOCKs."""
+    return -(-n // KEY_BLOCK) * KEY_BLOCK
+
+
+def attention(q, keys, values, visible):
+    """softmax(q k^T) v over the visible keys; q already scaled by 1/sqrt(head_dim).
+    q: (b, n_kv_heads, rows, head_dim); keys, values: (b, n_kv_heads, width, head_dim), width a
+    multiple of KEY_BLOCK; visible: bool, broadcastable to (b, n_kv_heads, rows, width).
+    Returns (b, n_kv_heads, rows, head_dim)."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # (b, n_kv_heads, rows, width)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(values.dtype)
+    out = None
+    for start in range(0, keys.shape[-2], KEY_BLOCK):  # block by block, always in this order
+        part = torch.matmul(probs[..., start : start + KEY_BLOCK], values[..., start : start + KEY_BLOCK, :])
+        out = part if out is None else out + part
+    return out
+
+
+def whole_blocks(n: int) -> int:
+    """n rounded up to a multiple of ROW_BLOCK."""
+    return -(-n // ROW_BLOCK) * ROW_BLOCK
+
+
+def pad_rows(x: torch.Tensor, value=0) -> torch.Tensor:
+    """x with rows of `value` added along dim -2 up to a multiple of ROW_BLOCK."""
+    return F.pad(x, (0, 0, 0, whole_blocks(x.shape[-2]) - x.shape[-2]), value=value)
+
+
+@dataclass
+class Batch:
+    """Where the tokens of one forward call go, built from its segments on the host (no device reads).
+
+    A segment (row, start, length) is `length` consecutive tokens of the sequence in cache row `row`,
+    at positions start.. . Tokens come segment after segment. Segments of one token (decoding) attend
+    together over the cache rows 0..decode_rows-1; longer ones (prompts) attend one at a time.
+    """
+
+    positions: torch.Tensor  # (tokens,)
+    write_rows: torch.Tensor  # (tokens,): each token's cache row
+    decode_tokens: torch.Tensor  # (d,): which tokens are one-token segments
+    decode_at: torch.Tensor  # (d,): their rows, so row decode_at[i] holds token decode_tokens[i]
+    decode_rows: int  # the decode group spans cache rows 0..decode_rows-1
+    decode_visible: torch.Tensor  # (decode_rows, 1, 1, width): key p is visible to the row's query
+    prompts: list  # (first token, length, row, width, visible (length, width)) per longer segment
+
+    @staticmethod
+    def build(segments, device) -> "Batch":
+        positions, rows, decode_tokens, decode_at, decode_pos, prompts = [], [], [], [], [], []
+        for row, start, length in segments:
+            if length == 1:
+                decode_tokens.append(len(positions))
+                decode_at.append(row)
+                decode_pos.append(start)
+            else:
+                width = key_blocks(start + length)
+                query_pos = torch.arange(start, start + length, device=device)
+                visible = torch.arange(width, device=device)[None, :] <= query_pos[:, None]  # (length, width)
+                prompts.append((len(positions), length, row, width, visible))
+            positions.extend(range(start, start + length))
+            rows.extend([row] * length)
+        decode_rows = max(decode_at, default=-1) + 1
+        width = key_blocks(max(decode_pos, default=0) + 1)
+        row_pos = [0] * decode_rows  # rows outside the group see key 0 only (their output is ignored)
+        for row, pos in zip(decode_at, decode_pos):
+            row_pos[row] = pos
+        visible = torch.arange(width, device=device)[None, :] <= torch.tensor(row_pos, device=device)[:, None]
+        return Batch(
+            positions=torch.tensor(positions, device=device),
+            write_rows=torch.tensor(rows, device=device),
+            decode_tokens=torch.tensor(decode_tokens, device=device, dtype=torch.long),
+            decode_at=torch.tensor(decode_at, device=device, dtype=torch.long),
+            decode_rows=decode_rows,
+            decode_visible=visible[:, None, None, :],
+            prompts=prompts,
+        )
 
 
 class Attention(nn.Module):
@@ -69,45 +177,43 @@ class Attention(nn.Module):
         super().__init__()
         world = parallel.world_size()  # under torchrun each rank holds n_heads / world of the heads
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // world, args.n_kv_heads // world, args.head_dim
+        self.n_rep = self.n_heads // self.n_kv_heads  # query heads per kv head
         self.wq = parallel.column_linear(args.dim, args.n_heads * self.head_dim)
         self.wk = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
         self.wv = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
         self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
 
     def project(self, x, cos, sin):
-        """Queries, keys and values of x (bsz, seqlen, dim), rotated to their positions."""
-        bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        """Queries (scaled by 1/sqrt(head_dim)), keys and values of x (tokens, dim), rotated to their positions."""
+        n = x.shape[0]
+        q = self.wq(x).view(n, self.n_heads, self.head_dim)
+        k = self.wk(x).view(n, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(n, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin) * self.head_dim**-0.5, apply_rope(k, cos, sin), v
 
-    def attend(self, q, k, v, rows, positions, mask):
-        """Store k, v in the cache and attend; (bsz, seqlen, n_heads * head_dim) of this rank, before wo.
-        rows: the cache rows, a slice; positions: (bsz or 1, seqlen) or, when every row writes the
-        same positions, a slice; mask: (bsz or 1, 1, n_rep * seqlen, end) or None (see Transformer)."""
-        bsz, seqlen = q.shape[:2]
-        # The cache is (max_batch_size, n_kv_heads, max_seq_len, head_dim): written in place by
-        # position, read back as every position up to the furthest one written (a view, no copy).
-        cache_k, cache_v = self.cache_k[rows], self.cache_v[rows]
-        if isinstance(positions, slice):
-            cache_k[:, :, positions] = k.transpose(1, 2)
-            cache_v[:, :, positions] = v.transpose(1, 2)
-            end = positions.stop
-        else:  # each row at its own positions: index (bsz, 1) x (bsz, seqlen) -> (bsz, seqlen, n_kv_heads, head_dim)
-            row_index = torch.arange(bsz, device=q.device)[:, None]
-            cache_k[row_index, :, positions] = k
-            cache_v[row_index, :, positions] = v
-            end = mask.shape[-1]
-        keys, values = cache_k[:, :, :end], cache_v[:, :, :end]  # (bsz, n_kv_heads, end, head_dim)
-
+    def attend(self, q, k, v, batch: Batch, cache_k, cache_v):
+        """Store k, v in the cache and attend: (tokens, n_heads * head_dim) of this rank, before wo.
+        q: (tokens, n_heads, head_dim); k, v: (tokens, n_kv_heads, head_dim) (padding tokens past the
+        batch's own are not stored); cache_k, cache_v: (rows, n_kv_heads, positions, head_dim)."""
+        n_real = batch.positions.shape[0]
+        cache_k[batch.write_rows, :, batch.positions] = k[:n_real]  # index (tokens,) x (tokens,): (tokens, n_kv_heads, head_dim)
+        cache_v[batch.write_rows, :, batch.positions] = v[:n_real]
+        out = q.new_zeros(q.shape[0], self.n_kv_heads, self.n_rep, self.head_dim)
         # Grouped-query attention without copying K/V: the n_rep query heads that share a kv head
-        # (query head h reads kv head h // n_rep) become n_rep * seqlen query rows against it.
-        n_rep = self.n_heads // self.n_kv_heads
-        q = q.transpose(1, 2).reshape(bsz, self.n_kv_heads, n_rep * seqlen, self.head_dim)  # rows ordered (rep, pos)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (bsz, n_kv_heads, n_rep * seqlen, head_dim)
-        out = out.view(bsz, self.n_heads, seqlen, self.head_dim).transpose(1, 2)  # (bsz, seqlen, n_heads, head_dim)
-        return out.reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
+        # (query head h reads kv head h // n_rep) are n_rep query rows against it.
+        q = q.view(-1, self.n_kv_heads, self.n_rep, self.head_dim)  # (tokens, n_kv_heads, n_rep, head_dim)
+        if batch.decode_rows:
+            rows, width = batch.decode_rows, batch.decode_visible.shape[-1]
+            q_rows = q.new_zeros(rows, self.n_kv_heads, whole_blocks(self.n_rep), self.head_dim)
+            q_rows[batch.decode_at, :, : self.n_rep] = q[batch.decode_tokens]
+            attended = attention(q_rows, cache_k[:rows, :, :width], cache_v[:rows, :, :width], batch.decode_visible)
+            out[batch.decode_tokens] = attended[batch.decode_at, :, : self.n_rep]
+        for first, length, row, width, visible in batch.prompts:
+            seg = q[first : first + length].permute(1, 0, 2, 3).reshape(1, self.n_kv_heads, length * self.n_rep, self.head_dim)  # rows (pos, rep)
+            attended = attention(pad_rows(seg), cache_k[row : row + 1, :, :width], cache_v[row : row + 1, :, :width],
+                                 pad_rows(visible.repeat_interleave(self.n_rep, dim=0), value=True))
+            out[first : first + length] = attended[0, :, : length * self.n_rep].view(self.n_kv_heads, length, self.n_rep, self.head_dim).transpose(0, 1)
+        return out.flatten(1)  # (tokens, n_heads * head_dim)
 
 
 class FeedForward(nn.Module):
@@ -131,7 +237,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-        self.compiled = None  # (project, finish) compiled for one-position steps; see Transformer.compile_decode
+        self.compiled = None  # (project, finish) compiled for decode-only calls; see Transformer.compile_decode
 
     def project(self, x, cos, sin):
         return self.attention.project(self.attention_norm(x), cos, sin)
@@ -140,11 +246,11 @@ class TransformerBlock(nn.Module):
         h = x + self.attention.wo(attended)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, x, rows, positions, cos, sin, mask):
-        # The cache update and attention stay eager: their shapes grow with the sequence.
-        project, finish = self.compiled if self.compiled and x.shape[1] == 1 else (self.project, self.finish)
+    def forward(self, x, cos, sin, batch, cache_k, cache_v, compiled=False):
+        # The cache update and attention stay eager: their shapes change with every call.
+        project, finish = self.compiled if compiled else (self.project, self.finish)
         q, k, v = project(x, cos, sin)
-        return finish(x, self.attention.attend(q, k, v, rows, positions, mask))
+        return finish(x, self.attention.attend(q, k, v, batch, cache_k, cache_v))
 
 
 class Transformer(nn.Module):
@@ -167,7 +273,7 @@ class Transformer(nn.Module):
         """(Re)allocate the KV cache and RoPE tables on the weights' device, in their dtype.
 
         Called by __init__, and again after weights built on the meta device were loaded with
-        `assign=True`, since buffers made on the meta device hold no memory.
+        `assign=True`, since tensors made on the meta device hold no memory.
         """
         p = self.params
         weight = self.norm.weight  # in the activations' dtype, even when the matrices are int8
@@ -175,60 +281,61 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device="cpu")
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
-        shape = (p.max_batch_size, p.n_kv_heads // parallel.world_size(), p.max_seq_len, p.head_dim)
-        for layer in self.layers:
-            for name in ("cache_k", "cache_v"):
-                cache = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-                layer.attention.register_buffer(name, cache, persistent=False)
+        self.cache = KVCache(p.n_layers, p.max_batch_size, p.n_kv_heads // parallel.world_size(), p.max_seq_len,
+                             p.head_dim, weight.dtype, weight.device)
 
-    def forward(self, tokens: torch.Tensor, start_pos, last_only: bool = False, first_row: int = 0) -> torch.Tensor:
-        """Logits (float32, (bsz, seqlen, vocab_size)) for `tokens` at positions start_pos onward.
-
-        Writes K/V for those positions into cache rows first_row..first_row+bsz-1. `start_pos` is an
-        int, or a LongTensor (bsz,) giving each row its own start (continuous batching: rows at
-        different points of different sequences decode together). `last_only` computes the output
-        projection for the last position alone (bsz, 1, vocab_size): a long prompt's full logits
-        would cost seqlen x vocab floats that generation never reads.
-        """
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32, (bsz, seqlen, vocab_size)) for `tokens` (bsz, seqlen) at positions start_pos..;
+        writes their K/V into cache rows 0..bsz-1. `last_only` computes the output projection for the
+        last position alone ((bsz, 1, vocab_size)): a long prompt's full logits would cost seqlen x
+        vocab floats that generation never reads."""
         bsz, seqlen = tokens.shape
-        p = self.params
-        per_row = isinstance(start_pos, torch.Tensor)
-        furthest = int(start_pos.max()) if per_row else start_pos  # a host sync only for per-row positions
-        if first_row + bsz > p.max_batch_size or furthest + seqlen > p.max_seq_len or first_row < 0:
-            raise ValueError(
-                f"{bsz} rows from row {first_row} at positions up to {furthest + seqlen - 1} do not fit the KV "
-                f"cache ({p.max_batch_size} rows x {p.max_seq_len} positions); "
-                "build with a larger max_batch_size or max_seq_len"
-            )
-        end = furthest + seqlen
-        offsets = torch.arange(seqlen, device=tokens.device)
-        query_pos = (start_pos[:, None] if per_row else torch.tensor([[start_pos]], device=tokens.device)) + offsets  # (bsz or 1, seqlen)
-        cos = self.rope_cos[query_pos][:, :, None]  # (bsz or 1, seqlen, 1, head_dim // 2)
-        sin = self.rope_sin[query_pos][:, :, None]
-        mask = None
-        if per_row or seqlen > 1:
-            # Query at position q sees keys 0..q; rows of the attention's queries come as (rep, pos).
-            n_rep = p.n_heads // p.n_kv_heads
-            key_pos = torch.arange(end, device=tokens.device)
-            mask = key_pos <= query_pos[..., None]  # (bsz or 1, seqlen, end)
-            mask = mask[:, None].repeat(1, 1, n_rep, 1)  # (bsz or 1, 1, n_rep * seqlen, end)
-        positions = query_pos if per_row else slice(start_pos, end)
-        rows = slice(first_row, first_row + bsz)
-        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        for layer in self.layers:
-            h = layer(h, rows, positions, cos, sin, mask)
+        segments = [(row, start_pos, seqlen) for row in range(bsz)]
+        logits_at = torch.arange(bsz * seqlen, device=tokens.device).view(bsz, seqlen)  # (bsz, seqlen)
         if last_only:
-            h = h[:, -1:]
-        return (self.compiled_head if self.compiled_head and seqlen == 1 else self.head)(h)
+            logits_at = logits_at[:, -1:]
+        logits = self.forward_segments(tokens.reshape(-1), segments, logits_at.reshape(-1))
+        return logits.view(bsz, -1, logits.shape[-1])  # (bsz, seqlen or 1, vocab_size)
+
+    def forward_segments(self, tokens: torch.Tensor, segments, logits_at: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, (len(logits_at), vocab_size)) at the chosen tokens of a flat batch.
+
+        tokens: (n,), laid out as `segments`: (cache row, start position, length) each, in order,
+        lengths summing to n (see Batch). Writes every token's K/V at its row and position.
+        logits_at: indices into tokens, the only positions whose logits are computed.
+        """
+        p = self.params
+        for row, start, length in segments:
+            if not (0 <= row < p.max_batch_size and 0 <= start and length >= 1 and start + length <= p.max_seq_len):
+                raise ValueError(
+                    f"{length} token(s) at positions {start}.. of row {row} do not fit the KV cache "
+                    f"({p.max_batch_size} rows x {p.max_seq_len} positions); build with a larger max_batch_size or max_seq_len"
+                )
+        batch = Batch.build(segments, tokens.device)
+        compiled = self.compiled_head is not None and not batch.prompts
+        # Compiled code is specialised to its shapes: pad decode batches to a power of two, so few are compiled.
+        n = len(tokens)
+        rows = 1 << (n - 1).bit_length() if compiled else whole_blocks(n)
+        tokens = F.pad(tokens, (0, rows - n))  # padding tokens: id 0 at position 0, in no segment
+        positions = F.pad(batch.positions, (0, rows - n))
+        cos = self.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
+        sin = self.rope_sin[positions][:, None]
+        h = self.tok_embeddings(tokens)  # (tokens, dim)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, batch, self.cache.k[i], self.cache.v[i], compiled)
+        n_out = len(logits_at)
+        out_rows = 1 << (n_out - 1).bit_length() if compiled else whole_blocks(n_out)
+        h = h[F.pad(logits_at, (0, out_rows - n_out))]  # (out_rows, dim)
+        return (self.compiled_head if compiled else self.head)(h)[:n_out]
 
     def head(self, h):
         return self.output(self.norm(h)).float()
 
     def compile_decode(self):
-        """Compile the one-position step (decoding) around attention: per layer, norm + q/k/v + RoPE,
-        and wo + residual + feed-forward; then the output head. Fuses the small ops and turns each
-        one-row matrix product into a single pass over its weights (kernels.py). Compiled once for
-        all layers (they share code and shapes), again for each new batch size."""
+        """Compile the steps that only decode (one token per sequence) around attention: per layer,
+        norm + q/k/v + RoPE, and wo + residual + feed-forward; then the output head. Fuses the small
+        ops and turns each one-row matrix product into a single pass over its weights (kernels.py).
+        Compiled once for all layers (they share code and shapes), again for each new batch size."""
         for layer in self.layers:
             layer.compiled = (torch.compile(layer.project, dynamic=False), torch.compile(layer.finish, dynamic=False))
         self.compiled_head = torch.compile(self.head, dynamic=False)

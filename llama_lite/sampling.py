@@ -1,16 +1,85 @@
-"""Pure functions from next-token logits to token ids."""
+"""How the next token is picked: the settings (`SamplingParams`) and pure functions from logits to ids.
+
+`generate` (Meta's loop, one setting for the whole batch) and the engine (settings per request) both
+sample with `sample` and score with `chosen_logprobs` / `top_logprobs`, so there is one copy of each.
+"""
+
+import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def check_sampling(temperature, top_p, top_k) -> None:
     """Raise ValueError for sampling settings that mean nothing, before any work is done."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if not _is_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a whole number >= 1, or None for no limit; got {top_k!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's settings, checked when made (a bad value is a ValueError naming the field).
+
+    temperature 0 is greedy; top_k then top_p cut the candidates; max_tokens None runs to the KV
+    cache's end; stop: strings that end the text before them (a str or a list of them); seed: the
+    request samples from its own generator, so its tokens depend on nothing else in the batch;
+    logprobs: the log-probability of each token (temperature-free model distribution), and
+    top_logprobs the likeliest 0-20 alternatives too; echo: the prompt comes first in the output;
+    presence_penalty / frequency_penalty (OpenAI's, -2..2): logits of tokens already generated are
+    lowered by the first once and by the second per time they occurred.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: "int | None" = None
+    max_tokens: "int | None" = None
+    stop: tuple = ()
+    seed: "int | None" = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self):
+        def field(name, ok, allowed):
+            if not ok(getattr(self, name)):
+                raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        def whole(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        field("temperature", lambda x: _is_number(x) and x >= 0, "a finite number >= 0 (0 is greedy)")
+        field("top_p", lambda x: _is_number(x) and 0 < x <= 1, "in (0, 1] (1 keeps every token)")
+        field("top_k", lambda x: x is None or whole(x) and x >= 1, "a whole number >= 1, or None for no limit")
+        field("max_tokens", lambda x: x is None or whole(x) and x >= 1, "a whole number >= 1, or None to fill the context")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if stop is None:
+            stop = ()
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"SamplingParams.stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        field("seed", lambda x: x is None or whole(x) and -(2**63) <= x < 2**64, "a whole number (64-bit) or None")
+        field("logprobs", lambda x: isinstance(x, bool), "True or False")
+        field("top_logprobs", lambda x: whole(x) and 0 <= x <= 20, "a whole number in 0..20")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("SamplingParams.top_logprobs needs logprobs=True")
+        field("echo", lambda x: isinstance(x, bool), "True or False")
+        for name in ("presence_penalty", "frequency_penalty"):
+            field(name, lambda x: _is_number(x) and -2 <= x <= 2, "a number in [-2, 2] (0 is off)")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 # Top-p first looks among this many likeliest tokens: finding them with topk costs ~0.6 ms for 8 rows of
@@ -29,12 +98,31 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k=None, g
     k = vocab if top_k is None else min(top_k, vocab)
     if top_p >= 1 and k == vocab:
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-    probs_sorted, order = torch.topk(probs, min(k, TOP_P_CANDIDATES) if top_p < 1 else k, dim=-1)  # likeliest first
+    # On a CPU, rank only the likeliest candidates first, and all k only when their mass falls short
+    # (a flat distribution). Elsewhere sorting is cheap, and that check would be a host sync.
+    few = top_p < 1 and probs.device.type == "cpu"
+    probs_sorted, order = torch.topk(probs, min(k, TOP_P_CANDIDATES) if few else k, dim=-1)  # likeliest first
     if probs_sorted.shape[-1] < k and not bool((probs_sorted.sum(-1) >= top_p).all()):
-        # A flat distribution whose nucleus lies beyond the candidates: rank all k after all.
         probs_sorted, order = torch.topk(probs, k, dim=-1)
     if top_p < 1:
         mass_before = torch.cumsum(probs_sorted, dim=-1) - probs_sorted
         probs_sorted = probs_sorted.masked_fill(mass_before >= top_p, 0.0)
     choice = torch.multinomial(probs_sorted, num_samples=1, generator=generator)  # renormalises itself
     return torch.gather(order, -1, choice).squeeze(-1)
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: logits - frequency * count - presence * (count > 0), per token generated so far.
+    logits, counts: (vocab,) or broadcastable."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def chosen_logprobs(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at the chosen ids: (..., vocab), (...) -> (...)."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, chosen[..., None]).squeeze(-1)
+
+
+def top_logprobs(logits: torch.Tensor, n: int):
+    """The n likeliest ids and their log-probabilities: (..., vocab) -> two (..., n)."""
+    values, ids = torch.topk(F.log_softmax(logits.float(), dim=-1), n, dim=-1)
+    return ids, values

@@ -74,8 +74,21 @@ class LlamaLite:
         return tokens
 
     def many(self, prompts, n_new):
-        tokens, _ = self.llm._generate_many(prompts, n_new, 0, 1.0, None, False)
-        return tokens
+        """Every prompt as a request on the engine (continuous batching); seconds of steps that fed
+        prompt tokens and of steps that only decoded are kept in self.split."""
+        from llama_lite import SamplingParams
+
+        engine = self.llm.engine
+        params = SamplingParams(temperature=0, max_tokens=n_new)
+        tokens = {engine.add(p, params): [] for p in prompts}
+        self.split = {"prefill_steps_s": 0.0, "decode_steps_s": 0.0}
+        while engine.has_unfinished():
+            feeds_prompts = bool(engine.waiting) or any(not r.decoding for r in engine.running)
+            started = time.perf_counter()
+            for out in engine.step():
+                tokens[out.request_id] += out.token_ids
+            self.split["prefill_steps_s" if feeds_prompts else "decode_steps_s"] += time.perf_counter() - started
+        return list(tokens.values())
 
 
 class Transformers:
@@ -171,9 +184,10 @@ def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_
         out = runner.many(prompts, 64)
         seconds = time.perf_counter() - started
         assert len(out) == n_prompts and all(len(row) == 64 for row in out)
+        split = {k: round(v, 1) for k, v in getattr(runner, "split", {}).items()}
         emit("mixed", seconds=round(seconds, 1), prompts=n_prompts, prompt_tokens=sum(map(len, prompts)),
              tok_s=round(64 * n_prompts / seconds, 1), batch=getattr(runner, "batch", max_batch_size),
-             peak_rss_mb=round(peak_rss_mb()))
+             peak_rss_mb=round(peak_rss_mb()), **split)
 
 
 # --- the parent: run each system, print the table --------------------------------------------------

@@ -1,5 +1,6 @@
 """Generation: greedy tokens against transformers, batches against each prompt alone, truncation
-and early stop on a scripted model, logprobs against a full forward pass, streaming, chat."""
+and early stop on a scripted model, logprobs against a full forward pass, streaming, chat. The engine
+itself (scheduling, stop strings, batch invariance) is tests/test_engine.py."""
 
 import pytest
 import torch
@@ -245,26 +246,6 @@ def test_bad_arguments_are_clear(llm):
             call()
 
 
-class PieceTokenizer(Tokenizer):
-    """Each id decodes to one fixed string; id 1 is a stop token whose text is "<END>"."""
-
-    PIECES = ["<pad>", "<END>", "<", "E", "N", "D", ">", "a", " b"]
-    bos_id, eos_id, pad_id, n_words, stop_ids, add_bos, chat_template = None, STOP, PAD, 9, frozenset({STOP}), False, None
-
-    def _decode(self, ids):
-        return "".join(self.PIECES[i] for i in ids)
-
-
-def test_stream_holds_back_what_could_start_a_stop_token():
-    follow = [[7, 2, 3, 7, 2, 3, 4, 5, 6, 8, STOP]]  # "a" then "<", "E", "a", "<END>" spelled out, " b"
-    model = ScriptedModel(follow)
-    llm = Llama(model, PieceTokenizer(), torch.Generator())
-    pieces = list(llm.stream([7], 20, temperature=0))
-    assert pieces == ["<Ea", "<END>", " b"]  # "<" and "<E" waited until "a" ruled the stop token out
-    tokens, _ = llm.generate([[7]], 20, temperature=0)
-    assert "".join(pieces) == llm.tokenizer.decode(tokens[0])
-
-
 def test_stream_keeps_sentencepiece_spaces(tmp_path):
     """Decoding one SentencePiece token at a time loses the spaces its pieces carry ("▁the");
     the stream must not."""
@@ -279,46 +260,3 @@ def test_stream_keeps_sentencepiece_spaces(tmp_path):
         text = llm.tokenizer.decode(tokens[0])
         assert "".join(pieces) == text
         assert text.count(" ") > 5  # the random model's pieces do carry spaces
-
-
-# --- continuous batching, on a scripted model ------------------------------------------------------
-
-class RowScriptedModel(ScriptedModel):
-    """A model whose cache rows remember which prompt they hold: a prefill (start_pos 0) of a prompt
-    starting with token k puts script k in that row; each later step emits the script's next token
-    (STOP past its end). Records the shape of every call."""
-
-    def __init__(self, scripts, max_batch_size):
-        super().__init__([], vocab=32)
-        self.params.max_batch_size = max_batch_size
-        self.scripts, self.row_script, self.row_step, self.log = scripts, {}, {}, []
-
-    def forward(self, tokens, start_pos, last_only=False, first_row=0):
-        bsz, seqlen = tokens.shape
-        prefill = not isinstance(start_pos, torch.Tensor)
-        self.log.append("prefill" if prefill else "decode")
-        logits = torch.zeros(bsz, 1, self.params.vocab_size)
-        for b in range(bsz):
-            row = first_row + b
-            if prefill:
-                self.row_script[row], self.row_step[row] = self.scripts[int(tokens[b, 0])], 0
-            script, step = self.row_script[row], self.row_step[row]
-            logits[b, 0, script[step] if step < len(script) else STOP] = 10.0
-            self.row_step[row] += 1
-        return logits
-
-
-def test_a_finished_row_takes_the_next_prompt_at_once():
-    # Two rows; prompt 0 (script 20) runs 10 tokens while prompts 1-4 (scripts 21-24) run 2 each.
-    scripts = {20: [9] * 10, 21: [5, 6], 22: [7, 8], 23: [5, 5], 24: [6, 6]}
-    model = RowScriptedModel(scripts, max_batch_size=2)
-    llm = Llama(model, ToyTokenizer(), torch.Generator())
-    prompts = [[20, 3], [21], [22, 3, 3], [23], [24, 4]]
-    tokens, _ = llm._generate_many(prompts, max_gen_len=16, temperature=0, top_p=1.0, top_k=None, logprobs=False)
-    assert tokens == [[9] * 10, [5, 6], [7, 8], [5, 5], [6, 6]]
-    # Row 1 serves prompts 1-4 one after another while row 0 is still on prompt 0: 10 decode steps
-    # in all (each reply's first token comes from its prefill; each reply then needs one step per
-    # further token plus the step that yields STOP); fixed batches of two would take 10 + 2 + 2 = 14.
-    assert model.log.count("prefill") == 5
-    assert model.log.count("decode") == 10
-    assert model.log[:3] == ["prefill", "prefill", "decode"]

@@ -109,24 +109,24 @@ def test_gqa_grouping_matches_repeated_heads():
 
 @torch.inference_mode()
 @pytest.mark.parametrize("seqlen", [1, 3])
-def test_rows_at_their_own_positions_match_each_row_alone(seqlen):
-    """Continuous batching: rows prefilled separately (first_row) then run together, each from its
-    own start position, give each row's logits from a forward of that row alone."""
-    model = tiny_model()
+def test_sequences_in_any_rows_at_their_own_positions_equal_each_alone(seqlen):
+    """forward_segments (the engine's call): sequences prefilled into scattered cache rows, then fed
+    together each at its own position, give bit for bit what each gets alone through forward()."""
+    model = tiny_model(max_batch_size=6)
     tokens = torch.randint(0, 101, (3, 20))
-    starts = [4, 11, 7]
-    for row, start in enumerate(starts):
-        model(tokens[row : row + 1, :start], 0, first_row=row)
-    step = torch.stack([tokens[row, start : start + seqlen] for row, start in enumerate(starts)])  # (3, seqlen)
-    together = model(step, torch.tensor(starts))
-    for row, start in enumerate(starts):
-        alone = model(tokens[row : row + 1, : start + seqlen], 0)[0, start:]
-        assert (together[row] - alone).abs().max().item() < 1e-5
+    rows, starts = [4, 0, 2], [4, 11, 7]
+    for row, start, seq in zip(rows, starts, tokens):
+        model.forward_segments(seq[:start], [(row, 0, start)], torch.tensor([start - 1]))
+    step = torch.cat([seq[start : start + seqlen] for seq, start in zip(tokens, starts)])  # (3 * seqlen,)
+    together = model.forward_segments(step, [(r, s, seqlen) for r, s in zip(rows, starts)], torch.arange(3 * seqlen))
+    for i, (start, seq) in enumerate(zip(starts, tokens)):
+        alone = model(seq[None, : start + seqlen], 0)[0, start:]  # (seqlen, vocab)
+        assert torch.equal(together[i * seqlen : (i + 1) * seqlen], alone)
 
 
 def test_rows_past_the_cache_are_a_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="do not fit the KV cache"):
-        model(torch.zeros(2, 1, dtype=torch.long), 0, first_row=2)
+        model.forward_segments(torch.zeros(2, dtype=torch.long), [(3, 0, 1), (0, 0, 1)], torch.arange(2))
     with pytest.raises(ValueError, match="do not fit the KV cache"):
-        model(torch.zeros(2, 1, dtype=torch.long), torch.tensor([3, 32]))
+        model.forward_segments(torch.zeros(2, dtype=torch.long), [(0, 3, 1), (1, 32, 1)], torch.arange(2))

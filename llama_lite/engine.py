@@ -1,0 +1,239 @@
+"""The engine: requests join and leave a running batch; each step is one forward call over all of them.
+
+`add` queues a request; `step` admits waiting requests first come, first served into free KV-cache
+rows, feeds every decoding request its last token and as many prompt tokens as the step's token
+budget leaves (a long prompt is prefilled in chunks over several steps, so running requests keep
+decoding meanwhile), samples each request's next token with its own settings, and reports what
+changed; `abort` ends a request and frees its row for the next step. Everything else
+(`text_completion`, `chat_completion`, `stream`, the scripts, the server) drives this loop.
+
+Batch invariance: in float32 (eager) a request's logits are bit for bit those it gets alone
+(model.py says how), and a request with a seed samples from its own generator, so its tokens never
+depend on what else runs, when it arrived, or which row it holds.
+"""
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .detokenizer import Detokenizer
+from .sampling import SamplingParams, chosen_logprobs, penalize, sample, top_logprobs
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request: its new ids and text (the prompt's first, with echo)."""
+
+    request_id: int
+    token_ids: list
+    text: str
+    finished: bool
+    finish_reason: "str | None" = None  # "stop" (a stop id or string), "length" (max_tokens), "abort"
+    logprobs: "list | None" = None  # per id of token_ids, when asked (the first prompt id: 0.0)
+    top_logprobs: "list | None" = None  # per id: [(id, logprob), ...] likeliest first, when asked
+
+
+class Request:
+    """One request's state from `add` to its last output."""
+
+    def __init__(self, request_id: int, prompt: list, params: SamplingParams, max_tokens: int, tokenizer, vocab_size, device):
+        self.id, self.prompt, self.params, self.max_tokens = request_id, prompt, params, max_tokens
+        self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
+        self.output_ids = []
+        self.row = None  # its KV-cache row once admitted
+        self.n_cached = 0  # how many of its tokens have their K/V in the cache
+        self.detokenizer = Detokenizer(tokenizer, params.stop, prompt if params.echo else ())
+        # (vocab,): how often each id was generated, for the penalties
+        self.counts = torch.zeros(vocab_size, device=device) if params.penalized else None
+        # With echo and logprobs the prompt's own scores go out with the first new token (the first has none).
+        self.prompt_logprobs = [0.0] if params.echo and params.logprobs else None
+        self.prompt_top_logprobs = [[]] if params.echo and params.top_logprobs else None
+
+    @property
+    def decoding(self) -> bool:
+        return self.n_cached >= len(self.prompt)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, generator: torch.Generator, max_step_tokens: int = 512):
+        """`generator` serves requests without a seed. `max_step_tokens`: the tokens one forward call
+        may feed (decoding rows first, then prompt chunks); it bounds how long a step takes."""
+        if isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int) or max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be a whole number >= 1, got {max_step_tokens!r}")
+        self.model, self.tokenizer, self.generator = model, tokenizer, generator
+        self.max_step_tokens = max_step_tokens
+        self.device = next(model.parameters()).device
+        self.free_rows = list(range(model.params.max_batch_size))  # a heap: the lowest row first keeps busy rows together
+        self.requests = {}  # request id -> Request, until its last output
+        self.waiting = deque()  # not yet admitted, oldest first
+        self.running = []  # admitted (holding a row), oldest first
+        self.aborted = []  # outputs of requests aborted since the last step
+        self._ids = itertools.count()
+
+    # --- requests in and out ------------------------------------------------------------------------
+
+    def add(self, prompt_ids, params: "SamplingParams | None" = None) -> int:
+        """Queue a request; its id. Raises ValueError for an empty or too long prompt, ids outside the
+        vocabulary, or max_tokens beyond the KV cache's end."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        p = self.model.params
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+            raise ValueError("a prompt must be a non-empty list of token ids")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < p.vocab_size for t in prompt_ids):
+            raise ValueError(f"the prompt holds a token id outside [0, {p.vocab_size})")
+        room = p.max_seq_len - len(prompt_ids)
+        if room < 1 or (params.max_tokens or 0) > room:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; with max_tokens {params.max_tokens} it does not fit "
+                f"max_seq_len {p.max_seq_len}; shorten it, lower max_tokens or build with a larger max_seq_len"
+            )
+        request_id = next(self._ids)
+        request = Request(request_id, list(prompt_ids), params, params.max_tokens or room, self.tokenizer, p.vocab_size,
+                          self.device)
+        self.requests[request_id] = request
+        self.waiting.append(request)
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        """End a request (finish reason "abort", reported by the next step); its row is free at once.
+        A request that has already finished is left alone."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        if request.row is None:
+            self.waiting.remove(request)
+        self.aborted.append(self._finish(request, "abort", [], ""))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # --- one step ------------------------------------------------------------------------------------
+
+    def _schedule(self):
+        """(request, ids to feed) for this step: every decoding request's last token, then prompt
+        chunks of admitted requests, then newly admitted ones, while the token budget lasts."""
+        budget = self.max_step_tokens
+        work = [(r, r.output_ids[-1:]) for r in self.running if r.decoding]
+        budget -= len(work)
+        for request in self.running:
+            if not request.decoding and budget > 0:
+                chunk = request.prompt[request.n_cached : request.n_cached + budget]
+                work.append((request, chunk))
+                budget -= len(chunk)
+        while self.waiting and self.free_rows and budget > 0:
+            request = self.waiting.popleft()
+            request.row = heapq.heappop(self.free_rows)
+            self.running.append(request)
+            work.append((request, request.prompt[:budget]))
+            budget -= len(work[-1][1])
+        return work
+
+    @torch.inference_mode()
+    def step(self) -> list:
+        """Run one step; a RequestOutput for each request that got a token, finished or was aborted."""
+        outputs, self.aborted = self.aborted, []
+        work = self._schedule()
+        if not work:
+            return outputs
+        tokens, segments, logits_at, samplers, scored = [], [], [], [], []
+        for request, ids in work:
+            first, end = len(tokens), request.n_cached + len(ids)  # end: its cached tokens after this step
+            tokens += ids
+            segments.append((request.row, request.n_cached, len(ids)))
+            if request.prompt_logprobs is not None and not request.decoding:  # echo: score the prompt's own tokens
+                scored.append((request, len(logits_at), request.prompt[request.n_cached + 1 : end + 1]))
+                logits_at += range(first, first + len(ids))
+                if end >= len(request.prompt):
+                    samplers.append((request, len(logits_at) - 1))
+            elif end >= len(request.prompt):  # its next token is due
+                logits_at.append(first + len(ids) - 1)
+                samplers.append((request, len(logits_at) - 1))
+        device = self.device
+        logits = self.model.forward_segments(torch.tensor(tokens, device=device), segments, torch.tensor(logits_at, device=device))
+        for request, at, targets in scored:
+            self._score_prompt(request, logits[at : at + len(targets)], targets)
+        for request, ids in work:
+            request.n_cached += len(ids)
+        if samplers:
+            requests = [r for r, _ in samplers]
+            next_logits = logits[torch.tensor([at for _, at in samplers], device=device)]  # (n, vocab)
+            chosen = self._sample(requests, next_logits)
+            lps, tops = self._logprobs(requests, next_logits, chosen)
+            for request, token, lp, top in zip(requests, chosen.tolist(), lps, tops):  # the one host sync a step
+                outputs.append(self._advance(request, token, lp, top))
+        return outputs
+
+    def _sample(self, requests, logits):
+        """Each request's next id from its row of logits (n, vocab), with its own settings and generator."""
+        if all(r.params.temperature == 0 and not r.params.penalized for r in requests):
+            return logits.argmax(dim=-1)
+        chosen = []
+        for request, row in zip(requests, logits.split(1)):
+            p = request.params
+            if p.penalized:
+                row = penalize(row, request.counts, p.presence_penalty, p.frequency_penalty)
+            chosen.append(sample(row, p.temperature, p.top_p, p.top_k, request.generator or self.generator))
+        return torch.cat(chosen)
+
+    def _logprobs(self, requests, logits, chosen):
+        """Per request: the chosen id's log-probability and its top alternatives, if asked (else None)."""
+        lps, tops = [None] * len(requests), [None] * len(requests)
+        asked = [i for i, r in enumerate(requests) if r.params.logprobs]
+        if asked:
+            index = torch.tensor(asked, device=logits.device)
+            for i, lp in zip(asked, chosen_logprobs(logits[index], chosen[index]).tolist()):
+                lps[i] = lp
+            for i in asked:
+                if requests[i].params.top_logprobs:
+                    ids, values = top_logprobs(logits[i], requests[i].params.top_logprobs)
+                    tops[i] = list(zip(ids.tolist(), values.tolist()))
+        return lps, tops
+
+    def _score_prompt(self, request, logits, targets):
+        """Echoed prompt logprobs: the logits at position p score the prompt token at p + 1."""
+        if not targets:
+            return
+        targets_t = torch.tensor(targets, device=logits.device)
+        request.prompt_logprobs += chosen_logprobs(logits, targets_t).tolist()
+        if request.prompt_top_logprobs is not None:
+            ids, values = top_logprobs(logits, request.params.top_logprobs)
+            request.prompt_top_logprobs += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+    def _advance(self, request, token: int, logprob, top) -> RequestOutput:
+        """Record a request's new token; finish it on a stop id, a stop string or max_tokens."""
+        ids, lps, tops = [], [], []
+        if request.params.echo and not request.output_ids:
+            ids = list(request.prompt)
+            lps, tops = request.prompt_logprobs or [], request.prompt_top_logprobs or []
+        if token in self.tokenizer.stop_ids:
+            return self._finish(request, "stop", ids, "", lps, tops)
+        request.output_ids.append(token)
+        ids, lps, tops = ids + [token], lps + [logprob], tops + [top]
+        if request.counts is not None:
+            request.counts[token] += 1
+        text = request.detokenizer.add([token])
+        if request.detokenizer.stopped:
+            return self._finish(request, "stop", ids, text, lps, tops)
+        if len(request.output_ids) >= request.max_tokens:
+            return self._finish(request, "length", ids, text, lps, tops)
+        return RequestOutput(request.id, ids, text, False, None, *self._asked(request, lps, tops))
+
+    def _finish(self, request, reason, ids, text, lps=(), tops=()) -> RequestOutput:
+        """Take a request out (its row back to the free rows); its last output."""
+        del self.requests[request.id]
+        if request.row is not None:
+            self.running.remove(request)
+            heapq.heappush(self.free_rows, request.row)
+            request.row = None
+        text += request.detokenizer.finish()
+        return RequestOutput(request.id, ids, text, True, reason, *self._asked(request, list(lps), list(tops)))
+
+    @staticmethod
+    def _asked(request, lps, tops):
+        p = request.params
+        return (lps if p.logprobs else None), (tops if p.top_logprobs else None)
