@@ -104,8 +104,12 @@ def attention(q, keys, values, visible):
     q: (b, n_kv_heads, rows, head_dim); keys, values: (b, n_kv_heads, width, head_dim), width a
     multiple of KEY_BLOCK; visible: bool, broadcastable to (b, n_kv_heads, rows, width).
     Returns (b, n_kv_heads, rows, head_dim)."""
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # (b, n_kv_heads, rows, width)
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(values.dtype)
+    if q.dtype != torch.float32:
+        # Half precision promises no bit-for-bit batch invariance, and there the fused kernel is
+        # faster (it reads the cache views as they are; oneDNN's bmm copies each block of values).
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=1.0)
+    scores = torch.matmul(q, keys.transpose(-1, -2))  # (b, n_kv_heads, rows, width)
+    probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
     out = None
     for start in range(0, keys.shape[-2], KEY_BLOCK):  # block by block, always in this order
         part = torch.matmul(probs[..., start : start + KEY_BLOCK], values[..., start : start + KEY_BLOCK, :])
