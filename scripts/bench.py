@@ -234,7 +234,7 @@ def table(rows, bandwidth_gbs):
 
 
 def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=",".join(CASES), n_prompts=256,
-         new_tokens=128, mixed_batch_size=32, bandwidth_gbs=20.0, worker_for=None, max_batch_size=1):
+         new_tokens=128, mixed_batch_size=64, bandwidth_gbs=20.0, worker_for=None, max_batch_size=1):
     """Benchmark SYSTEMS (comma-separated; see ALL_SYSTEMS) and print a JSON line per case and a table.
 
     Each system runs twice, each time in a fresh process: load and batch-1 decode with a one-row

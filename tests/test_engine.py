@@ -201,6 +201,12 @@ def test_bad_requests_are_refused_when_made(llm):
     with pytest.raises(ValueError, match="SamplingParams"):
         engine.add([1], {"temperature": 0})
     assert not engine.has_unfinished()
+    rid = engine.add([1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="engine's unfinished requests hold"):
+        llm.generate([[1, 2]], 2)
+    engine.abort(rid)
+    engine.step()
+    assert not engine.has_unfinished() and llm.generate([[1, 2]], 2, temperature=0)[0]
 
 
 @pytest.mark.parametrize("field, value, message", [
