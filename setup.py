@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llama_lite", "llama_lite.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
         "sentencepiece",
@@ -20,12 +20,16 @@ setup(
         "jinja2>=3.1",
         "tqdm",
         "numpy",
+        "fastapi>=0.135",  # the server: routing, and server-sent events of its own (fastapi.sse)
+        "uvicorn>=0.30",
+        "prometheus-client",
     ],
     entry_points={
         "console_scripts": [
             "llama-lite-chat=llama_lite.cli:chat_main",
             "llama-lite-complete=llama_lite.cli:complete_main",
+            "llama-lite-serve=llama_lite.cli:serve_main",
         ]
     },
-    extras_require={"test": ["pytest", "transformers>=4.46", "accelerate", "hypothesis"]},
+    extras_require={"test": ["pytest", "transformers>=4.46", "accelerate", "hypothesis", "openai", "httpx"]},
 )

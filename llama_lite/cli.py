@@ -1,7 +1,8 @@
-"""The command-line programs: `chat` and `complete`, run by fire with users' exit codes.
+"""The command-line programs: `chat`, `complete` and `serve`, run by fire with users' exit codes.
 
-scripts/chat.py and scripts/complete.py and the installed `llama-lite-chat` / `llama-lite-complete`
-all call `chat_main` / `complete_main` here, so there is one implementation of each.
+scripts/chat.py, scripts/complete.py, scripts/serve.py and the installed `llama-lite-chat`,
+`llama-lite-complete`, `llama-lite-serve` all call the `*_main` functions here, so there is one
+implementation of each.
 Exit codes: 0 done; 2 bad input (one `error: ...` line on stderr, no traceback); 130 interrupted.
 """
 
@@ -224,3 +225,58 @@ def complete(prompts, out=None, max_gen_len=64, temperature=0.0, top_p=0.9, top_
 
 def complete_main():
     run(complete)
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+def _model_name(checkpoint) -> str:
+    if checkpoint is None:
+        return "SmolLM2-135M-Instruct"
+    path = Path(str(checkpoint))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def _check_listen(host, port) -> None:
+    """Fail fast, before loading any weights, when the address cannot be listened on."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port must be a whole number in 0..65535, got {port!r}")
+    try:
+        infos = socket.getaddrinfo(str(host), port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
+
+
+def serve(checkpoint=None, tokenizer=None, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_batch_size=8,
+          max_seq_len=2048, device=None, dtype=None, seed=None, quantize=None, compile=False):
+    """Serve a checkpoint over OpenAI's HTTP API (default: SmolLM2-135M-Instruct) on http://HOST:PORT/v1.
+
+    Every client shares the engine's batch of --max_batch_size rows; up to --max_queue more requests
+    wait for a row, and one more is answered 429. With --api_key, requests must send
+    'Authorization: Bearer KEY'. SIGTERM or Ctrl-C ends the running requests and stops.
+    """
+    _check_listen(host, port)
+    check_positive_int("--max_batch_size", max_batch_size)
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        raise ValueError(f"--max_queue must be a whole number >= 0, got {max_queue!r}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("--api_key must be a non-empty string")
+    if parallel.world_size() > 1:
+        raise ValueError("serve runs in one process; start it without torchrun")
+    llm = Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
+                      dtype=dtype, seed=seed, quantize=quantize, compile=compile)
+    from .server import serve as run_server
+
+    name = _model_name(checkpoint)
+    print(f"serving {name} at http://{host}:{port}/v1 ({max_batch_size} rows); Ctrl-C to stop", file=sys.stderr, flush=True)
+    # uvicorn takes SIGTERM while it runs and raises it again once it has shut down: exit 0 then.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    run_server(llm, name, host=str(host), port=port, api_key=api_key, max_queue=max_queue)
+
+
+def serve_main():
+    run(serve)

@@ -110,7 +110,8 @@ class Engine:
         self.aborted.append(self._finish(request, "abort", [], ""))
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        """Whether any request has yet to report its end (an aborted one reports at the next step)."""
+        return bool(self.requests or self.aborted)
 
     # --- one step ------------------------------------------------------------------------------------
 

@@ -11,8 +11,11 @@ installed is skipped with a note (transformers needs `accelerate`; llama.cpp `ll
 
 Cases: load (build on a cached file, then the first token), decode_b1 (128 new tokens, one
 sequence) with peak RSS after it (a one-row cache), decode_b8 (8 sequences, aggregate tokens/s),
-and mixed (--n_prompts prompts of 5-300 tokens, 64 new tokens each: llama_lite with continuous
-batching over --mixed_batch_size rows, transformers in batches of 8, llama.cpp one by one).
+mixed (--n_prompts prompts of 5-300 tokens, 64 new tokens each: llama_lite with continuous
+batching over --mixed_batch_size rows, transformers in batches of 8, llama.cpp one by one), and
+serving (1, 8 and 32 concurrent streaming clients of an OpenAI-compatible server, 64 tokens each:
+llama_lite's scripts/serve.py with --mixed_batch_size rows, llama-cpp-python's `llama_cpp.server`
+with --interrupt_requests False; aggregate tokens/s, time to first token p50/p99, streams cut short).
 llama_lite systems are named llama_lite:DTYPE[:int8][:compile].
 """
 
@@ -28,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # llama_lite:DTYPE[:int8][:compile]: the dtype of activations (and weights, unless int8), the levers on.
 ALL_SYSTEMS = ("llama_lite:float32", "llama_lite:bfloat16", "llama_lite:float32:compile", "llama_lite:bfloat16:compile",
                "llama_lite:float32:int8:compile", "transformers", "llama_cpp")
-CASES = ("load", "decode_b1", "decode_b8", "mixed")
+CASES = ("load", "decode_b1", "decode_b8", "mixed", "serving")
+SERVING_CLIENTS = (1, 8, 32)
 MAX_SEQ_LEN = 384  # the longest mixed prompt (300) + 64 new tokens fits
 
 
@@ -190,10 +194,96 @@ def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_
              peak_rss_mb=round(peak_rss_mb()), **split)
 
 
+# --- serving: a server in a subprocess, streaming clients in threads -------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(system, checkpoint, threads, rows):
+    """(process, base URL, model name) of `system`'s OpenAI-compatible server, once it answers."""
+    import httpx
+
+    name, *options = system.split(":")
+    port = free_port()
+    if name == "llama_lite":
+        cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={checkpoint}", f"--port={port}",
+               f"--max_batch_size={rows}", f"--max_seq_len={MAX_SEQ_LEN}", f"--max_queue={4 * rows}"]
+        cmd += [f"--dtype={options[0]}"] if options else []
+        cmd += ["--quantize=int8"] if "int8" in options else []
+        cmd += ["--compile"] if "compile" in options else []
+        model = Path(checkpoint).stem
+    else:
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", checkpoint, "--port", str(port), "--n_ctx", str(MAX_SEQ_LEN),
+               "--n_threads", str(threads), "--n_threads_batch", str(threads), "--interrupt_requests", "False"]
+        model = checkpoint
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                return proc, url, model
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{system}'s server did not start")
+
+
+def stream_clients(url, model, n_clients, max_tokens=64):
+    """n_clients streaming completions at once: aggregate tokens/s, time-to-first-token p50/p99 and
+    how many streams ended without a finish reason (cut short)."""
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def one(i):
+        body = {"model": model, "prompt": f"Once upon a time, in the city of number {i}, there lived", "max_tokens": max_tokens,
+                "temperature": 0, "stream": True}
+        started, first, tokens, reason = time.perf_counter(), None, 0, None
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as reply:
+            for line in reply.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                if choice.get("text"):
+                    first = first or time.perf_counter()
+                    tokens += 1
+                reason = choice.get("finish_reason") or reason
+        return started, first, time.perf_counter(), tokens, reason
+
+    with ThreadPoolExecutor(n_clients) as pool:
+        runs = list(pool.map(one, range(n_clients)))
+    ttft = sorted((first or end) - start for start, first, end, _, _ in runs)
+    span = max(end for _, _, end, _, _ in runs) - min(start for start, *_ in runs)
+    return {"clients": n_clients, "tok_s": round(sum(r[3] for r in runs) / span, 1),
+            "ttft_p50_s": round(statistics.median(ttft), 2), "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 2),
+            "cut_short": sum(1 for r in runs if r[4] is None)}
+
+
+def serving(system, checkpoint, threads, rows):
+    proc, url, model = start_server(system, checkpoint, threads, rows)
+    try:
+        stream_clients(url, model, 1, max_tokens=4)  # warm up
+        for n in SERVING_CLIENTS:
+            row = {"system": system, "case": "serving", **stream_clients(url, model, n)}
+            print(json.dumps(row), flush=True)
+            yield row
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 # --- the parent: run each system, print the table --------------------------------------------------
 
 def importable(name) -> bool:
-    module = {"llama_lite": "llama_lite", "transformers": "accelerate", "llama_cpp": "llama_cpp"}[name]
+    module = {"llama_lite": "llama_lite", "transformers": "accelerate", "llama_cpp": "llama_cpp",
+              "llama_cpp_server": "llama_cpp.server.app"}[name]
     found = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True)
     return found.returncode == 0 and (name != "transformers" or subprocess.run(
         [sys.executable, "-c", "import transformers"], capture_output=True).returncode == 0)
@@ -220,6 +310,11 @@ def table(rows, bandwidth_gbs):
             return "-"
         return f"{(y / x if inverse else x / y):.2f}x"
 
+    served = [r for r in rows if r["case"] == "serving"]
+    if served:
+        lines += ["", "| system | clients | tok/s | first token p50 (s) | p99 (s) | streams cut short |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['system']} | {r['clients']} | {r['tok_s']} | {r['ttft_p50_s']} | {r['ttft_p99_s']} | {r['cut_short']} |"
+                  for r in served]
     lines.append("")
     for lite in (s for s in systems if s.startswith("llama_lite")):
         lines += [
@@ -272,6 +367,12 @@ def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=","
                     rows.append(json.loads(line))
             if done.returncode:
                 print(f"note: {system} failed (exit {done.returncode}); its rows are missing", file=sys.stderr)
+        if "serving" in cases and system.partition(":")[0] in ("llama_lite", "llama_cpp"):
+            if system.startswith("llama_cpp") and not importable("llama_cpp_server"):
+                print("note: skipping llama_cpp serving: llama-cpp-python[server] is not installed", file=sys.stderr)
+                continue
+            print(f"running {system}: serving ({threads} threads)...", file=sys.stderr)
+            rows += list(serving(system, checkpoint, threads, mixed_batch_size))
     print(table(rows, bandwidth_gbs))
 
 

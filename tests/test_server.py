@@ -1,0 +1,355 @@
+"""The OpenAI-compatible server, started for real (uvicorn on a socket on 127.0.0.1) and spoken to
+with the official `openai` client and raw HTTP: whole and streamed answers against each other and
+against the engine run in-process, concurrent clients against each request alone, dropped clients,
+bad requests, the queue limit, SIGTERM, and 500 requests with flat memory."""
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from llama_lite import SamplingParams
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-key"
+MODEL = "SmolLM2-135M-Instruct"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*flags, dtype="float32"):
+    """A server subprocess (float32, as the `llm` fixture) and its base URL, once /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--port", str(port), "--dtype", dtype,
+                             "--device", "cpu", "--max_seq_len", "512", "--seed", "0", *map(str, flags)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start within 120 s")
+
+
+def stop_server(proc):
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    assert code == 0, proc.stderr.read().decode(errors="replace")[-2000:]
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server("--max_batch_size", 8, "--api_key", KEY)
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def in_process(llm, requests):
+    """(text, ids, finish reason) of each (prompt ids, SamplingParams kwargs), from the engine in this
+    process. Run together: tests/test_engine.py shows each request gets, bit for bit, what it gets alone."""
+    engine = llm.engine
+    rids = [engine.add(prompt_ids, SamplingParams(**params)) for prompt_ids, params in requests]
+    results = {rid: [[], [], None] for rid in rids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            result = results[out.request_id]
+            result[0].append(out.text)
+            result[1] += out.token_ids
+            result[2] = out.finish_reason if out.finished else result[2]
+    return [("".join(results[rid][0]), results[rid][1], results[rid][2]) for rid in rids]
+
+
+def alone(llm, prompt_ids, **params):
+    return in_process(llm, [(prompt_ids, params)])[0]
+
+
+def metric(url, name):
+    text = httpx.get(url + "/metrics").text
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+# --- answers -------------------------------------------------------------------------------------
+
+def test_completion_whole_streamed_and_alone_agree(llm, client):
+    prompt = "The capital of France is"
+    ids = llm.tokenizer.encode(prompt, bos=llm.tokenizer.add_bos, eos=False)
+    want, want_ids, reason = alone(llm, ids, temperature=0, max_tokens=20)
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+    assert whole.object == "text_completion" and whole.model == MODEL and whole.id.startswith("cmpl-")
+    assert whole.choices[0].text == want and whole.choices[0].finish_reason == reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (len(ids), 20, len(ids) + 20)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_chat_whole_streamed_and_alone_agree(llm, client):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
+    want, _, reason = alone(llm, llm.chat_prompt_tokens(messages), temperature=0, max_tokens=32)
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == want and whole.choices[0].finish_reason == reason
+    assert whole.usage.prompt_tokens == len(llm.chat_prompt_tokens(messages))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == reason
+
+
+def test_logprobs_echo_n_and_stop(llm, client):
+    prompt = "Paris is the capital of"
+    ids = llm.tokenizer.encode(prompt, bos=False, eos=False)
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    lp = done.choices[0].logprobs
+    assert done.choices[0].text.startswith(prompt) and len(lp.tokens) == len(ids) + 6
+    assert lp.token_logprobs[0] is None and all(isinstance(x, float) for x in lp.token_logprobs[1:])
+    assert lp.top_logprobs[0] is None and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert done.usage.completion_tokens == 6
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(c.token == c.top_logprobs[0].token and c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy
+    many = client.completions.create(model=MODEL, prompt=["One, two,", "The sky is"], max_tokens=8, temperature=0.9, seed=5, n=2)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
+    want = in_process(llm, [(llm.tokenizer.encode(["One, two,", "The sky is"][i // 2], bos=False, eos=False),
+                              dict(temperature=0.9, top_p=1.0, max_tokens=8, seed=5 + i % 2)) for i in range(4)])
+    assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == [w[0] for w in want]  # choice j: seed + j
+    text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=20, temperature=0).choices[0].text
+    stop = text[text.index(".") - 2 : text.index(".") + 2]  # spans tokens
+    cut = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_clients_each_get_what_they_get_alone(llm, client):
+    prompts = [f"Write a sentence about the number {i}." for i in range(32)]
+
+    def kwargs(i):
+        kind = i % 4
+        if kind == 0:
+            return dict(temperature=0, max_tokens=8 + i % 7)
+        if kind == 1:
+            return dict(temperature=0.8, top_p=0.9, seed=i, max_tokens=12)
+        if kind == 2:
+            return dict(temperature=1.0, seed=100 + i, max_tokens=10, extra_body={"top_k": 20})
+        return dict(temperature=0, max_tokens=16, stop=[" the", ","])
+
+    def ask(i):
+        messages = [{"role": "user", "content": prompts[i]}]
+        if i % 2:
+            reply = client.chat.completions.create(model=MODEL, messages=messages, **kwargs(i))
+            return reply.choices[0].message.content, reply.choices[0].finish_reason
+        chunks = client.chat.completions.create(model=MODEL, messages=messages, stream=True, **kwargs(i))
+        pieces, reason = [], None
+        for c in chunks:
+            pieces.append(c.choices[0].delta.content or "")
+            reason = c.choices[0].finish_reason or reason
+        return "".join(pieces), reason
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(ask, range(32)))
+    requests = []
+    for i in range(32):
+        kw = kwargs(i)
+        extra = kw.pop("extra_body", {})
+        kw = {"top_p": 1.0, **kw, **extra}  # the server's default top_p is OpenAI's, 1
+        requests.append((llm.chat_prompt_tokens([{"role": "user", "content": prompts[i]}]), kw))
+    want = [(text, reason) for text, _, reason in in_process(llm, requests)]
+    assert got == want
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+def test_models_health_metrics_and_auth(server, client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    text = httpx.get(server + "/metrics").text
+    for name in ("llama_lite_requests_running", "llama_lite_requests_waiting", "llama_lite_kv_cache_rows_in_use",
+                 "llama_lite_prompt_tokens_total", "llama_lite_generation_tokens_total",
+                 "llama_lite_time_to_first_token_seconds_bucket", "llama_lite_inter_token_latency_seconds_bucket"):
+        assert name in text, name
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        reply = httpx.post(server + "/v1/completions", json=body, headers=headers)
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_client_dropped_mid_stream_frees_its_row(server):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    before = metric(server, 'llama_lite_requests_finished_total{finish_reason="abort"}') or 0
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers=HEADERS, timeout=60) as reply:
+        lines = reply.iter_lines()
+        seen = [next(lines) for _ in range(4)]
+        assert any(line.startswith("data: {") for line in seen)
+        assert metric(server, "llama_lite_kv_cache_rows_in_use") == 1
+    deadline = time.time() + 10
+    while metric(server, "llama_lite_kv_cache_rows_in_use") != 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "llama_lite_kv_cache_rows_in_use") == 0
+    assert metric(server, 'llama_lite_requests_finished_total{finish_reason="abort"}') == before + 1
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", [1, 2], 400, "must be a JSON object"),
+    ("/v1/completions", {"prompt": "hi"}, 400, "'model' is required"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 400, "model 'gpt-4' does not exist here"),
+    ("/v1/completions", {"model": MODEL}, 400, "'prompt' is required"),
+    ("/v1/completions", {"model": MODEL, "prompt": 5}, 400, "'prompt' is required"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt 0 is empty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "10"}, 400, "'max_tokens' must be a whole number"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens' must be a whole number"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "'temperature' must be a number in [0, 2]"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "'top_p' must be a number in [0, 1]"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "'n' must be a whole number in 1..16"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "'logprobs' must be a whole number in 0..5"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 1.5}, 400, "'seed' must be a whole number"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "'stream' must be true or false"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "only with stream"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "'logit_bias' is not supported"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "'best_of' is not supported"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "frobnicate": 1}, 400, "unrecognized request argument 'frobnicate'"),
+    ("/v1/completions", {"model": MODEL, "prompt": "word " * 600}, 400, "this model's context is 512 tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 600}, 400, "this model's context is 512 tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "'messages' must be a non-empty list"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "only text parts"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     400, "'tools' is not supported"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "'response_format' is not supported"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400,
+     "top_logprobs needs logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "'top_logprobs' must be a whole number in 0..20"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "echo": True}, 400,
+     "unrecognized request argument 'echo'"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, message", BAD_REQUESTS)
+def test_bad_requests_get_an_openai_error(server, path, body, status, message):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    reply = httpx.post(server + path, content=content, headers={**HEADERS, "Content-Type": "application/json"})
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "\n" not in error["message"]
+    assert message in error["message"], error["message"]
+
+
+def test_allowed_defaults_of_unsupported_fields_pass(server):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "logit_bias": {}, "best_of": 1, "suffix": None, "user": "me"}
+    assert httpx.post(server + "/v1/completions", json=body, headers=HEADERS).status_code == 200
+
+
+# --- limits and shutdown, on a server of one row -------------------------------------------------
+
+def test_a_full_queue_is_429_and_sigterm_ends_running_requests():
+    proc, url = start_server("--max_batch_size", 1, "--max_queue", 0)
+    try:
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as reply:
+            lines = reply.iter_lines()
+            next(lines)
+            busy = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "2"
+            assert busy.json()["error"]["type"] == "rate_limit_error"
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_busy_port_is_one_error_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--port", str(port)], capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in done.stderr
+
+
+# --- many clients, memory flat --------------------------------------------------------------------
+
+def rss_mb(pid) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.slow
+def test_500_requests_from_16_clients_none_lost_or_duplicated_and_memory_flat(llm):
+    proc, url = start_server("--max_batch_size", 8, dtype="bfloat16")  # exactness is not the point here: speed is
+    try:
+        samples, done = [], threading.Event()
+
+        def sample_rss():
+            while not done.is_set():
+                samples.append(rss_mb(proc.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample_rss)
+        sampler.start()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+        prompts = [f"Item {i}: " + "x" * (i % 9) for i in range(500)]
+        lengths = [len(llm.tokenizer.encode(p, bos=False, eos=False)) for p in prompts]
+
+        def ask(i):
+            if i % 3 == 0:
+                chunks = list(client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=3, temperature=0, stream=True,
+                                                        stream_options={"include_usage": True}))
+                return chunks[-1].id, chunks[-1].usage.prompt_tokens, "".join(c.choices[0].text for c in chunks if c.choices)
+            reply = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=3, temperature=0)
+            return reply.id, reply.usage.prompt_tokens, reply.choices[0].text
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(ask, range(500)))
+        done.set()
+        sampler.join()
+        assert len({r[0] for r in results}) == 500  # one answer per request, none twice
+        assert [r[1] for r in results] == lengths  # each answer is to its own prompt
+        assert all(isinstance(r[2], str) for r in results)
+        first, second = max(samples[: len(samples) // 2]), max(samples[len(samples) // 2 :])
+        print(f"server RSS: first-half peak {first:.0f} MB, second-half peak {second:.0f} MB, {len(samples)} samples")
+        assert second - first < 20
+    finally:
+        stop_server(proc)
