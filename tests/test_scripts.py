@@ -161,16 +161,17 @@ class Terminal:
 
 
 def test_chat_on_a_terminal(llm):
+    turns = ["The secret code is 4729.", "Repeat the secret code."]
+    dialog, want, replies = [], "", []
+    for turn in turns:  # the expected replies first: two processes computing at once on two cores crawl
+        dialog.append({"role": "user", "content": turn})
+        replies.append(llm.chat_completion([dialog], max_gen_len=20, temperature=0)[0]["generation"]["content"])
+        dialog.append({"role": "assistant", "content": replies[-1]})
+        want += f"> {turn}\r\n{replies[-1]}\r\n"
     term = Terminal("--max_gen_len", "20", *FLAGS)
     term.read_until("> ")
-    turns = ["The secret code is 4729.", "Repeat the secret code."]
-    dialog, want = [], ""
-    for turn in turns:
+    for turn, reply in zip(turns, replies):
         term.type(turn)
-        dialog.append({"role": "user", "content": turn})
-        reply = llm.chat_completion([dialog], max_gen_len=20, temperature=0)[0]["generation"]["content"]
-        dialog.append({"role": "assistant", "content": reply})
-        want += f"> {turn}\r\n{reply}\r\n"
         term.read_until(reply + "\r\n> ")
     term.type("/exit")
     assert term.proc.wait(timeout=60) == 0
