@@ -200,7 +200,8 @@ class Attention(nn.Module):
         q: (tokens, n_heads, head_dim); k, v: (tokens, n_kv_heads, head_dim) (padding tokens past the
         batch's own are not stored); cache_k, cache_v: (rows, n_kv_heads, positions, head_dim)."""
         n_real = batch.positions.shape[0]
-        cache_k[batch.write_rows, :, batch.positions] = k[:n_real]  # index (tokens,) x (tokens,): (tokens, n_kv_heads, head_dim)
+        # index (tokens,) x (tokens,) picks (tokens, n_kv_heads, head_dim) places
+        cache_k[batch.write_rows, :, batch.positions] = k[:n_real]
         cache_v[batch.write_rows, :, batch.positions] = v[:n_real]
         out = q.new_zeros(q.shape[0], self.n_kv_heads, self.n_rep, self.head_dim)
         # Grouped-query attention without copying K/V: the n_rep query heads that share a kv head
@@ -213,10 +214,13 @@ class Attention(nn.Module):
             attended = attention(q_rows, cache_k[:rows, :, :width], cache_v[:rows, :, :width], batch.decode_visible)
             out[batch.decode_tokens] = attended[batch.decode_at, :, : self.n_rep]
         for first, length, row, width, visible in batch.prompts:
-            seg = q[first : first + length].permute(1, 0, 2, 3).reshape(1, self.n_kv_heads, length * self.n_rep, self.head_dim)  # rows (pos, rep)
-            attended = attention(pad_rows(seg), cache_k[row : row + 1, :, :width], cache_v[row : row + 1, :, :width],
-                                 pad_rows(visible.repeat_interleave(self.n_rep, dim=0), value=True))
-            out[first : first + length] = attended[0, :, : length * self.n_rep].view(self.n_kv_heads, length, self.n_rep, self.head_dim).transpose(0, 1)
+            n = length * self.n_rep  # query rows, ordered (position, rep)
+            seg = q[first : first + length].transpose(0, 1).reshape(1, self.n_kv_heads, n, self.head_dim)
+            visible = pad_rows(visible.repeat_interleave(self.n_rep, dim=0), value=True)  # (whole_blocks(n), width)
+            attended = attention(pad_rows(seg), cache_k[row : row + 1, :, :width], cache_v[row : row + 1, :, :width], visible)
+            # reshape, not view: a fused kernel's output need not be contiguous (on CUDA it is not)
+            attended = attended[0, :, :n].reshape(self.n_kv_heads, length, self.n_rep, self.head_dim)
+            out[first : first + length] = attended.transpose(0, 1)  # (length, n_kv_heads, n_rep, head_dim)
         return out.flatten(1)  # (tokens, n_heads * head_dim)
 
 

@@ -60,7 +60,7 @@ def corpus_prompts(tokenizer, lengths, seed=0):
 
 def mixed_params(i, rng):
     kind = i % 6
-    max_tokens = rng.randint(1, 10)
+    max_tokens = rng.randint(1, 8)
     if kind == 0:
         return SamplingParams(temperature=0, max_tokens=max_tokens)
     if kind == 1:

@@ -106,9 +106,9 @@ def test_stream_joins_to_the_generated_text(llm):
     ids = llm.chat_prompt_tokens(dialog)
     for temperature in (0, 0.9):
         llm.generator.manual_seed(3)
-        pieces = list(llm.stream(ids, 40, temperature=temperature))
+        pieces = list(llm.stream(ids, 24, temperature=temperature))
         llm.generator.manual_seed(3)
-        tokens, _ = llm.generate([ids], 40, temperature=temperature)
+        tokens, _ = llm.generate([ids], 24, temperature=temperature)
         text = llm.tokenizer.decode(tokens[0])
         assert "".join(pieces) == text
         assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text

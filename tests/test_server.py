@@ -335,10 +335,10 @@ def test_500_requests_from_16_clients_none_lost_or_duplicated_and_memory_flat(ll
 
         def ask(i):
             if i % 3 == 0:
-                chunks = list(client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=3, temperature=0, stream=True,
+                chunks = list(client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=2, temperature=0, stream=True,
                                                         stream_options={"include_usage": True}))
                 return chunks[-1].id, chunks[-1].usage.prompt_tokens, "".join(c.choices[0].text for c in chunks if c.choices)
-            reply = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=3, temperature=0)
+            reply = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=2, temperature=0)
             return reply.id, reply.usage.prompt_tokens, reply.choices[0].text
 
         with ThreadPoolExecutor(16) as pool:
