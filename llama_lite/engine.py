@@ -155,7 +155,8 @@ class Engine:
                 logits_at.append(first + len(ids) - 1)
                 samplers.append((request, len(logits_at) - 1))
         device = self.device
-        logits = self.model.forward_segments(torch.tensor(tokens, device=device), segments, torch.tensor(logits_at, device=device))
+        logits = self.model.forward_segments(torch.tensor(tokens, device=device), segments,
+                                             torch.tensor(logits_at, dtype=torch.long, device=device))
         for request, at, targets in scored:
             self._score_prompt(request, logits[at : at + len(targets)], targets)
         for request, ids in work:

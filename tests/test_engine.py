@@ -318,6 +318,18 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode():
     assert all(any(s[0] == 0 for s in call) for call in model.calls[1:5])  # request a decoded meanwhile
 
 
+def test_a_prompt_prefilled_in_chunks_alone_equals_it_prefilled_at_once():
+    """Steps that only feed prompt chunks (no logits due) work, and chunking changes no bit."""
+    from tests.test_model import tiny_model
+
+    llm = Llama(tiny_model(max_batch_size=2, vocab_size=32), PieceTokenizer(), torch.Generator())
+    prompt, params = list(range(2, 25)), SamplingParams(temperature=0, max_tokens=6, logprobs=True)
+    llm.engine.max_step_tokens = 5  # 23 prompt tokens: four steps with no token due, then the first
+    chunked = run_alone(llm.engine, prompt, params)
+    llm.engine.max_step_tokens = 512
+    assert chunked == run_alone(llm.engine, prompt, params) and len(chunked[0]) == 6
+
+
 def test_an_aborted_request_gives_its_row_to_a_waiting_one_at_the_next_step():
     scripts = {20: [9] * 30, 21: [8] * 30, 22: [7] * 30}
     llm, model = scripted(scripts)
