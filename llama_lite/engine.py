@@ -36,6 +36,18 @@ class RequestOutput:
     top_logprobs: "list | None" = None  # per id: [(id, logprob), ...] likeliest first, when asked
 
 
+def prompt_chunk(remaining: int, budget: int) -> int:
+    """How many of a prompt's remaining tokens to feed this step: all that fit the budget, but never
+    a one-token piece of a longer prompt (a one-token segment is computed as decoding is, and batch
+    invariance needs every token computed the same way, however the prompt was cut)."""
+    n = min(remaining, budget)
+    if n < remaining:
+        n = min(n, remaining - 2)  # leave two or more for later
+        if n < 2:
+            return 0
+    return n
+
+
 class Request:
     """One request's state from `add` to its last output."""
 
@@ -122,16 +134,17 @@ class Engine:
         work = [(r, r.output_ids[-1:]) for r in self.running if r.decoding]
         budget -= len(work)
         for request in self.running:
-            if not request.decoding and budget > 0:
-                chunk = request.prompt[request.n_cached : request.n_cached + budget]
-                work.append((request, chunk))
-                budget -= len(chunk)
-        while self.waiting and self.free_rows and budget > 0:
+            n = 0 if request.decoding else prompt_chunk(len(request.prompt) - request.n_cached, budget)
+            if n:
+                work.append((request, request.prompt[request.n_cached : request.n_cached + n]))
+                budget -= n
+        while self.waiting and self.free_rows and prompt_chunk(len(self.waiting[0].prompt), budget):
             request = self.waiting.popleft()
             request.row = heapq.heappop(self.free_rows)
             self.running.append(request)
-            work.append((request, request.prompt[:budget]))
-            budget -= len(work[-1][1])
+            n = prompt_chunk(len(request.prompt), budget)
+            work.append((request, request.prompt[:n]))
+            budget -= n
         return work
 
     @torch.inference_mode()

@@ -18,7 +18,7 @@ from .chat_template import render_chat
 from .checkpoint import CheckpointError, read_checkpoint
 from .download import default_checkpoint
 from .engine import Engine
-from .kernels import quantize_int8, quantize_modules
+from .kernels import SKINNY_ROWS, quantize_int8, quantize_modules
 from .model import ModelArgs, Transformer
 from .sampling import SamplingParams, check_sampling, chosen_logprobs, sample
 from .tokenizer import Tokenizer, gguf_tokenizer
@@ -163,6 +163,8 @@ class Llama:
         model.eval()
         if compile:
             model.compile_decode()
+        model.use_skinny_decode(device.type == "cpu" and dtype == torch.float32 and not (quantize or compile) and world == 1
+                                and max_batch_size <= SKINNY_ROWS)
 
         generator = torch.Generator(device=device)
         if seed is None:

@@ -8,6 +8,8 @@ Batch invariance (float32, eager): a token's logits do not depend on what else s
 Three things make that hold on CPU:
 - MKL computes rows in blocks of four and takes other kernels for one to three left-over rows
   (GEMV for a single row), which round differently: every product gets a multiple of ROW_BLOCK rows.
+  (With the thin product for decoding, see use_skinny_decode, decoding and prompt tokens never share
+  a product, and each kind always gets its own kernel.)
 - Attention is written out (scores, softmax, weighted sum) instead of calling
   `scaled_dot_product_attention`, whose kernel blocks its sums by how many keys and queries share
   the call; written out, keys past a query's position weigh exactly zero.
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import parallel
+from .kernels import SKINNY_ROWS, Linear
 
 ROW_BLOCK = 4  # every matrix product gets a multiple of this many rows (see the module docstring)
 KEY_BLOCK = 128  # attention reads whole blocks of this many keys, and sums their values block by block
@@ -275,6 +278,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
         self.compiled_head = None
+        self.skinny_decode = False
         self.setup_cache()
 
     def setup_cache(self):
@@ -319,22 +323,58 @@ class Transformer(nn.Module):
                     f"{length} token(s) at positions {start}.. of row {row} do not fit the KV cache "
                     f"({p.max_batch_size} rows x {p.max_seq_len} positions); build with a larger max_batch_size or max_seq_len"
                 )
+        kinds = {length == 1 for _, _, length in segments}
+        if self.skinny_decode and len(kinds) == 2:  # decoding tokens take the thin product: a pass of their own
+            return self._two_passes(tokens, segments, logits_at)
         batch = Batch.build(segments, tokens.device)
         compiled = self.compiled_head is not None and not batch.prompts
-        # Compiled code is specialised to its shapes: pad decode batches to a power of two, so few are compiled.
-        n = len(tokens)
-        rows = 1 << (n - 1).bit_length() if compiled else whole_blocks(n)
-        tokens = F.pad(tokens, (0, rows - n))  # padding tokens: id 0 at position 0, in no segment
-        positions = F.pad(batch.positions, (0, rows - n))
+        if compiled:  # compiled code is specialised to its shapes: pad to a power of two, so few are compiled
+            rows, out_rows = (1 << (len(x) - 1).bit_length() for x in (tokens, logits_at))
+        else:  # whole row blocks; with the thin product for decoding, a prompt pass stays above its reach
+            least = SKINNY_ROWS + ROW_BLOCK if self.skinny_decode and batch.prompts else 0
+            rows, out_rows = (max(least, whole_blocks(len(x))) for x in (tokens, logits_at))
+        n_out = len(logits_at)
+        tokens = F.pad(tokens, (0, rows - len(tokens)))  # padding tokens: id 0 at position 0, in no segment
+        positions = F.pad(batch.positions, (0, rows - len(batch.positions)))
         cos = self.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
         sin = self.rope_sin[positions][:, None]
         h = self.tok_embeddings(tokens)  # (tokens, dim)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, batch, self.cache.k[i], self.cache.v[i], compiled)
-        n_out = len(logits_at)
-        out_rows = 1 << (n_out - 1).bit_length() if compiled else whole_blocks(n_out)
         h = h[F.pad(logits_at, (0, out_rows - n_out))]  # (out_rows, dim)
         return (self.compiled_head if compiled else self.head)(h)[:n_out]
+
+    def _two_passes(self, tokens, segments, logits_at):
+        """forward_segments as one pass over the one-token segments and one over the rest (the
+        sequences are independent, so only the order of work changes); logits in logits_at's order."""
+        starts, first = [], 0
+        for _, _, length in segments:
+            starts.append(first)
+            first += length
+        logits = torch.empty(len(logits_at), self.params.vocab_size, device=tokens.device)
+        wanted = logits_at.tolist()  # on the host: this path serves CPUs alone
+        for decoding in (True, False):
+            chosen = [i for i, s in enumerate(segments) if (s[2] == 1) == decoding]
+            index, where = [], {}  # the pass's tokens, and each original token's place among them
+            for i in chosen:
+                for j in range(starts[i], starts[i] + segments[i][2]):
+                    where[j] = len(index)
+                    index.append(j)
+            mine = [k for k, t in enumerate(wanted) if t in where]
+            out = self.forward_segments(tokens[index], [segments[i] for i in chosen],
+                                        torch.tensor([where[wanted[k]] for k in mine], dtype=torch.long, device=tokens.device))
+            logits[mine] = out
+        return logits
+
+    def use_skinny_decode(self, enabled: bool) -> None:
+        """Decode through the thin product (kernels.py; float32 on a CPU, a cache of at most
+        SKINNY_ROWS rows, so a decoding pass never outgrows it and every decoding token is computed
+        the same way): decoding tokens then get a pass of their own, and prompt passes enough rows
+        to take the usual product."""
+        self.skinny_decode = enabled
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.skinny = enabled
 
     def head(self, h):
         return self.output(self.norm(h)).float()
