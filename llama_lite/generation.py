@@ -7,6 +7,7 @@ only ORs, an early stop once every row is finished, and truncation done once on 
 engine (engine.py), so it shares one continuous batch with whatever else runs.
 """
 
+import os
 import sys
 import time
 
@@ -16,53 +17,15 @@ from tqdm import tqdm
 from . import parallel
 from .chat_template import render_chat
 from .checkpoint import CheckpointError, read_checkpoint
+from .devices import resolve_device, resolve_dtype
 from .download import default_checkpoint
 from .engine import Engine
 from .kernels import SKINNY_ROWS, quantize_int8, quantize_modules
-from .model import ModelArgs, Transformer
+from .model import KVCache, ModelArgs, Transformer
 from .sampling import SamplingParams, check_sampling, chosen_logprobs, sample
 from .tokenizer import Tokenizer, gguf_tokenizer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this
-
-
-def resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; use device='cpu'")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
-    elif resolved.type != "cpu":
-        raise ValueError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
-    return resolved
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls beat float32 there (about 2x here); elsewhere they crawl."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_fast_bf16()
-        return torch.bfloat16 if fast_bf16 else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def check_positive_int(name, value):
@@ -90,6 +53,7 @@ class Llama:
               quantize=None, compile=False) -> "Llama":
         """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator.
 
+        max_seq_len=None: 2048, or the model's context where that is shorter.
         quantize="int8": every weight matrix held as int8 with a scale per row (weight-only; about a
         quarter of float32's memory). compile=True: the one-token decode step is compiled with
         torch.compile (Transformer.compile_decode), 2-3x faster at batch 1 on CPU; compiling costs
@@ -99,7 +63,11 @@ class Llama:
             raise ValueError(f"unknown quantize {quantize!r}; use 'int8' or None")
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
-        check_positive_int("max_seq_len", max_seq_len)
+        for name, path in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
+            if path is not None and not isinstance(path, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a path (str or PathLike) or None, got {path!r}")
+        if max_seq_len is not None:
+            check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be a whole number or None, got {seed!r}")
@@ -107,6 +75,8 @@ class Llama:
         dtype = resolve_dtype(dtype, device)
 
         ckpt = read_checkpoint(default_checkpoint() if checkpoint is None else checkpoint)
+        if max_seq_len is None:
+            max_seq_len = min(2048, ckpt.context_length or 2048)
         if ckpt.context_length and max_seq_len > ckpt.context_length:
             raise ValueError(
                 f"max_seq_len {max_seq_len} exceeds the model's context length {ckpt.context_length}; "
@@ -119,6 +89,7 @@ class Llama:
         if world > 1:  # under torchrun: split the model across the processes
             parallel.check_divisible(world, params.n_heads, params.n_kv_heads, params.hidden_dim, params.vocab_size)
             device = parallel.setup(device)
+        KVCache.check_fits(params, dtype, device)
         if tokenizer is not None:
             tok = Tokenizer.from_file(tokenizer)
         elif ckpt.gguf_reader is not None:
@@ -160,6 +131,7 @@ class Llama:
             detail = " ".join(str(e).split())
             raise CheckpointError(f"{ckpt.path}: its tensors do not match its metadata ({detail[:300]})") from None
         model.setup_cache()
+        model.n_decodable = tok.n_words  # a smaller tokenizer than the model's: its missing ids are never sampled
         model.eval()
         if compile:
             model.compile_decode()
@@ -291,10 +263,11 @@ class Llama:
             raise
         return ids
 
-    def _complete(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo=False, stop=None, seed=None,
-                  progress=False):
-        """Each prompt's whole result as a request on the engine, in order: dicts with tokens, text,
-        logprobs (or None) and finish_reason."""
+    def as_completed(self, prompt_tokens, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False,
+                     echo=False, stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False):
+        """Run each prompt (token ids) as a request on the engine; yield (its index, its result) as
+        each finishes, so a caller can keep finished work while the rest runs. A result: tokens,
+        text, logprobs (or None) and finish_reason. `progress` shows a bar on stderr."""
         if max_gen_len is None:  # as Meta's: up to the cache's end for the longest prompt
             self._check_prompts(prompt_tokens, 1, one_batch=False)
             longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
@@ -307,35 +280,45 @@ class Llama:
         self._check_prompts(prompt_tokens, max_gen_len, one_batch=False)  # errors name a prompt's place in the list
         check_sampling(temperature, top_p, top_k)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop,
-                                seed=seed, logprobs=logprobs, echo=echo)
+                                seed=seed, logprobs=logprobs, echo=echo, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty)
         request_ids = self._add(prompt_tokens, params)
+        index = {rid: i for i, rid in enumerate(request_ids)}
         results = {rid: {"tokens": [], "text": [], "logprobs": [] if logprobs else None} for rid in request_ids}
         bar = tqdm(total=len(request_ids), desc="completing", unit="prompt", file=sys.stderr,
                    disable=not progress or not parallel.is_main())
         started, n_new = time.perf_counter(), 0
-        for out in self._outputs(request_ids):
-            result = results[out.request_id]
-            result["tokens"] += out.token_ids
-            result["text"].append(out.text)
-            if logprobs:
-                result["logprobs"] += out.logprobs
-            n_new += len(out.token_ids)
-            if out.finished:
-                result["finish_reason"] = out.finish_reason
-                bar.set_postfix_str(f"{n_new / (time.perf_counter() - started):.1f} tok/s", refresh=False)
-                bar.update(1)
-        bar.close()
-        return [{**results[rid], "text": "".join(results[rid]["text"])} for rid in request_ids]
+        try:
+            for out in self._outputs(request_ids):
+                result = results[out.request_id]
+                result["tokens"] += out.token_ids
+                result["text"].append(out.text)
+                if logprobs:
+                    result["logprobs"] += out.logprobs
+                n_new += len(out.token_ids)
+                if out.finished:
+                    bar.set_postfix_str(f"{n_new / (time.perf_counter() - started):.1f} tok/s", refresh=False)
+                    bar.update(1)
+                    yield index[out.request_id], {**result, "text": "".join(result["text"]), "finish_reason": out.finish_reason}
+        finally:
+            bar.close()
+
+    def _complete(self, prompt_tokens, max_gen_len, **sampling):
+        """as_completed's results in the prompts' order."""
+        done = dict(self.as_completed(prompt_tokens, max_gen_len, **sampling))
+        return [done[i] for i in range(len(prompt_tokens))]
 
     @torch.inference_mode()
-    def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None, stop=None, seed=None):
+    def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None, stop=None, seed=None,
+               presence_penalty=0.0, frequency_penalty=0.0):
         """Yield the reply to one prompt as text pieces while it is generated, as a request in the
         engine's shared batch. No piece holds half a UTF-8 character or text that may still turn out
         to be a stop string; the pieces join to the whole reply (decode() of what generate returns
         for this prompt with the same seed). Closing the generator early aborts the request."""
         self._check_prompts([prompt_tokens], max_gen_len)
         check_sampling(temperature, top_p, top_k)
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop, seed=seed)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop, seed=seed,
+                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         for out in self._outputs(self._add([prompt_tokens], params)):
             if out.text:
                 yield out.text
@@ -343,7 +326,7 @@ class Llama:
     # --- text in, text out -------------------------------------------------------------------------
 
     def text_completion(self, prompts, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False,
-                        stop=None, seed=None, progress=False):
+                        stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False):
         """Complete each prompt string: [{"generation": str, "tokens": [int], "finish_reason": str,
         ("logprobs": [float])}]. `progress` shows a bar (prompts done, tokens/s) on stderr."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -353,7 +336,9 @@ class Llama:
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not text")
             prompt_tokens.append(self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False))
-        done = self._complete(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, stop, seed, progress)
+        done = self._complete(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
+                              logprobs=logprobs, echo=echo, stop=stop, seed=seed, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, progress=progress)
         return [_with_logprobs({"generation": r["text"], "tokens": r["tokens"], "finish_reason": r["finish_reason"]}, r)
                 for r in done]
 
@@ -372,12 +357,14 @@ class Llama:
         return tok.encode(text, bos=False, eos=False)  # the template writes any special tokens itself
 
     def chat_completion(self, dialogs, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, stop=None,
-                        seed=None):
+                        seed=None, presence_penalty=0.0, frequency_penalty=0.0):
         """The assistant's next message for each dialog: [{"generation": {"role", "content"}, "finish_reason"}]."""
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
             raise ValueError("dialogs must be a non-empty list of dialogs")
         prompt_tokens = [self.chat_prompt_tokens(d) for d in dialogs]
-        done = self._complete(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, stop=stop, seed=seed)
+        done = self._complete(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
+                              logprobs=logprobs, stop=stop, seed=seed, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty)
         return [_with_logprobs({"generation": {"role": "assistant", "content": r["text"]}, "finish_reason": r["finish_reason"]}, r)
                 for r in done]
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import parallel
+from .devices import check_fits
 from .kernels import SKINNY_ROWS, Linear
 
 ROW_BLOCK = 4  # every matrix product gets a multiple of this many rows (see the module docstring)
@@ -57,11 +58,23 @@ class KVCache:
     position. Zero-filled, not empty: attention multiplies masked-out values by zero, and garbage
     memory could hold NaN."""
 
-    def __init__(self, n_layers, rows, n_kv_heads, max_seq_len, head_dim, dtype, device):
-        shape = (n_layers, rows, n_kv_heads, key_blocks(max_seq_len), head_dim)  # whole key blocks
+    def __init__(self, params: "ModelArgs", dtype, device):
+        shape = self.shape(params)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.rows, self.max_seq_len = rows, max_seq_len
+        self.rows, self.max_seq_len = params.max_batch_size, params.max_seq_len
+
+    @staticmethod
+    def shape(p: "ModelArgs") -> tuple:
+        """This process's share of the heads, whole key blocks of positions."""
+        return (p.n_layers, p.max_batch_size, p.n_kv_heads // parallel.world_size(), key_blocks(p.max_seq_len), p.head_dim)
+
+    @staticmethod
+    def check_fits(p: "ModelArgs", dtype, device) -> None:
+        """Refuse, naming its size, a cache larger than the memory free (before loading any weights)."""
+        n_bytes = 2 * torch.Size(KVCache.shape(p)).numel() * dtype.itemsize  # keys and values
+        check_fits(n_bytes, f"the KV cache of {p.max_batch_size} rows x {p.max_seq_len} positions",
+                   "lower max_batch_size or max_seq_len", torch.device(device))
 
 
 class RMSNorm(nn.Module):
@@ -279,6 +292,7 @@ class Transformer(nn.Module):
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
         self.compiled_head = None
         self.skinny_decode = False
+        self.n_decodable = params.vocab_size  # logits of ids from here on are -inf (see Llama.build)
         self.setup_cache()
 
     def setup_cache(self):
@@ -293,8 +307,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device="cpu")
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
-        self.cache = KVCache(p.n_layers, p.max_batch_size, p.n_kv_heads // parallel.world_size(), p.max_seq_len,
-                             p.head_dim, weight.dtype, weight.device)
+        self.cache = KVCache(p, weight.dtype, weight.device)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
         """Logits (float32, (bsz, seqlen, vocab_size)) for `tokens` (bsz, seqlen) at positions start_pos..;
@@ -342,7 +355,10 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, batch, self.cache.k[i], self.cache.v[i], compiled)
         h = h[F.pad(logits_at, (0, out_rows - n_out))]  # (out_rows, dim)
-        return (self.compiled_head if compiled else self.head)(h)[:n_out]
+        logits = (self.compiled_head if compiled else self.head)(h)[:n_out]
+        if self.n_decodable < p.vocab_size:  # ids the tokenizer cannot turn into text are never picked
+            logits[:, self.n_decodable :] = float("-inf")
+        return logits
 
     def _two_passes(self, tokens, segments, logits_at):
         """forward_segments as one pass over the one-token segments and one over the rest (the

@@ -22,6 +22,15 @@ def script(name, *args, stdin=""):
                           capture_output=True, text=True, timeout=300)
 
 
+def assert_fails(done, message):
+    """Exit 2 with one `error: ...` line holding `message` on stderr (progress bars aside), no traceback."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.split("\n") if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].rsplit("\r", 1)[-1].lstrip().startswith("error: "), done.stderr
+    assert message in errors[0], done.stderr
+
+
 def test_chat_prompt_prints_one_reply(llm):
     done = script("chat.py", "--prompt", "What is the capital of France?", "--max_gen_len", "24", *FLAGS)
     assert done.returncode == 0, done.stderr
@@ -36,6 +45,7 @@ def test_chat_keeps_history_over_a_pipe(llm):
     done = script("chat.py", "--max_gen_len", "20", *FLAGS, stdin="\n".join(turns) + "\n")
     assert done.returncode == 0, done.stderr
     assert not done.stdout.startswith(">")  # no prompt marker on a pipe
+    assert "(history cleared)" in done.stderr
     dialog, replies = [], []
     for turn in turns:
         if turn == "/reset":
@@ -68,25 +78,31 @@ def test_complete_matches_text_completion(llm, tmp_path):
     want = llm.text_completion(kept, max_gen_len=8, temperature=0)
     assert lines == [{"prompt": p, "generation": w["generation"]} for p, w in zip(kept, want)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not a temporary file's 0600
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_complete_leaves_no_output_file(tmp_path, signum):
+def test_interrupted_complete_keeps_its_finished_lines(llm, tmp_path, signum):
     source = tmp_path / "prompts.txt"
     source.write_text("".join(f"Once upon a time, in the land of number {n}, there lived\n" for n in range(40)))
     out = tmp_path / "out.jsonl"
     args = [sys.executable, str(ROOT / "scripts" / "complete.py"), str(source), "--out", str(out),
             "--max_gen_len", "48", "--max_batch_size", "2", *FLAGS]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    seen = b""
-    while not re.search(rb"\b([1-9]|[1-3][0-9])/40", seen):  # some prompts done, most not
-        chunk = proc.stderr.read1(4096)
-        assert chunk, seen.decode(errors="replace")
-        seen += chunk
+    partial = tmp_path / "out.jsonl.partial"
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    while not (partial.exists() and partial.read_text()):  # some prompts done, most not
+        assert proc.poll() is None, "finished before it could be interrupted"
+        time.sleep(0.05)
     proc.send_signal(signum)
-    proc.stderr.read()
     assert proc.wait(timeout=60) in (130, 143)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.partial", "prompts.txt"]  # no out.jsonl yet
+    kept = partial.read_text().splitlines()
+    prompts = source.read_text().splitlines()[: len(kept)]
+    assert 0 < len(kept) < 40
+    want = llm.text_completion(prompts, max_gen_len=48, temperature=0)
+    assert kept == [json.dumps({"prompt": p, "generation": w["generation"]}) for p, w in zip(prompts, want)]
 
 
 def test_complete_reads_jsonl_from_stdin_and_keeps_fields(tmp_path):
@@ -116,12 +132,7 @@ def test_complete_reads_jsonl_from_stdin_and_keeps_fields(tmp_path):
     ],
 )
 def test_bad_input_exits_2_with_one_line(name, args, message):
-    done = script(name, *args, stdin="a prompt long enough to need a few tokens\n")
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.split("\n") if "error" in line.lower()]  # progress bars aside
-    assert len(errors) == 1 and errors[0].rsplit("\r", 1)[-1].lstrip().startswith("error: "), done.stderr
-    assert message in errors[0]
+    assert_fails(script(name, *args, stdin="a prompt long enough to need a few tokens\n"), message)
 
 
 def test_installed_commands_show_every_flag_with_its_default():
@@ -131,7 +142,7 @@ def test_installed_commands_show_every_flag_with_its_default():
         done = subprocess.run([str(bin_dir / command), "--help"], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PAGER": "cat"})
         assert done.returncode == 0, done.stderr
-        shown = done.stdout + done.stderr  # fire writes help to stderr when not on a terminal
+        shown = done.stdout
         for flag in flags + ["--temperature", "--top_p", "--max_gen_len", "--device", "--dtype"]:
             assert flag in shown
         assert "Default: 0.9" in shown  # top_p

@@ -1,0 +1,179 @@
+"""complete's files: prompts read from .txt / .jsonl / stdin, and results written so none is lost.
+
+Results go to `FILE.partial` a line at a time, in input order, as they finish; a finished run
+renames it to FILE, so FILE appears whole or not at all. A run that is killed keeps its partial
+file, and the same command run again continues after its last whole line.
+"""
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+
+from .chat_template import check_dialog
+
+
+def _lines(text: str) -> list:
+    """Lines split on "\\n" alone (a CRLF's "\\r" dropped): str.splitlines would also split on
+    U+2028, U+0085 and other characters that belong inside a prompt."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_prompts(source, chat: bool = False) -> list:
+    """(line number, record) for each non-empty line of a .txt (a prompt a line), a .jsonl
+    ({"prompt": ...} a line, or {"messages": [...]} with chat) or "-" (stdin, a prompt a line).
+    A record is {"prompt": str, other fields} or, with chat, may be {"messages": [...], ...}."""
+    if source == "-":
+        if sys.stdin is None:
+            raise ValueError("stdin is closed; pipe the prompts in, or pass a .txt or .jsonl file")
+        text, is_jsonl = sys.stdin.read().removeprefix("\ufeff"), False
+    else:
+        path = Path(str(source))
+        if path.is_dir():
+            raise ValueError(f"prompt file {path} is a folder; pass a .txt or .jsonl file, or - for stdin")
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} does not exist; pass a .txt or .jsonl file, or - for stdin")
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not text
+        except UnicodeDecodeError:
+            raise ValueError(f"prompt file {path} is not UTF-8 text; pass a .txt or .jsonl file") from None
+        is_jsonl = path.suffix.lower() == ".jsonl"
+    shape = '{"prompt": ...} or {"messages": [...]}' if chat else '{"prompt": ...}'
+    records, empty = [], 0
+    for number, line in enumerate(_lines(text), 1):
+        if not line.strip():
+            empty += 1
+            continue
+        if not is_jsonl:
+            records.append((number, {"prompt": line}))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} line {number} is not JSON ({e.msg}); write one {shape} object a line") from None
+        where = f"{source} line {number}"
+        if isinstance(record, dict) and "messages" in record:
+            if not chat:
+                raise ValueError(f'{where} holds "messages": pass --chat to run it through the chat template')
+            try:
+                check_dialog(record["messages"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        elif not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{where} has no \"prompt\" string; write one {shape} object a line")
+        records.append((number, record))
+    if empty:
+        print(f"skipped {empty} empty line(s) of {source}", file=sys.stderr)
+    if not records:
+        raise ValueError(f"{source} holds no prompts")
+    return records
+
+
+def _os_error(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+class StdoutResults:
+    """Result lines to stdout as they come, flushed, so a pipe sees each at once."""
+
+    def __init__(self):
+        if sys.stdout is None:
+            raise ValueError("stdout is closed; pass --out FILE")
+        self.done = 0
+
+    def resume(self, records) -> int:
+        return 0
+
+    def write(self, line: str) -> None:
+        try:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise ValueError(f"cannot write to stdout ({_os_error(e)}); pass --out FILE or free the device") from None
+        self.done += 1
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class FileResults:
+    """Result lines to FILE.partial, then renamed to FILE. Checked before any work: FILE must not be
+    a folder nor the prompt file, and its folder must take a new file."""
+
+    def __init__(self, out, source):
+        self.path = Path(str(out))
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        if self.path.is_dir():
+            raise ValueError(f"--out {out} is a folder; name a file to write, such as {self.path / 'out.jsonl'}")
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"the folder of --out {out} does not exist; create it or write elsewhere")
+        if source != "-" and self.path.resolve() == Path(str(source)).resolve():
+            raise ValueError(f"--out {out} is the prompt file itself; write the results elsewhere")
+        self.existed = self.partial.exists()
+        try:  # unbuffered: a failed write leaves nothing behind to be flushed later
+            self.file = open(self.partial, "ab+", buffering=0)  # the umask's permissions, as any new file
+        except OSError as e:
+            raise ValueError(f"cannot write --out {out} ({_os_error(e)}); choose a writable place") from None
+        self.done = 0
+
+    def resume(self, records) -> int:
+        """How many records the partial file already holds (their lines must match these prompts);
+        a last line cut short by a kill is dropped."""
+        self.file.seek(0)
+        data = self.file.read()
+        whole = data[: data.rfind(b"\n") + 1]
+        for number, line in enumerate(whole.decode("utf-8", errors="replace").split("\n")[:-1], 1):
+            try:
+                done = json.loads(line)
+            except json.JSONDecodeError:
+                done = None
+            if (number > len(records) or not isinstance(done, dict)
+                    or {k: v for k, v in done.items() if k != "generation"} != records[number - 1][1]):
+                raise ValueError(f"{self.partial} (left by an earlier run) does not match these prompts at its line "
+                                 f"{number}; delete it to start over")
+            self.done = number
+        if len(whole) < len(data):
+            self.file.truncate(len(whole))
+        return self.done
+
+    def write(self, line: str) -> None:
+        data, size = line.encode("utf-8"), self.file.seek(0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):  # a raw write may take part of the bytes
+                written += self.file.write(data[written:])
+        except OSError as e:
+            try:  # no half line: cut back to the last whole one
+                self.file.truncate(size)
+            except OSError:
+                pass
+            kept = f"{self.done} finished result(s) are kept in {self.partial}; " if self.done else ""
+            fix = "free some space" if e.errno == errno.ENOSPC else "fix it"
+            raise ValueError(f"cannot write --out {self.path} ({_os_error(e)}); {kept}{fix} and rerun the same command "
+                             "to continue") from None
+        self.done += 1
+
+    def finish(self) -> None:
+        """Every result is in: FILE.partial becomes FILE."""
+        try:
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.partial, self.path)
+        except OSError as e:
+            raise ValueError(f"cannot write --out {self.path} ({_os_error(e)}); the results are kept in {self.partial}") from None
+
+    def close(self) -> None:
+        """After a failure: keep finished results; a partial file this run made and never wrote to goes."""
+        if not self.file.closed:
+            self.file.close()
+        if not self.existed and self.done == 0:
+            self.partial.unlink(missing_ok=True)

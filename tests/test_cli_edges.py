@@ -1,0 +1,237 @@
+"""The command line at its edges with the operating system: every failure one `error:` line and
+exit 2 (a closed pipe a quiet 141), nothing half-written, no finished work lost, text as typed."""
+
+import inspect
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from llama_lite import Llama
+from llama_lite.cli import chat, complete, serve
+from llama_lite.prompt_files import read_prompts
+from tests.test_scripts import FLAGS, ROOT, assert_fails, script
+from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
+
+COMPLETE = [sys.executable, str(ROOT / "scripts" / "complete.py")]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("Once upon a time\nThe sky is\n")
+    return path
+
+
+def test_out_is_checked_before_any_work(tmp_path, prompts):
+    before = prompts.read_bytes()
+    for out, message in [(tmp_path, "is a folder"), (prompts, "is the prompt file itself"),
+                         ("/proc/x.jsonl", "cannot write --out /proc/x.jsonl (")]:
+        done = script("complete.py", prompts, "--out", out, *FLAGS)
+        assert_fails(done, message)
+        assert "loading" not in done.stderr and "completing" not in done.stderr
+    assert prompts.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
+
+
+def test_a_kv_cache_larger_than_memory_is_named_before_loading():
+    done = script("complete.py", "-", "--max_batch_size", "100000", "--max_seq_len", "2048", stdin="hi\n")
+    assert_fails(done, "the KV cache of 100000 rows x 2048 positions needs")
+    assert "GiB" in done.stderr and "lower max_batch_size or max_seq_len" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "1e999", "nan"])
+def test_temperature_must_be_finite(value):
+    assert_fails(script("chat.py", "--prompt", "hi", "--temperature", value), "--temperature must be a finite number")
+
+
+def test_stdout_on_a_full_device(prompts):
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*COMPLETE, str(prompts), *FLAGS, "--max_gen_len", "2"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    assert_fails(done, "cannot write to stdout (No space left on device)")
+
+
+@pytest.mark.parametrize("name", ["chat.py", "complete.py"])
+def test_a_closed_pipe_ends_quietly(prompts, name):
+    args = ["--prompt", "Count to fifty."] if name == "chat.py" else [prompts]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / name), *map(str, args), *FLAGS, "--max_gen_len", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in stderr and "error" not in stderr.lower()
+
+
+def test_chat_with_stdin_closed():
+    done = subprocess.run(["bash", "-c", 'exec "$@" <&-', "-", sys.executable, str(ROOT / "scripts" / "chat.py"), *FLAGS],
+                          capture_output=True, text=True, timeout=300)
+    assert_fails(done, "stdin is closed")
+
+
+def test_a_very_long_prompt_is_text_not_a_literal():
+    done = script("chat.py", "--prompt", " ".join(["word"] * 12000), *FLAGS)
+    assert_fails(done, "too long for --max_seq_len 512")
+
+
+@pytest.mark.parametrize("typed", ["None", "0x10"])
+def test_prompt_is_taken_as_typed(llm, typed):
+    done = script("chat.py", "--prompt", typed, "--max_gen_len", "6", *FLAGS)
+    assert done.returncode == 0, done.stderr
+    want = llm.chat_completion([[{"role": "user", "content": typed}]], max_gen_len=6, temperature=0)
+    assert done.stdout == want[0]["generation"]["content"] + "\n"
+
+
+def test_prompt_files_split_on_newlines_only(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_bytes("\ufeffone\u2028still one\u0085and still\r\ntwo\n\n".encode())
+    assert read_prompts(text) == [(1, {"prompt": "one\u2028still one\u0085and still"}), (2, {"prompt": "two"})]
+    jsonl = tmp_path / "p.JSONL"
+    jsonl.write_text('{"prompt": "a\u2028b", "id": 1}\n', encoding="utf-8")  # a raw U+2028 inside the string
+    assert read_prompts(jsonl) == [(1, {"prompt": "a\u2028b", "id": 1})]
+    chat_line = tmp_path / "c.jsonl"
+    chat_line.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match="pass --chat"):
+        read_prompts(chat_line)
+    assert read_prompts(chat_line, chat=True)[0][1]["messages"][0]["content"] == "hi"
+
+
+@pytest.mark.parametrize("args", [dict(checkpoint=5), dict(tokenizer=1.5), dict(dtype=["float32"]), dict(device=3)])
+def test_build_refuses_wrong_types_with_value_error(args):
+    with pytest.raises(ValueError, match=next(iter(args))):
+        Llama.build(**args)
+
+
+def test_ids_a_smaller_tokenizer_cannot_decode_are_never_picked(smollm_path):
+    llm = Llama.build(smollm_path, tokenizer=str(SHIPPED_SP_MODEL), max_seq_len=128, max_batch_size=1, device="cpu",
+                      dtype="float32")
+    n_words = llm.tokenizer.n_words
+    prompt = llm.tokenizer.encode("Once upon a time", bos=llm.tokenizer.add_bos, eos=False)
+    [done] = llm.text_completion(["Once upon a time"], max_gen_len=12, temperature=0)
+    ids = prompt + done["tokens"]
+    assert done["tokens"] and max(ids) < n_words
+    llm.model.n_decodable = llm.model.params.vocab_size  # the model alone, unmasked
+    logits = llm.model.forward(torch.tensor([ids]), 0)[0, len(prompt) - 1 : -1]  # teacher-forced
+    assert done["tokens"] == logits[:, :n_words].argmax(-1).tolist()
+    assert (logits.argmax(-1) >= n_words).any()  # the model alone would have picked an undecodable id
+
+
+def test_the_default_context_follows_a_smaller_model(tmp_path):
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf", context=256)
+    args = ["-", "--checkpoint", tiny, "--dtype", "float32", "--device", "cpu", "--max_gen_len", "4"]
+    done = script("complete.py", *args, stdin="he the\n")
+    assert done.returncode == 0, done.stderr
+    assert_fails(script("complete.py", *args, "--max_seq_len", "2048", stdin="he the\n"), "context length 256")
+
+
+def test_complete_chat_runs_the_template_and_says_when_it_is_missing(llm, tmp_path):
+    questions = ["What is the capital of France?", "Who wrote Hamlet?"]
+    source = tmp_path / "q.txt"
+    source.write_text("\n".join(questions) + "\n")
+    done = script("complete.py", source, "--chat", "--frequency_penalty", "0.5", "--max_gen_len", "8", *FLAGS)
+    assert done.returncode == 0, done.stderr
+    want = llm.chat_completion([[{"role": "user", "content": q}] for q in questions], max_gen_len=8, temperature=0,
+                               frequency_penalty=0.5)
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [
+        {"prompt": q, "generation": w["generation"]["content"]} for q, w in zip(questions, want)]
+    plain = script("complete.py", source, "--max_gen_len", "8", *FLAGS)
+    assert plain.returncode == 0 and "pass --chat" in plain.stderr  # the instruct model ends at once without it
+
+
+def test_help_explains_every_flag_on_stdout():
+    for name, command in [("chat.py", chat), ("complete.py", complete), ("serve.py", serve)]:
+        done = script(name, "--help")
+        assert done.returncode == 0 and "Type: Optional[]" not in done.stdout
+        # fire's page: a header line per flag ("    --out=OUT" or "    PROMPTS"), its text indented below
+        entries = re.split(r"\n    (?=\S)", done.stdout)
+        for flag in inspect.signature(command).parameters:
+            [entry] = [e for e in entries if re.match(rf"(-\w, )?--{flag}=|{flag.upper()}\n", e)]
+            assert "Default:" in entry or flag == "prompts"
+            assert "E.g. " in entry, f"{name} --help does not describe {flag}"
+
+
+def _run_until(args, partial, lines):
+    """Start complete.py, SIGKILL it once `partial` holds at least `lines` lines."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (partial.exists() and partial.read_text().count("\n") >= lines):
+        assert proc.poll() is None, "finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def test_a_killed_run_continues_where_it_stopped(llm, tmp_path):
+    source = tmp_path / "prompts.txt"
+    prompts = [f"Fact {n}: the number {n * 7} is" for n in range(200)]
+    source.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    args = [*COMPLETE, str(source), "--out", str(out), "--max_gen_len", "3", *FLAGS]
+    _run_until(args, partial, 100)
+    assert not out.exists()
+    kept = partial.read_text().count("\n")
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{kept} of 200 prompts were done" in rerun.stderr
+    assert f"{200 - kept}/{200 - kept}" in rerun.stderr  # only the rest was generated
+    want = llm.text_completion(prompts, max_gen_len=3, temperature=0)
+    assert out.read_text().splitlines() == [json.dumps({"prompt": p, "generation": w["generation"]}) for p, w in zip(prompts, want)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.txt"]
+
+
+# --- filesystems made for the test: read-only, and full ------------------------------------------
+
+def _can_mount():
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="no user+mount namespaces here (unshare -rm)")
+
+
+def _in_tmpfs(tmp_path, prepare, args):
+    """Run `args` with a fresh 64 KiB tmpfs on tmp_path/fs after the shell commands `prepare`; copy
+    what the tmpfs holds afterwards to tmp_path/after (the mount ends with the command)."""
+    fs, after = tmp_path / "fs", tmp_path / "after"
+    after.mkdir()
+    shell = f'mount -t tmpfs -o size=64k tmpfs "$0" && {prepare} && "$@"; rc=$?; cp -r "$0"/. "{after}"; exit $rc'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", shell, str(fs), *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    return done, after
+
+
+@needs_mount
+def test_out_on_a_read_only_filesystem(tmp_path, prompts):
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    done, after = _in_tmpfs(tmp_path, 'mount -o remount,ro "$0"', [*COMPLETE, prompts, "--out", fs / "out.jsonl", *FLAGS])
+    assert_fails(done, f"cannot write --out {fs}/out.jsonl (Read-only file system)")
+    assert "loading" not in done.stderr
+    assert list(after.iterdir()) == []
+
+
+@needs_mount
+def test_out_on_a_full_filesystem_keeps_whole_lines(llm, tmp_path):
+    source = tmp_path / "p.txt"
+    prompts = [f"Line {n} of a long list of prompts that each take some room in the output file" for n in range(60)]
+    source.write_text("\n".join(prompts) + "\n")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    # 4 KiB left: some dozens of lines fit, then the disk is full
+    done, after = _in_tmpfs(tmp_path, 'head -c 61440 /dev/zero > "$0/filler"',
+                            [*COMPLETE, source, "--out", fs / "out.jsonl", "--max_gen_len", "2", *FLAGS])
+    assert_fails(done, f"cannot write --out {fs}/out.jsonl (No space left on device)")
+    kept = (after / "out.jsonl.partial").read_text().splitlines()
+    assert 0 < len(kept) < len(prompts) and f"{len(kept)} finished result(s) are kept" in done.stderr
+    want = llm.text_completion(prompts[: len(kept)], max_gen_len=2, temperature=0)
+    assert kept == [json.dumps({"prompt": p, "generation": w["generation"]}) for p, w in zip(prompts, want)]
+    assert sorted(p.name for p in after.iterdir()) == ["filler", "out.jsonl.partial"]
