@@ -145,6 +145,11 @@ def test_complete_chat_runs_the_template_and_says_when_it_is_missing(llm, tmp_pa
     assert plain.returncode == 0 and "pass --chat" in plain.stderr  # the instruct model ends at once without it
 
 
+def test_chat_replies_have_a_length_limit_by_default():
+    # "Continue the story." looped for minutes on the default model without one
+    assert inspect.signature(chat).parameters["max_gen_len"].default == 512
+
+
 def test_help_explains_every_flag_on_stdout():
     for name, command in [("chat.py", chat), ("complete.py", complete), ("serve.py", serve)]:
         done = script(name, "--help")
