@@ -17,47 +17,10 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import parallel
-from .gguf_file import GGUFFile, dequantize
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or tokenizer file that is corrupt, truncated or of an unsupported kind."""
-
+from .errors import CheckpointError
+from .gguf_file import REQUIRED, dequantize, gguf_field, open_gguf
 
 # --- GGUF ----------------------------------------------------------------------------------------
-
-def open_gguf(path) -> GGUFFile:
-    """A GGUF file's metadata and tensor table, or a one-line CheckpointError if it is not a readable GGUF."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        magic, version = f.read(4), int.from_bytes(f.read(4), "little")
-    if magic != b"GGUF":
-        raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf checkpoint")
-    if version not in (2, 3):
-        raise CheckpointError(f"{path} is GGUF version {version}; llama_lite reads versions 2 and 3, convert the model again with a current llama.cpp")
-    try:
-        return GGUFFile(path)
-    except (ValueError, OverflowError, MemoryError) as e:
-        raise CheckpointError(f"{path} is a damaged GGUF file ({e}); download it again") from None
-
-
-_MISSING = object()
-
-
-def gguf_field(reader: GGUFFile, key: str, default=_MISSING, kind=None):
-    """The value of metadata `key` (str, int, float, bool or list); with `kind`, a CheckpointError
-    unless it is of that type (a file's metadata can hold any type under any key)."""
-    if key not in reader.fields:
-        if default is _MISSING:
-            raise CheckpointError(f"{reader.path}: metadata {key!r} is missing; the file is not a complete GGUF model")
-        return default
-    value = reader.fields[key]
-    if kind is not None:
-        wanted = (int, float) if kind is float else kind
-        if not isinstance(value, wanted) or (isinstance(value, bool) and kind is not bool):
-            raise CheckpointError(f"{reader.path}: metadata {key!r} is a {type(value).__name__}, not a {kind.__name__}")
-    return value
-
 
 # GGUF tensor names -> Meta's. Per-block names sit under blk.N. / layers.N.
 _GLOBAL_NAMES = {
@@ -96,7 +59,7 @@ def gguf_model_args(reader) -> dict:
     if arch != "llama":
         raise CheckpointError(f"{path}: architecture {arch!r} is not supported; llama_lite runs 'llama' GGUF models")
 
-    def positive_int(key, default=_MISSING):
+    def positive_int(key, default=REQUIRED):
         value = gguf_field(reader, f"llama.{key}", default, kind=int)
         if value <= 0:
             raise CheckpointError(f"{path}: metadata llama.{key} = {value!r} is not a positive integer")
