@@ -19,6 +19,7 @@ Three things make that hold on CPU:
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 
 from . import parallel
 from .kernels import SKINNY_ROWS, Linear
+from .rope import RopeScaling, apply_rope, rope_tables
 
 ROW_BLOCK = 4  # every matrix product gets a multiple of this many rows (see the module docstring)
 KEY_BLOCK = 128  # attention reads whole blocks of this many keys, and sums their values block by block
@@ -41,6 +43,7 @@ class ModelArgs:
     hidden_dim: int  # SwiGLU width (feed_forward_length); Meta derives it from multiple_of
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+'s or linear; None: plain RoPE
     max_seq_len: int = 2048  # KV-cache length
     max_batch_size: int = 8  # KV-cache rows
 
@@ -75,26 +78,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
-    """cos and sin of every (position, frequency) pair: two float32 (max_seq_len, head_dim // 2)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its token's position's angle.
-
-    This is Meta's (and GGUF's) interleaved convention; Hugging Face checkpoints store Q/K rows
-    permuted for a rotate-half layout instead, which a loader must undo.
-    x: (tokens, n_heads, head_dim); cos, sin: (tokens, 1, head_dim // 2).
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (tokens, n_heads, head_dim // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)  # (tokens, n_heads, head_dim)
 
 
 def key_blocks(n: int) -> int:
@@ -290,7 +273,7 @@ class Transformer(nn.Module):
         p = self.params
         weight = self.norm.weight  # in the activations' dtype, even when the matrices are int8
         # Computed on the CPU and moved: arithmetic on the meta device would import torch._dynamo (0.6 s).
-        cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device="cpu")
+        cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, p.rope_scaling, device="cpu")
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
         self.cache = KVCache(p.n_layers, p.max_batch_size, p.n_kv_heads // parallel.world_size(), p.max_seq_len,
