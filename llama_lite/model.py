@@ -44,6 +44,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+'s or linear; None: plain RoPE
+    qkv_bias: bool = False  # Qwen2's q, k and v projections add a bias
+    sliding_window: Optional[int] = None  # keys this many positions back or more are hidden (Mistral); None: none is
     max_seq_len: int = 2048  # KV-cache length
     max_batch_size: int = 8  # KV-cache rows
 
@@ -168,9 +170,9 @@ class Attention(nn.Module):
         world = parallel.world_size()  # under torchrun each rank holds n_heads / world of the heads
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // world, args.n_kv_heads // world, args.head_dim
         self.n_rep = self.n_heads // self.n_kv_heads  # query heads per kv head
-        self.wq = parallel.column_linear(args.dim, args.n_heads * self.head_dim)
-        self.wk = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wv = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wq = parallel.column_linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
 
     def project(self, x, cos, sin):
@@ -254,6 +256,12 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"n_heads={params.n_heads} must divide dim={params.dim} and be a multiple of "
                 f"n_kv_heads={params.n_kv_heads}"
+            )
+        if params.sliding_window is not None and params.sliding_window < params.max_seq_len:
+            # A window at least max_seq_len wide hides no key the cache can hold; a narrower one needs a mask.
+            raise ValueError(
+                f"this model attends through a sliding window of {params.sliding_window} positions, which "
+                f"llama_lite does not implement; build with max_seq_len <= {params.sliding_window}"
             )
         self.params = params
         self.tok_embeddings = parallel.embedding(params.vocab_size, params.dim)
