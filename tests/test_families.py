@@ -265,6 +265,17 @@ def test_sharded_qwen2_folder_matches_transformers(tmp_path):
     assert max_logit_difference(build(folder), model, prompt("qwen2")) < 1e-4
 
 
+def test_int8_qwen2_keeps_its_biases_unquantized(tmp_path):
+    from llama_lite.checkpoint import hf_to_meta_rows
+
+    model = hf_model("qwen2")
+    llm = build(save_hf(model, "qwen2", tmp_path), quantize="int8")
+    ours, theirs = llm.model.layers[1].attention, model.model.layers[1].self_attn
+    assert torch.equal(ours.wq.bias, hf_to_meta_rows(theirs.q_proj.bias.detach(), 4))
+    assert torch.equal(ours.wv.bias, theirs.v_proj.bias.detach())
+    assert (logits := llm.model(prompt("qwen2"), 0)).isfinite().all() and logits.shape == (1, 64, 261)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chat_template_and_stop_tokens_come_from_the_checkpoint(tmp_path, family):
     """The chat prompt's tokens equal transformers' apply_chat_template of the same files, and the
