@@ -1,6 +1,6 @@
 """llama_lite: a small, readable Llama-style batched text generator."""
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .engine import Engine, RequestOutput
 from .generation import Llama
 from .model import ModelArgs, Transformer

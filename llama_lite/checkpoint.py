@@ -1,5 +1,8 @@
 """Checkpoints to model arguments and Meta-named tensors: GGUF files, Hugging Face folders
-(config.json + safetensors) and Meta folders (params.json + consolidated.*.pth).
+(config.json + safetensors) and Meta folders (params.json + consolidated.*.pth), of the families
+that are Llama's layers with small additions: Llama 1-3.x (RoPE scaling), Mistral (a sliding
+window) and Qwen2/2.5 (q/k/v biases). Anything else, or any variant the model cannot reproduce
+exactly, is refused with a one-line CheckpointError.
 
 `read_checkpoint` detects the format and reads only metadata; the returned `Checkpoint` then yields
 one Meta-named tensor at a time, so the caller converts and places each before the next is read and
@@ -17,47 +20,11 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import parallel
-from .gguf_file import GGUFFile, dequantize
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or tokenizer file that is corrupt, truncated or of an unsupported kind."""
-
+from .errors import CheckpointError
+from .gguf_file import REQUIRED, dequantize, gguf_field, open_gguf
+from .rope import RopeScaling
 
 # --- GGUF ----------------------------------------------------------------------------------------
-
-def open_gguf(path) -> GGUFFile:
-    """A GGUF file's metadata and tensor table, or a one-line CheckpointError if it is not a readable GGUF."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        magic, version = f.read(4), int.from_bytes(f.read(4), "little")
-    if magic != b"GGUF":
-        raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf checkpoint")
-    if version not in (2, 3):
-        raise CheckpointError(f"{path} is GGUF version {version}; llama_lite reads versions 2 and 3, convert the model again with a current llama.cpp")
-    try:
-        return GGUFFile(path)
-    except (ValueError, OverflowError, MemoryError) as e:
-        raise CheckpointError(f"{path} is a damaged GGUF file ({e}); download it again") from None
-
-
-_MISSING = object()
-
-
-def gguf_field(reader: GGUFFile, key: str, default=_MISSING, kind=None):
-    """The value of metadata `key` (str, int, float, bool or list); with `kind`, a CheckpointError
-    unless it is of that type (a file's metadata can hold any type under any key)."""
-    if key not in reader.fields:
-        if default is _MISSING:
-            raise CheckpointError(f"{reader.path}: metadata {key!r} is missing; the file is not a complete GGUF model")
-        return default
-    value = reader.fields[key]
-    if kind is not None:
-        wanted = (int, float) if kind is float else kind
-        if not isinstance(value, wanted) or (isinstance(value, bool) and kind is not bool):
-            raise CheckpointError(f"{reader.path}: metadata {key!r} is a {type(value).__name__}, not a {kind.__name__}")
-    return value
-
 
 # GGUF tensor names -> Meta's. Per-block names sit under blk.N. / layers.N.
 _GLOBAL_NAMES = {
@@ -76,7 +43,8 @@ _BLOCK_NAMES = {
     "ffn_down": "feed_forward.w2",
     "ffn_up": "feed_forward.w3",
 }
-_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_BIASED = ("attention.wq", "attention.wk", "attention.wv")  # Qwen2's q/k/v biases; no other tensor has one
 
 
 def _meta_name(name: str, global_names=_GLOBAL_NAMES, block_tensor=_BLOCK_TENSOR, block_names=_BLOCK_NAMES):
@@ -84,59 +52,115 @@ def _meta_name(name: str, global_names=_GLOBAL_NAMES, block_tensor=_BLOCK_TENSOR
     if name in global_names:
         return global_names[name]
     m = block_tensor.fullmatch(name)
-    if m and m.group(2) in block_names:
-        return f"layers.{m.group(1)}.{block_names[m.group(2)]}.weight"
+    if m and m.group(2) in block_names and (m.group(3) == "weight" or block_names[m.group(2)] in _BIASED):
+        return f"layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
     return None
 
 
+def hf_to_meta_rows(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo the Q/K row permutation Hugging Face's converter applies for its rotate-half RoPE (of a
+    weight or a bias: rows are what moves).
+
+    In each head HF stores the first element of every rotary pair, then every second element;
+    Meta (and this model) keeps each pair adjacent.
+    """
+    rows, rest = tensor.shape[0], tensor.shape[1:]
+    head_dim = rows // n_heads
+    # (n_heads, 2, head_dim // 2, *rest) -> (n_heads, head_dim // 2, 2, *rest) -> (rows, *rest)
+    return tensor.view(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
+def _rotate_half_to_pairs(name: str, tensor: torch.Tensor, n_heads: int, n_kv_heads: int, where: str) -> torch.Tensor:
+    """A Meta-named tensor of a checkpoint stored for rotate-half RoPE (Hugging Face, GGUF qwen2),
+    with Q and K rows (weights and biases) back in Meta's pairs; every other tensor as it is."""
+    kind = name.split(".")[-2]
+    if kind not in ("wq", "wk"):
+        return tensor
+    heads = n_heads if kind == "wq" else n_kv_heads
+    if tensor.dim() not in (1, 2) or tensor.shape[0] % (2 * heads):
+        raise CheckpointError(f"{where} has shape {tuple(tensor.shape)}, which does not fit {heads} heads")
+    return hf_to_meta_rows(tensor, heads)
+
+
+# GGUF architectures read. llama.cpp's converter permutes Q/K of "llama" (Llama, Mistral) into
+# Meta's pairs; "qwen2" keeps Hugging Face's rotate-half rows (llama.cpp runs it with NEOX RoPE).
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+_ROTATE_HALF = ("qwen2",)
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (Llama 3.1+)
+
+
 def gguf_model_args(reader) -> dict:
-    """ModelArgs fields from `llama.*` metadata (no cache sizes)."""
+    """ModelArgs fields from `<architecture>.*` metadata (no cache sizes), with the context length."""
     path = reader.path
     arch = gguf_field(reader, "general.architecture", kind=str)
-    if arch != "llama":
-        raise CheckpointError(f"{path}: architecture {arch!r} is not supported; llama_lite runs 'llama' GGUF models")
+    if arch not in GGUF_ARCHITECTURES:
+        raise CheckpointError(f"{path}: architecture {arch!r} is not supported; llama_lite runs {' and '.join(map(repr, GGUF_ARCHITECTURES))} GGUF models")
 
-    def positive_int(key, default=_MISSING):
-        value = gguf_field(reader, f"llama.{key}", default, kind=int)
+    def positive_int(key, default=REQUIRED):
+        value = gguf_field(reader, f"{arch}.{key}", default, kind=int)
         if value <= 0:
-            raise CheckpointError(f"{path}: metadata llama.{key} = {value!r} is not a positive integer")
+            raise CheckpointError(f"{path}: metadata {arch}.{key} = {value!r} is not a positive integer")
         return value
 
     n_heads = positive_int("attention.head_count")
     dim = positive_int("embedding_length")
+    names = {t.name for t in reader.tensors}
     args = dict(
         dim=dim,
         n_layers=positive_int("block_count"),
         n_heads=n_heads,
         n_kv_heads=positive_int("attention.head_count_kv", n_heads),
         hidden_dim=positive_int("feed_forward_length"),
-        norm_eps=float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5, kind=float)),
-        rope_theta=float(gguf_field(reader, "llama.rope.freq_base", 10000.0, kind=float)),
+        norm_eps=float(gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, kind=float)),
+        rope_theta=float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0, kind=float)),
+        rope_scaling=_gguf_rope_scaling(reader, arch, dim // n_heads),
+        qkv_bias="blk.0.attn_q.bias" in names,
         vocab_size=positive_int("vocab_size", len(gguf_field(reader, "tokenizer.ggml.tokens", [], kind=list))),
         context_length=positive_int("context_length", 2048),
     )
     if dim % n_heads:
         raise CheckpointError(f"{path}: embedding_length {dim} is not a multiple of head_count {n_heads}")
-    rope_dims = gguf_field(reader, "llama.rope.dimension_count", dim // n_heads)
+    rope_dims = gguf_field(reader, f"{arch}.rope.dimension_count", dim // n_heads)
     if rope_dims != dim // n_heads:
         raise CheckpointError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dims}) are not supported")
-    scaling = gguf_field(reader, "llama.rope.scaling.type", "none")
-    if scaling != "none":
-        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported; use a model without rope scaling")
     return args
 
 
-def _gguf_tensors(reader) -> Iterator:
+def _gguf_rope_scaling(reader, arch: str, head_dim: int) -> Optional[RopeScaling]:
+    """RoPE scaling as llama.cpp applies it: a linear rope.scaling.factor and/or rope_freqs.weight."""
+    path = reader.path
+    kind = gguf_field(reader, f"{arch}.rope.scaling.type", "none", kind=str)
+    if kind not in ("none", "linear"):
+        raise CheckpointError(f"{path}: RoPE scaling {kind!r} is not supported (llama_lite reads 'linear' and rope_freqs.weight); use a model without it")
+    factor = float(gguf_field(reader, f"{arch}.rope.scaling.factor", 1.0, kind=float)) if kind == "linear" else 1.0
+    if factor <= 0:  # llama.cpp reads a factor of 0 as none
+        factor = 1.0
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    freq_factors = ()
+    if freqs is not None:
+        freq_factors = tuple(dequantize(freqs).flatten().tolist())
+        if len(freq_factors) != head_dim // 2 or not all(f > 0 for f in freq_factors):
+            raise CheckpointError(f"{path}: {ROPE_FREQS} holds {len(freq_factors)} values, not {head_dim // 2} positive ones (one per rotary pair)")
+    if factor == 1.0 and not freq_factors:
+        return None
+    return RopeScaling("linear", factor=factor, freq_factors=freq_factors)
+
+
+def _gguf_tensors(reader, arch: str, args: dict) -> Iterator:
     """(Meta name, float32 tensor) for each tensor, dequantized one at a time."""
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:  # read with the metadata, into rope_scaling
+            continue
         name = _meta_name(t.name)
         if name is None:
-            raise CheckpointError(f"{reader.path}: unexpected tensor {t.name!r}; this llama variant is not supported")
+            raise CheckpointError(f"{reader.path}: unexpected tensor {t.name!r}; this {arch} variant is not supported")
         try:
             tensor = dequantize(t)
         except NotImplementedError:
             raise CheckpointError(f"{reader.path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize; convert the model to another type") from None
         reader.release(t)
+        if arch in _ROTATE_HALF:
+            tensor = _rotate_half_to_pairs(name, tensor, args["n_heads"], args["n_kv_heads"], f"{reader.path}: {t.name}")
         yield name, tensor
 
 
@@ -189,8 +213,9 @@ def _gguf_file(path: Path) -> Checkpoint:
     args = gguf_model_args(reader)
     context_length = args.pop("context_length")
     names = {t.name for t in reader.tensors}
+    arch = gguf_field(reader, "general.architecture")
     return Checkpoint(path, args, context_length, tied="output.weight" not in names,
-                      tensors=lambda: _gguf_tensors(reader), n_tensors=len(reader.tensors),
+                      tensors=lambda: _gguf_tensors(reader, arch, args), n_tensors=len(names - {ROPE_FREQS}),
                       size=path.stat().st_size, gguf_reader=reader)
 
 
@@ -234,19 +259,42 @@ _HF_BLOCK_NAMES = {
 }
 _HF_GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
                     "lm_head.weight": "output.weight"}
-_HF_BLOCK_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_HF_BLOCK_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+# Hugging Face model types read: Llama's layers; Mistral's add a sliding window, Qwen2's q/k/v biases.
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def hf_to_meta_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo the Q/K row permutation Hugging Face's converter applies for its rotate-half RoPE.
+def _hf_rope_scaling(config: dict, where) -> Optional[RopeScaling]:
+    """config.json's rope_scaling (transformers 5: rope_parameters) as transformers reads it; None: plain RoPE."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"{where}: rope_scaling {scaling!r} is not an object; fix or replace it")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    where = f"{where} rope_scaling"
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", factor=_number(scaling, "factor", where, kind=float))
+    if kind == "llama3":
+        low, high = (_number(scaling, f"{band}_freq_factor", where, kind=float) for band in ("low", "high"))
+        if high <= low:
+            raise CheckpointError(f"{where}: high_freq_factor {high} is not above low_freq_factor {low}; fix config.json")
+        return RopeScaling("llama3", factor=_number(scaling, "factor", where, kind=float), low_freq_factor=low,
+                           high_freq_factor=high, original_context=_number(
+                               scaling, "original_max_position_embeddings", where, config.get("max_position_embeddings")))
+    raise CheckpointError(f"{where}: RoPE scaling {kind!r} is not supported (llama_lite reads 'linear' and 'llama3'); use a model without it")
 
-    In each head HF stores the first element of every rotary pair, then every second element;
-    Meta (and this model) keeps each pair adjacent.
-    """
-    rows, cols = weight.shape
-    head_dim = rows // n_heads
-    # (n_heads, 2, head_dim // 2, cols) -> (n_heads, head_dim // 2, 2, cols) -> (rows, cols)
-    return weight.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+def _hf_sliding_window(config: dict, n_layers: int, where) -> Optional[int]:
+    """The attention window transformers puts on any layer of this config; None: every layer sees all keys."""
+    if config.get("model_type") == "qwen2" and not config.get("use_sliding_window"):
+        return None  # Qwen2 configs name a window they do not use unless use_sliding_window
+    types = config.get("layer_types")
+    if isinstance(types, list) and "sliding_attention" not in types:
+        return None
+    if not isinstance(types, list) and config.get("model_type") == "qwen2" and config.get("max_window_layers", 0) >= n_layers:
+        return None  # Qwen2 slides from layer max_window_layers on
+    return None if config.get("sliding_window") is None else _number(config, "sliding_window", where)
 
 
 def _hf_folder(folder: Path) -> Checkpoint:
@@ -254,31 +302,33 @@ def _hf_folder(folder: Path) -> Checkpoint:
 
     where = folder / "config.json"
     config = _read_json(where)
-    if config.get("model_type") != "llama":
-        raise CheckpointError(f"{where}: model_type {config.get('model_type')!r} is not supported; llama_lite runs 'llama' models")
+    model_type = config.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; llama_lite runs {', '.join(map(repr, HF_MODEL_TYPES))} models")
     dim = _number(config, "hidden_size", where)
     n_heads = _number(config, "num_attention_heads", where)
     n_kv_heads = _number(config, "num_key_value_heads", where, n_heads)
-    rope = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling:
-        raise CheckpointError(f"{where}: RoPE scaling {scaling!r} is not supported; use a model without rope_scaling")
+    n_layers = _number(config, "num_hidden_layers", where)
     if config.get("head_dim", dim // n_heads) != dim // n_heads or dim % n_heads:
         raise CheckpointError(f"{where}: head_dim {config.get('head_dim')} differs from hidden_size / num_attention_heads; not supported")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
-            raise CheckpointError(f"{where}: {flag} is true; llama_lite's Llama has no biases")
+            raise CheckpointError(f"{where}: {flag} is true; llama_lite's Llama has no biases (only Qwen2's q/k/v ones)")
     if config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {config.get('hidden_act')!r} is not supported (only silu)")
+    rope = config.get("rope_parameters") or {}
     args = dict(
         dim=dim,
-        n_layers=_number(config, "num_hidden_layers", where),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         vocab_size=_number(config, "vocab_size", where),
         hidden_dim=_number(config, "intermediate_size", where),
         norm_eps=_number(config, "rms_norm_eps", where, 1e-6, kind=float),
         rope_theta=_number(config, "rope_theta", where, rope.get("rope_theta", 10000.0), kind=float),
+        rope_scaling=_hf_rope_scaling(config, where),
+        qkv_bias=model_type == "qwen2",
+        sliding_window=_hf_sliding_window(config, n_layers, where),
     )
     tied = bool(config.get("tie_word_embeddings", False))
 
@@ -308,19 +358,14 @@ def _hf_folder(folder: Path) -> Checkpoint:
                     if name is None:
                         if key.endswith("rotary_emb.inv_freq"):  # recomputed, not loaded
                             continue
-                        raise CheckpointError(f"{file}: unexpected tensor {key!r}; this llama variant is not supported")
+                        raise CheckpointError(f"{file}: unexpected tensor {key!r}; this {model_type} variant is not supported")
                     if tied and name == "output.weight":
                         continue
                     try:
                         tensor = f.get_tensor(key)
                     except Exception as e:  # safetensors raises its own errors for bad offsets
                         raise CheckpointError(f"{file}: tensor {key} cannot be read ({e}); download it again") from None
-                    if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                        heads = n_heads if name.endswith("wq.weight") else n_kv_heads
-                        if tensor.dim() != 2 or tensor.shape[0] % (2 * heads):
-                            raise CheckpointError(f"{file}: {key} has shape {tuple(tensor.shape)}, which does not fit {heads} heads")
-                        tensor = hf_to_meta_rows(tensor, heads)
-                    yield name, tensor
+                    yield name, _rotate_half_to_pairs(name, tensor, n_heads, n_kv_heads, f"{file}: {key}")
 
     return Checkpoint(folder, args, config.get("max_position_embeddings"), tied, tensors,
                       n_tensors=sum(map(len, keys.values())), size=sum(f.stat().st_size for f in files),
@@ -337,14 +382,22 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier=None) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def _meta_rope_scaling(params: dict, where) -> Optional[RopeScaling]:
+    """Llama 3.1+'s use_scaled_rope as Meta's reference applies it: factor 8 and high_freq_factor 4
+    unless params.json names others, low_freq_factor 1, original context 8192 (Llama 3.2 1B/3B
+    files name no factor, and Meta's code then uses 8 where their Hugging Face config says 32)."""
+    if not params.get("use_scaled_rope"):
+        return None
+    return RopeScaling("llama3", factor=_number(params, "rope_scaling_factor", where, 8.0, kind=float),
+                       high_freq_factor=_number(params, "rope_high_freq_factor", where, 4.0, kind=float))
+
+
 def _meta_folder(folder: Path) -> Checkpoint:
     where = folder / "params.json"
     params = _read_json(where)
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{folder} has params.json but no consolidated.*.pth weights; add them")
-    if params.get("use_scaled_rope"):
-        raise CheckpointError(f"{where}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
     dim = _number(params, "dim", where)
     n_heads = _number(params, "n_heads", where)
     multiplier = params.get("ffn_dim_multiplier")
@@ -373,6 +426,7 @@ def _meta_folder(folder: Path) -> Checkpoint:
         hidden_dim=meta_hidden_dim(dim, _number(params, "multiple_of", where, 256), multiplier),
         norm_eps=_number(params, "norm_eps", where, 1e-5, kind=float),
         rope_theta=_number(params, "rope_theta", where, 10000.0, kind=float),
+        rope_scaling=_meta_rope_scaling(params, where),
     )
     head_dim = dim // n_heads
 

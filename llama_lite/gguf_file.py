@@ -7,7 +7,8 @@ memory map; `dequantize` unpacks the common types with torch and the rest with g
 `gguf.quants`, which knows every ggml type.
 
 Every count and size is checked against the bytes left in the file before it is used, so a damaged
-or hostile file ends in a ValueError here (the caller words it), never a huge allocation.
+or hostile file ends in a ValueError here, never a huge allocation; `open_gguf` words it as a
+CheckpointError, and `gguf_field` reads one metadata value checked for its type.
 """
 
 import mmap
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import CheckpointError
 
 # GGUF metadata value types: struct format of the scalars, 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -142,6 +145,39 @@ class GGUFFile:
             raise ValueError(f"tensor {name!r} ({n_bytes} bytes at {start}) runs past the end of the file")
         data = np.frombuffer(self._buf, np.uint8, n_bytes, start)
         return GGUFTensor(name, ggml_type, tuple(reversed(dims)), data)  # ggml lists dims fastest first
+
+
+def open_gguf(path) -> GGUFFile:
+    """A GGUF file's metadata and tensor table, or a one-line CheckpointError if it is not a readable GGUF."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic, version = f.read(4), int.from_bytes(f.read(4), "little")
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf checkpoint")
+    if version not in (2, 3):
+        raise CheckpointError(f"{path} is GGUF version {version}; llama_lite reads versions 2 and 3, convert the model again with a current llama.cpp")
+    try:
+        return GGUFFile(path)
+    except (ValueError, OverflowError, MemoryError) as e:
+        raise CheckpointError(f"{path} is a damaged GGUF file ({e}); download it again") from None
+
+
+REQUIRED = object()  # gguf_field's default: the key must be present
+
+
+def gguf_field(reader: GGUFFile, key: str, default=REQUIRED, kind=None):
+    """The value of metadata `key` (str, int, float, bool or list); with `kind`, a CheckpointError
+    unless it is of that type (a file's metadata can hold any type under any key)."""
+    if key not in reader.fields:
+        if default is REQUIRED:
+            raise CheckpointError(f"{reader.path}: metadata {key!r} is missing; the file is not a complete GGUF model")
+        return default
+    value = reader.fields[key]
+    if kind is not None:
+        wanted = (int, float) if kind is float else kind
+        if not isinstance(value, wanted) or (isinstance(value, bool) and kind is not bool):
+            raise CheckpointError(f"{reader.path}: metadata {key!r} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 def dequantize(tensor: GGUFTensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ Three things make that hold on CPU:
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import nn
 from . import parallel
 from .devices import check_fits
 from .kernels import SKINNY_ROWS, Linear
+from .rope import RopeScaling, apply_rope, rope_tables
 
 ROW_BLOCK = 4  # every matrix product gets a multiple of this many rows (see the module docstring)
 KEY_BLOCK = 128  # attention reads whole blocks of this many keys, and sums their values block by block
@@ -42,6 +44,9 @@ class ModelArgs:
     hidden_dim: int  # SwiGLU width (feed_forward_length); Meta derives it from multiple_of
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+'s or linear; None: plain RoPE
+    qkv_bias: bool = False  # Qwen2's q, k and v projections add a bias
+    sliding_window: Optional[int] = None  # keys this many positions back or more are hidden (Mistral); None: none is
     max_seq_len: int = 2048  # KV-cache length
     max_batch_size: int = 8  # KV-cache rows
 
@@ -88,26 +93,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
-    """cos and sin of every (position, frequency) pair: two float32 (max_seq_len, head_dim // 2)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its token's position's angle.
-
-    This is Meta's (and GGUF's) interleaved convention; Hugging Face checkpoints store Q/K rows
-    permuted for a rotate-half layout instead, which a loader must undo.
-    x: (tokens, n_heads, head_dim); cos, sin: (tokens, 1, head_dim // 2).
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (tokens, n_heads, head_dim // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)  # (tokens, n_heads, head_dim)
 
 
 def key_blocks(n: int) -> int:
@@ -198,9 +183,9 @@ class Attention(nn.Module):
         world = parallel.world_size()  # under torchrun each rank holds n_heads / world of the heads
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // world, args.n_kv_heads // world, args.head_dim
         self.n_rep = self.n_heads // self.n_kv_heads  # query heads per kv head
-        self.wq = parallel.column_linear(args.dim, args.n_heads * self.head_dim)
-        self.wk = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wv = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wq = parallel.column_linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
 
     def project(self, x, cos, sin):
@@ -285,6 +270,12 @@ class Transformer(nn.Module):
                 f"n_heads={params.n_heads} must divide dim={params.dim} and be a multiple of "
                 f"n_kv_heads={params.n_kv_heads}"
             )
+        if params.sliding_window is not None and params.sliding_window < params.max_seq_len:
+            # A window at least max_seq_len wide hides no key the cache can hold; a narrower one needs a mask.
+            raise ValueError(
+                f"this model attends through a sliding window of {params.sliding_window} positions, which "
+                f"llama_lite does not implement; build with max_seq_len <= {params.sliding_window}"
+            )
         self.params = params
         self.tok_embeddings = parallel.embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
@@ -304,7 +295,7 @@ class Transformer(nn.Module):
         p = self.params
         weight = self.norm.weight  # in the activations' dtype, even when the matrices are int8
         # Computed on the CPU and moved: arithmetic on the meta device would import torch._dynamo (0.6 s).
-        cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device="cpu")
+        cos, sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, p.rope_scaling, device="cpu")
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
         self.cache = KVCache(p, weight.dtype, weight.device)

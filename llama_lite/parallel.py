@@ -83,13 +83,13 @@ def _keep(weight):
     return weight
 
 
-def column_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
-    """y = x W^T with W's rows (output features) split across ranks."""
+def column_linear(in_features: int, out_features: int, gather_output: bool = False, bias: bool = False) -> nn.Module:
+    """y = x W^T (+ b) with W's rows (output features), and b, split across ranks."""
     if world_size() == 1:
-        return Linear(in_features, out_features)
+        return Linear(in_features, out_features, bias)
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear
 
-    return ColumnParallelLinear(in_features, out_features, bias=False, gather_output=gather_output, init_method=_keep)
+    return ColumnParallelLinear(in_features, out_features, bias=bias, gather_output=gather_output, init_method=_keep)
 
 
 def row_linear(in_features: int, out_features: int) -> nn.Module:
@@ -112,7 +112,7 @@ def embedding(vocab_size: int, dim: int) -> nn.Module:
     return VocabParallelEmbedding(vocab_size, dim, init_method=_keep)
 
 
-# Which dimension of each Meta-named weight is split across ranks (None: every rank holds it whole).
+# Which dimension of each Meta-named weight (or bias) is split across ranks (None: every rank holds it whole).
 _SPLIT_ROWS = ("tok_embeddings", "wq", "wk", "wv", "w1", "w3", "output")
 _SPLIT_COLUMNS = ("wo", "w2")
 

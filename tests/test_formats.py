@@ -81,12 +81,12 @@ def test_hf_folder_in_bfloat16_loads(tmp_path):
     assert close(logits(build(folder)), reference(model))  # bf16 weights, fp32 compute on both sides
 
 
-def test_hf_rope_scaling_is_refused(tmp_path):
+def test_hf_rope_scaling_of_other_kinds_is_refused(tmp_path):
     folder = save_hf(hf_model(), tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="RoPE scaling"):
+    with pytest.raises(CheckpointError, match="RoPE scaling 'yarn' is not supported"):
         build(folder)
 
 
