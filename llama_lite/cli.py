@@ -61,10 +61,11 @@ def run(command) -> None:
     args = sys.argv[1:]
     if not parallel.is_main():  # under torchrun, rank 0 alone talks to the user
         sys.stdout = sys.stderr = open(os.devnull, "w")
+    sys.stderr = _Notes(sys.stderr)
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks close files.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     try:
-        if "--help" in args[: args.index("--") if "--" in args else None] or args == ["-h"]:
+        if "--help" in args or args == ["-h"]:
             _show_help(command)
             return
         # Fire reads a lone "-" as its command separator; "-" here means stdin, so pick another.
@@ -87,11 +88,35 @@ def run(command) -> None:
         sys.exit(130)
 
 
+class _Notes:
+    """stderr for progress bars and notes, which are never worth the results: closed (2>&-) or
+    full, it drops what it cannot write instead of raising (or print() falling back to stdout)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text) if self.stream is not None else len(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self):
+        try:
+            if self.stream is not None:
+                self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def isatty(self):
+        return self.stream is not None and self.stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def _fail(message: str) -> None:
-    try:
-        print(f"error: {message}", file=sys.stderr)
-    except (OSError, AttributeError):  # stderr itself is closed or gone
-        pass
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -110,19 +135,18 @@ def _show_help(command) -> None:
 
 def _as_typed(command, args) -> list:
     """The arguments for fire, with TEXT_FLAGS' values quoted as Python strings (fire unquotes
-    them to exactly what was typed); an unknown --flag refused in one line (fire would print its
-    whole usage text)."""
+    them to exactly what was typed). Anything fire would read loosely is refused in one line: an
+    unknown flag (fire would print its whole usage), a flag without its value (fire would pass
+    True), an argument too many (fire would take it as the next parameter, such as --out)."""
     params = inspect.signature(command).parameters
     positional = [name for name, p in params.items() if p.default is p.empty]
     switches = {name for name, p in params.items() if isinstance(p.default, bool)}  # may stand alone
-    initials = [name[0] for name in params]
-    short = {name[0]: name for name in params if initials.count(name[0]) == 1}  # fire's -o for --out
-    typed, n_positional, i = [], 0, 0
+    initials = [name[0] for name in params if name not in positional]
+    short = {name[0]: name for name in params if name not in positional and initials.count(name[0]) == 1}  # fire's -o
+    typed, given, i = [], set(), 0
     while i < len(args):
         arg = args[i]
-        if arg == "--":
-            return typed + args[i:]
-        if arg.startswith("-") and arg[1:2] in short and (arg[2:3] in ("", "=")):
+        if arg.startswith("-") and arg[1:2] in short and arg[2:3] in ("", "="):
             arg = f"--{short[arg[1]]}{arg[2:]}"
         if arg.startswith("--"):
             flag, has_value, value = arg.partition("=")
@@ -133,17 +157,25 @@ def _as_typed(command, args) -> list:
                 raise ValueError(f"unknown flag {flag}; see --help for the flags")
             if has_value:
                 typed.append(f"{flag}={repr(value) if name in TEXT_FLAGS else value}")
-            elif name in switches or i + 1 == len(args):
+            elif name in switches:
                 typed.append(arg)
+            elif i + 1 == len(args) or args[i + 1].startswith("--"):
+                raise ValueError(f"{flag} needs a value, such as {flag}=VALUE; see --help")
             else:
                 value = args[i + 1]
                 typed += [arg, repr(value) if name in TEXT_FLAGS else value]
                 i += 1
+            given.add(name)
         else:
-            name = positional[n_positional] if n_positional < len(positional) else None
-            typed.append(repr(arg) if name in TEXT_FLAGS else arg)
-            n_positional += 1
+            missing = [name for name in positional if name not in given]
+            if not missing:
+                raise ValueError(f"unexpected argument {arg!r}; flags start with -- (see --help)")
+            typed += [f"--{missing[0]}", repr(arg) if missing[0] in TEXT_FLAGS else arg]
+            given.add(missing[0])
         i += 1
+    for name in positional:
+        if name not in given:
+            raise ValueError(f"{name.upper()} is missing; see --help")
     return typed
 
 
@@ -195,6 +227,8 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
                             frequency_penalty=frequency_penalty, max_gen_len=max_gen_len)
     if prompt is None and sys.stdin is None:
         raise ValueError("stdin is closed; give chat a terminal or a pipe, or pass --prompt")
+    if sys.stdout is None:
+        raise ValueError("stdout is closed; give chat a terminal, a pipe or a file to write the replies to")
     llm = _build(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile)
     max_seq_len = llm.model.params.max_seq_len
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
@@ -284,7 +318,7 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
 
     def open_results():
         nonlocal results
-        if out is not None:
+        if out is not None and out != "-":  # "-": stdout, as for the prompts
             results = FileResults(out, prompts)
 
     on_main(open_results)  # --out checked before any work
@@ -305,12 +339,18 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
 
 def _write_results(llm, todo, results, source, chat, max_gen_len, sampling):
     """Generate for each (line number, record) of `todo`, writing a result line for each in order."""
-    tokens = [_prompt_tokens(llm, record, chat) for _, record in todo]
-    limit = llm.model.params.max_seq_len
-    for (number, _), ids in zip(todo, tokens):  # an over-long prompt reported by its line before any work
+    tokens, limit = [], llm.model.params.max_seq_len
+    for number, record in todo:  # a prompt that cannot run is reported by its line before any work
+        try:
+            ids = _prompt_tokens(llm, record, chat)
+        except ValueError as e:
+            raise ValueError(f"{source} line {number}: {e}") from None
+        if not ids:
+            raise ValueError(f"{source} line {number}: the prompt encodes to no tokens; give it some text")
         if len(ids) + max_gen_len > limit:
             raise ValueError(f"{source} line {number}: the prompt has {len(ids)} tokens, and with --max_gen_len "
                              f"{max_gen_len} it exceeds --max_seq_len {limit}; shorten it or raise --max_seq_len")
+        tokens.append(ids)
     finished, written, empty = {}, 0, 0
     for i, result in llm.as_completed(tokens, max_gen_len, progress=True, **sampling):
         finished[i] = result["text"]

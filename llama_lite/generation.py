@@ -69,8 +69,8 @@ class Llama:
         if max_seq_len is not None:
             check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be a whole number or None, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+            raise ValueError(f"seed must be a whole number (64-bit) or None, got {seed!r}")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
 

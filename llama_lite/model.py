@@ -18,6 +18,7 @@ Three things make that hold on CPU:
 (Found by measuring MKL's AVX-512 kernels; tests/test_engine.py says if another machine's differ.)
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -77,7 +78,7 @@ class KVCache:
     @staticmethod
     def check_fits(p: "ModelArgs", dtype, device) -> None:
         """Refuse, naming its size, a cache larger than the memory free (before loading any weights)."""
-        n_bytes = 2 * torch.Size(KVCache.shape(p)).numel() * dtype.itemsize  # keys and values
+        n_bytes = 2 * math.prod(KVCache.shape(p)) * dtype.itemsize  # keys and values; Python ints never overflow
         check_fits(n_bytes, f"the KV cache of {p.max_batch_size} rows x {p.max_seq_len} positions",
                    "lower max_batch_size or max_seq_len", torch.device(device))
 

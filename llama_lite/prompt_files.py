@@ -6,6 +6,7 @@ file, and the same command run again continues after its last whole line.
 """
 
 import errno
+import fcntl
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ def read_prompts(source, chat: bool = False) -> list:
         path = Path(str(source))
         if path.is_dir():
             raise ValueError(f"prompt file {path} is a folder; pass a .txt or .jsonl file, or - for stdin")
-        if not path.is_file():
+        if not path.exists():  # a pipe such as <(...) or /dev/stdin is read as a file
             raise FileNotFoundError(f"prompt file {path} does not exist; pass a .txt or .jsonl file, or - for stdin")
         try:
             text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not text
@@ -71,6 +72,16 @@ def read_prompts(source, chat: bool = False) -> list:
     if not records:
         raise ValueError(f"{source} holds no prompts")
     return records
+
+
+def _is_source(path: Path, source) -> bool:
+    """Whether writing `path` would write over the prompts (a file, or stdin redirected from it)."""
+    try:
+        if source == "-":
+            return sys.stdin is not None and os.path.samestat(os.fstat(sys.stdin.fileno()), os.stat(path))
+        return os.path.samefile(path, str(source))
+    except (OSError, ValueError):  # either does not exist (yet), or stdin is no file
+        return False
 
 
 def _os_error(e: OSError) -> str:
@@ -110,19 +121,32 @@ class FileResults:
     a folder nor the prompt file, and its folder must take a new file."""
 
     def __init__(self, out, source):
-        self.path = Path(str(out))
+        if not str(out):
+            raise ValueError("--out is empty; name a file to write, or leave --out out for stdout")
+        # Through symlinks: the link's target is replaced, never the link by a file.
+        self.path = Path(str(out)).resolve()
         self.partial = self.path.with_name(self.path.name + ".partial")
         if self.path.is_dir():
-            raise ValueError(f"--out {out} is a folder; name a file to write, such as {self.path / 'out.jsonl'}")
+            raise ValueError(f"--out {out} is a folder; name a file to write, such as {Path(str(out)) / 'out.jsonl'}")
+        if self.path.exists() and not self.path.is_file():
+            raise ValueError(f"--out {out} is not a regular file (a device or a pipe); name a file, or leave --out out "
+                             "for stdout")
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"the folder of --out {out} does not exist; create it or write elsewhere")
-        if source != "-" and self.path.resolve() == Path(str(source)).resolve():
-            raise ValueError(f"--out {out} is the prompt file itself; write the results elsewhere")
+        for name in (self.path, self.partial):
+            if _is_source(name, source):
+                raise ValueError(f"--out {out} would write over the prompt file ({name}); write the results elsewhere")
         self.existed = self.partial.exists()
         try:  # unbuffered: a failed write leaves nothing behind to be flushed later
             self.file = open(self.partial, "ab+", buffering=0)  # the umask's permissions, as any new file
         except OSError as e:
             raise ValueError(f"cannot write --out {out} ({_os_error(e)}); choose a writable place") from None
+        try:  # one run at a time per --out: two would both append every result
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise ValueError(f"another run is writing --out {out} ({self.partial} is locked); wait for it to end, "
+                             "or choose another --out") from None
         self.done = 0
 
     def resume(self, records) -> int:
@@ -136,8 +160,8 @@ class FileResults:
                 done = json.loads(line)
             except json.JSONDecodeError:
                 done = None
-            if (number > len(records) or not isinstance(done, dict)
-                    or {k: v for k, v in done.items() if k != "generation"} != records[number - 1][1]):
+            if (number > len(records) or not isinstance(done, dict) or not isinstance(done.get("generation"), str)
+                    or done != {**records[number - 1][1], "generation": done["generation"]}):
                 raise ValueError(f"{self.partial} (left by an earlier run) does not match these prompts at its line "
                                  f"{number}; delete it to start over")
             self.done = number

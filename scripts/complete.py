@@ -1,6 +1,11 @@
 """Complete a list of prompts in batches, one JSON line per prompt in input order. See --help."""
 
-from llama_lite.cli import complete_main
+import sys
+
+try:  # importing torch takes seconds: Ctrl-C then is an exit, not a traceback
+    from llama_lite.cli import complete_main
+except KeyboardInterrupt:
+    sys.exit(130)
 
 if __name__ == "__main__":
     complete_main()

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from llama_lite import Llama
-from llama_lite.cli import chat, complete, serve
-from llama_lite.prompt_files import read_prompts
+from llama_lite.cli import _as_typed, chat, complete, serve
+from llama_lite.model import KVCache, ModelArgs
+from llama_lite.prompt_files import FileResults, read_prompts
 from tests.test_scripts import FLAGS, ROOT, assert_fails, script
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 
@@ -32,7 +33,7 @@ def prompts(tmp_path):
 
 def test_out_is_checked_before_any_work(tmp_path, prompts):
     before = prompts.read_bytes()
-    for out, message in [(tmp_path, "is a folder"), (prompts, "is the prompt file itself"),
+    for out, message in [(tmp_path, "is a folder"), (prompts, "would write over the prompt file"), ("/dev/null", "is not a regular file"),
                          ("/proc/x.jsonl", "cannot write --out /proc/x.jsonl (")]:
         done = script("complete.py", prompts, "--out", out, *FLAGS)
         assert_fails(done, message)
@@ -45,6 +46,9 @@ def test_a_kv_cache_larger_than_memory_is_named_before_loading():
     done = script("complete.py", "-", "--max_batch_size", "100000", "--max_seq_len", "2048", stdin="hi\n")
     assert_fails(done, "the KV cache of 100000 rows x 2048 positions needs")
     assert "GiB" in done.stderr and "lower max_batch_size or max_seq_len" in done.stderr
+    huge = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536, max_batch_size=10**12)
+    with pytest.raises(ValueError, match="KV cache"):  # past what torch.Size can count
+        KVCache.check_fits(huge, torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("value", ["inf", "1e999", "nan"])
@@ -70,6 +74,13 @@ def test_a_closed_pipe_ends_quietly(prompts, name):
     assert "Traceback" not in stderr and "error" not in stderr.lower()
 
 
+def test_results_survive_a_closed_stderr(prompts):
+    done = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "-", *COMPLETE, str(prompts), *FLAGS, "--max_gen_len", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0
+    assert [json.loads(line)["prompt"] for line in done.stdout.splitlines()] == ["Once upon a time", "The sky is"]
+
+
 def test_chat_with_stdin_closed():
     done = subprocess.run(["bash", "-c", 'exec "$@" <&-', "-", sys.executable, str(ROOT / "scripts" / "chat.py"), *FLAGS],
                           capture_output=True, text=True, timeout=300)
@@ -81,12 +92,53 @@ def test_a_very_long_prompt_is_text_not_a_literal():
     assert_fails(done, "too long for --max_seq_len 512")
 
 
-@pytest.mark.parametrize("typed", ["None", "0x10"])
-def test_prompt_is_taken_as_typed(llm, typed):
-    done = script("chat.py", "--prompt", typed, "--max_gen_len", "6", *FLAGS)
+def test_text_flags_are_taken_as_typed(llm):
+    done = script("chat.py", "--system", "0x10", "--prompt", "None", "--max_gen_len", "6", *FLAGS)
     assert done.returncode == 0, done.stderr
-    want = llm.chat_completion([[{"role": "user", "content": typed}]], max_gen_len=6, temperature=0)
+    dialog = [{"role": "system", "content": "0x10"}, {"role": "user", "content": "None"}]  # not 16, not None
+    want = llm.chat_completion([dialog], max_gen_len=6, temperature=0)
     assert done.stdout == want[0]["generation"]["content"] + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["p.txt", "q.txt"], "unexpected argument 'q.txt'"),  # fire would take it as --out and overwrite q.txt
+    (["p.txt", "--out"], "--out needs a value"),  # fire would write a file named True
+    (["p.txt", "--out", "--chat"], "--out needs a value"),
+    (["--out", "o.jsonl"], "PROMPTS is missing"),
+    (["p.txt", "-z"], "unexpected argument '-z'"),
+])
+def test_arguments_fire_would_read_loosely_are_refused(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _as_typed(complete, args)
+    assert _as_typed(complete, ["-o", "0x10", "p.txt", "--nochat"]) == ["--out", "'0x10'", "--prompts", "'p.txt'", "--nochat"]
+
+
+def test_out_files_that_must_not_be_written(tmp_path):
+    source = tmp_path / "notes.partial"
+    source.write_text("Hello")
+    with pytest.raises(ValueError, match="would write over the prompt file"):  # FILE.partial is the input
+        FileResults(tmp_path / "notes", source)
+    with pytest.raises(ValueError, match="not a regular file"):
+        FileResults("/dev/null", source)
+    first = FileResults(tmp_path / "out.jsonl", source)
+    with pytest.raises(ValueError, match="another run is writing"):
+        FileResults(tmp_path / "out.jsonl", source)
+    first.close()
+    assert source.read_text() == "Hello" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.partial"]
+
+
+def test_a_partial_file_resumes_records_that_hold_a_generation_field(tmp_path):
+    records = [(1, {"prompt": "a", "generation": "old"}), (2, {"prompt": "b"})]
+    results = FileResults(tmp_path / "out.jsonl", "-")
+    results.write(json.dumps({"prompt": "a", "generation": "new"}) + "\n")
+    results.file.write(b'{"prompt": "b", "gen')  # a kill in the middle of a line
+    results.file.close()
+    again = FileResults(tmp_path / "out.jsonl", "-")
+    assert again.resume(records) == 1
+    again.file.write(b'{"prompt": "b"}\n')  # a line without its generation is not a result
+    again.file.close()
+    with pytest.raises(ValueError, match="does not match these prompts at its line 2"):
+        FileResults(tmp_path / "out.jsonl", "-").resume(records)
 
 
 def test_prompt_files_split_on_newlines_only(tmp_path):
@@ -135,13 +187,13 @@ def test_complete_chat_runs_the_template_and_says_when_it_is_missing(llm, tmp_pa
     questions = ["What is the capital of France?", "Who wrote Hamlet?"]
     source = tmp_path / "q.txt"
     source.write_text("\n".join(questions) + "\n")
-    done = script("complete.py", source, "--chat", "--frequency_penalty", "0.5", "--max_gen_len", "8", *FLAGS)
+    done = script("complete.py", source, "--chat", "--frequency_penalty", "0.5", "--max_gen_len", "5", *FLAGS)
     assert done.returncode == 0, done.stderr
-    want = llm.chat_completion([[{"role": "user", "content": q}] for q in questions], max_gen_len=8, temperature=0,
+    want = llm.chat_completion([[{"role": "user", "content": q}] for q in questions], max_gen_len=5, temperature=0,
                                frequency_penalty=0.5)
     assert [json.loads(line) for line in done.stdout.splitlines()] == [
         {"prompt": q, "generation": w["generation"]["content"]} for q, w in zip(questions, want)]
-    plain = script("complete.py", source, "--max_gen_len", "8", *FLAGS)
+    plain = script("complete.py", source, "--max_gen_len", "5", *FLAGS)
     assert plain.returncode == 0 and "pass --chat" in plain.stderr  # the instruct model ends at once without it
 
 
@@ -174,11 +226,11 @@ def _run_until(args, partial, lines):
 
 def test_a_killed_run_continues_where_it_stopped(llm, tmp_path):
     source = tmp_path / "prompts.txt"
-    prompts = [f"Fact {n}: the number {n * 7} is" for n in range(200)]
+    prompts = [f"Fact {n}:" for n in range(200)]
     source.write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
-    args = [*COMPLETE, str(source), "--out", str(out), "--max_gen_len", "3", *FLAGS]
+    args = [*COMPLETE, str(source), "--out", str(out), "--max_gen_len", "2", "--max_batch_size", "16", *FLAGS]
     _run_until(args, partial, 100)
     assert not out.exists()
     kept = partial.read_text().count("\n")
@@ -186,7 +238,7 @@ def test_a_killed_run_continues_where_it_stopped(llm, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert f"{kept} of 200 prompts were done" in rerun.stderr
     assert f"{200 - kept}/{200 - kept}" in rerun.stderr  # only the rest was generated
-    want = llm.text_completion(prompts, max_gen_len=3, temperature=0)
+    want = llm.text_completion(prompts, max_gen_len=2, temperature=0)
     assert out.read_text().splitlines() == [json.dumps({"prompt": p, "generation": w["generation"]}) for p, w in zip(prompts, want)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.txt"]
 

@@ -134,21 +134,30 @@ def test_same_generation_with_the_equivalent_tokenizer_json(smollm_path, smollm_
 
 # --- GGUF "gpt2" pre-tokenizers ----------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def smollm_vocabulary(smollm_path):
+    """SmolLM2's tokens, token types and merges, read once (gguf-py takes seconds)."""
+    import gguf
+
+    source = gguf.GGUFReader(smollm_path)
+    return {key: source.fields[key].contents() for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                                                           "tokenizer.ggml.merges")}
+
+
 @pytest.mark.parametrize("pre", sorted(GGUF_PRE_TOKENIZERS))
-def test_every_supported_pre_tokenizer_matches_transformers(pre, smollm_path, tmp_path):
+def test_every_supported_pre_tokenizer_matches_transformers(pre, smollm_vocabulary, tmp_path):
     """SmolLM2's vocabulary and merges relabelled with each pre-tokenizer name: the split must be the
     one transformers applies for that name."""
     import gguf
 
     transformers = pytest.importorskip("transformers")
-    source = gguf.GGUFReader(smollm_path)
     path = tmp_path / f"{pre}.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     for key, add in [("tokenizer.ggml.tokens", writer.add_token_list), ("tokenizer.ggml.token_type", writer.add_token_types),
                      ("tokenizer.ggml.merges", writer.add_token_merges)]:
-        add(source.fields[key].contents())
+        add(smollm_vocabulary[key])
     writer.add_eos_token_id(2)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
