@@ -18,7 +18,7 @@ from llama_lite import Llama
 from llama_lite.cli import _as_typed, chat, complete, serve
 from llama_lite.model import KVCache, ModelArgs
 from llama_lite.prompt_files import FileResults, read_prompts
-from tests.test_scripts import FLAGS, ROOT, assert_fails, script
+from tests.test_scripts import FLAGS, ROOT, assert_fails, in_process, script
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 
 COMPLETE = [sys.executable, str(ROOT / "scripts" / "complete.py")]
@@ -35,7 +35,7 @@ def test_out_is_checked_before_any_work(tmp_path, prompts):
     before = prompts.read_bytes()
     for out, message in [(tmp_path, "is a folder"), (prompts, "would write over the prompt file"), ("/dev/null", "is not a regular file"),
                          ("/proc/x.jsonl", "cannot write --out /proc/x.jsonl (")]:
-        done = script("complete.py", prompts, "--out", out, *FLAGS)
+        done = in_process("complete.py", prompts, "--out", out, *FLAGS)
         assert_fails(done, message)
         assert "loading" not in done.stderr and "completing" not in done.stderr
     assert prompts.read_bytes() == before
@@ -43,7 +43,7 @@ def test_out_is_checked_before_any_work(tmp_path, prompts):
 
 
 def test_a_kv_cache_larger_than_memory_is_named_before_loading():
-    done = script("complete.py", "-", "--max_batch_size", "100000", "--max_seq_len", "2048", stdin="hi\n")
+    done = in_process("complete.py", "-", "--max_batch_size", "100000", "--max_seq_len", "2048", stdin="hi\n")
     assert_fails(done, "the KV cache of 100000 rows x 2048 positions needs")
     assert "GiB" in done.stderr and "lower max_batch_size or max_seq_len" in done.stderr
     huge = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536, max_batch_size=10**12)
@@ -53,7 +53,7 @@ def test_a_kv_cache_larger_than_memory_is_named_before_loading():
 
 @pytest.mark.parametrize("value", ["inf", "1e999", "nan"])
 def test_temperature_must_be_finite(value):
-    assert_fails(script("chat.py", "--prompt", "hi", "--temperature", value), "--temperature must be a finite number")
+    assert_fails(in_process("chat.py", "--prompt", "hi", "--temperature", value), "--temperature must be a finite number")
 
 
 def test_stdout_on_a_full_device(prompts):
@@ -88,7 +88,7 @@ def test_chat_with_stdin_closed():
 
 
 def test_a_very_long_prompt_is_text_not_a_literal():
-    done = script("chat.py", "--prompt", " ".join(["word"] * 12000), *FLAGS)
+    done = in_process("chat.py", "--prompt", " ".join(["word"] * 12000), *FLAGS)
     assert_fails(done, "too long for --max_seq_len 512")
 
 
@@ -204,7 +204,7 @@ def test_chat_replies_have_a_length_limit_by_default():
 
 def test_help_explains_every_flag_on_stdout():
     for name, command in [("chat.py", chat), ("complete.py", complete), ("serve.py", serve)]:
-        done = script(name, "--help")
+        done = in_process(name, "--help")
         assert done.returncode == 0 and "Type: Optional[]" not in done.stdout
         # fire's page: a header line per flag ("    --out=OUT" or "    PROMPTS"), its text indented below
         entries = re.split(r"\n    (?=\S)", done.stdout)
