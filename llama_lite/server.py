@@ -3,12 +3,18 @@ OpenAI's requests and responses over the engine (engine.py), which one thread st
 (engine_thread.py) while every handler awaits its own outputs, so concurrent clients share the batch.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (whole, or streamed as server-sent
-events), GET /v1/models, GET /health, GET /metrics (Prometheus). Bad requests get OpenAI's error
-body, {"error": {"message", "type", "param", "code"}}, with a 4xx status.
+events), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus). Bad requests
+get OpenAI's error body, {"error": {"message", "type", "param", "code"}}, with a 4xx status; a
+failure inside the server is a 500 with that body (the traceback goes to the log, not the client).
+
+The event loop only moves bytes: a request's JSON is parsed and its prompt tokenized in a worker
+thread, so a huge prompt never stalls other clients' streams or /health.
 """
 
 import asyncio
+import codecs
 import json
+import logging
 import math
 import time
 import uuid
@@ -17,9 +23,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
+from starlette.exceptions import HTTPException
 
 from .engine_thread import EngineThread, Ticket
-from .sampling import SamplingParams
+from .sampling import SamplingParams, draw_seed, request_seed
+
+log = logging.getLogger("llama_lite.server")
 
 # OpenAI request fields this server does not implement: a non-default value is refused, never ignored.
 UNSUPPORTED = {
@@ -33,6 +42,7 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed"
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
 CHAT_FIELDS = COMMON | {"messages", "top_logprobs", "max_completion_tokens"}
 MAX_STOPS = 4  # as OpenAI
+MAX_BODY_MB = 8  # a whole 128k-token context as text is ~0.5 MB; far larger bodies are refused unread
 
 
 class APIError(Exception):
@@ -45,9 +55,67 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastAPI:
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """ASGI middleware around every route: the API key; the body's size (413 once its length or its
+    bytes so far pass the limit, before any parsing); and any exception a route raises, which becomes
+    a JSON 500 (its traceback logged, never sent)."""
+
+    def __init__(self, app, api_key, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"].startswith("/v1/") and headers.get(b"authorization") != f"Bearer {self.api_key}".encode():
+            return await self._error(send, APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
+                                                    code="invalid_api_key"))
+        too_large = APIError(413, f"the request body is larger than the server's limit of {self.max_body >> 20} MB "
+                                  "(--max_body_mb); send a shorter prompt", code="request_too_large")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return await self._error(send, too_large)
+        received, started = 0, False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # a chunked body that grows past the limit
+                raise _BodyTooLarge
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._error(send, too_large)
+        except Exception:
+            log.exception("%s %s failed", scope.get("method"), scope["path"])
+            if not started:
+                await self._error(send, APIError(500, "the server failed on this request; its log says why",
+                                                 kind="server_error", code="internal_error"))
+
+    @staticmethod
+    async def _error(send, error: APIError):
+        response = error.response()
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+def create_app(llm, model_name: str, api_key=None, max_queue: int = 64, max_body_mb: float = MAX_BODY_MB) -> FastAPI:
     """The FastAPI app serving `llm` as `model_name`. `max_queue`: requests that may wait for a
-    KV-cache row beyond those running; one more is answered 429."""
+    KV-cache row beyond those running; one more is answered 429. `max_body_mb`: larger request
+    bodies are answered 413 unread."""
     worker = EngineThread(llm.engine)
 
     @asynccontextmanager
@@ -61,17 +129,17 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
     created = int(time.time())
     rows = llm.model.params.max_batch_size
 
+    app.add_middleware(_Guard, api_key=api_key, max_body=int(max_body_mb * (1 << 20)))
+
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
         return exc.response()
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):  # unknown paths and methods, in OpenAI's shape
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+                        headers=exc.headers).response()
 
     @app.get("/health")
     async def health():
@@ -83,24 +151,33 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
 
         return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "llama_lite"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llama_lite"}]}
+        return {"object": "list", "data": [model_card]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _json_body(request)
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"model '{model_id}' does not exist here; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        return model_card
+
+    def parse_completion(raw):
+        """In a worker thread: the body parsed, checked and its prompts tokenized."""
+        body = _json_body(raw)
         _check_fields(body, COMPLETION_FIELDS)
         _check_model(body, model_name)
         prompts = _prompts(body.get("prompt"), llm.tokenizer)
         logprobs = _optional_int(body, "logprobs", 0, 5)
         echo = _optional_bool(body, "echo", False)
         shared = _sampling(body, default_max_tokens=16, logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo)
-        return await _serve(request, body, "text_completion", "cmpl", prompts, shared, chat=False)
+        return body, prompts, shared
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await _json_body(request)
+    def parse_chat(raw):
+        """In a worker thread: the body parsed, checked and its messages rendered and tokenized."""
+        body = _json_body(raw)
         _check_fields(body, CHAT_FIELDS)
         _check_model(body, model_name)
         messages = _messages(body.get("messages"))
@@ -115,7 +192,17 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
         if body.get("max_completion_tokens") is not None:
             body = {**body, "max_tokens": body["max_completion_tokens"]}
         shared = _sampling(body, default_max_tokens=None, logprobs=logprobs, top_logprobs=top, echo=False)
-        return await _serve(request, body, "chat.completion", "chatcmpl", [prompt], shared, chat=True)
+        return body, [prompt], shared
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body, prompts, shared = await asyncio.to_thread(parse_completion, await request.body())
+        return await _serve(request, body, "text_completion", "cmpl", prompts, shared, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body, prompts, shared = await asyncio.to_thread(parse_chat, await request.body())
+        return await _serve(request, body, "chat.completion", "chatcmpl", prompts, shared, chat=True)
 
     async def _serve(request, body, kind, id_prefix, prompts, shared, chat):
         n = _optional_int(body, "n", 1, 16, default=1)
@@ -133,15 +220,21 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
         choices = [(i * n + j, prompt) for i, prompt in enumerate(prompts) for j in range(n)]
         if worker.closing:
             raise APIError(503, "the server is shutting down", kind="server_error")
+        if len(choices) > rows + max_queue:  # it would be refused however idle the server is
+            raise APIError(400, f"this request runs {len(choices)} sequences (prompts x n), more than the server ever "
+                                f"holds ({rows} rows + --max_queue {max_queue}); send fewer prompts or a smaller n",
+                           param="n" if n > 1 else "prompt", code="too_many_sequences")
         if worker.pending + len(choices) > rows + max_queue:
             raise APIError(429, f"the server's queue is full ({max_queue} waiting); retry in a few seconds",
                            kind="rate_limit_error", code="queue_full", headers={"Retry-After": "2"})
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
         tickets = []
+        # Choice k (prompt i's choice j is i * n + j) samples from its own generator seeded seed + k, so
+        # it repeats whatever else runs; without a seed, the request's is drawn from the server's (--seed).
+        seed = draw_seed(llm.generator) if shared["seed"] is None else shared["seed"]
         for index, prompt in choices:
-            seed = shared["seed"]
             try:
-                params = SamplingParams(**{**shared, "seed": None if seed is None else seed + index % n})
+                params = SamplingParams(**{**shared, "seed": request_seed(seed, index)})
             except ValueError as e:
                 raise APIError(400, str(e)) from None
             ticket = Ticket(loop, outputs, index, echoed_ids=len(prompt) if params.echo else 0)
@@ -149,25 +242,38 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
             tickets.append(ticket)
         head = {"id": f"{id_prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model_name}
         view = _Choices(llm.tokenizer, choices, n, chat, shared)
-        events = _events(outputs, len(choices), tickets, request)
-        if stream:
-            return EventSourceResponse(_stream(events, view, head, chat, include_usage))
-        async for index, out in events:
-            view.add(index, out)
+        if stream:  # the streaming response itself stops (and so aborts) when its client goes
+            return EventSourceResponse(_stream(_events(outputs, len(choices), tickets), view, head, chat, include_usage))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            async for index, out in _events(outputs, len(choices), tickets, gone):
+                view.add(index, out)
+        finally:
+            gone.cancel()
         return {**head, "choices": view.whole(), "usage": view.usage()}
 
-    async def _events(outputs, count, tickets, request):
+    async def _disconnected(request):
+        """Returns once the client of a whole (non-streamed) answer has gone; its body is read already,
+        so the next message is the disconnect."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def _events(outputs, count, tickets, gone=None):
         """(choice index, RequestOutput) until every choice finished; an error adding one is a 400.
-        A client that goes away has its requests aborted (within one engine step)."""
+        When `gone` (a future) completes, the client has left: its requests are aborted at the next
+        engine step."""
         left = count
         try:
             while left:
-                try:
-                    index, item = await asyncio.wait_for(outputs.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+                if gone is None:
+                    index, item = await outputs.get()
+                else:
+                    get = asyncio.ensure_future(outputs.get())
+                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()
                         return
-                    continue
+                    index, item = get.result()
                 if isinstance(item, ValueError):
                     raise APIError(400, str(item))
                 left -= item.finished
@@ -186,7 +292,9 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
                                                   "logprobs": None, "finish_reason": None}]})
         try:
             async for index, out in events:
-                yield _sse({**base, "choices": [view.add(index, out)]})
+                choice = view.add(index, out)
+                if out.text or out.finished or (view.logprobs and out.token_ids):  # no empty chunks
+                    yield _sse({**base, "choices": [choice]})
         finally:
             await events.aclose()  # a client gone mid-stream: abort its requests now
         if include_usage:
@@ -212,7 +320,8 @@ class _Choices:
         self.lp = {index: [] for index, _ in choices}
         self.finish = {index: None for index, _ in choices}
         self.generated = {index: 0 for index, _ in choices}
-        self.offset = {index: 0 for index, _ in choices}
+        self.offset = {index: 0 for index, _ in choices}  # characters of text before the next token
+        self.utf8 = {index: codecs.getincrementaldecoder("utf-8")("replace") for index, _ in choices}
 
     def add(self, index, out):
         """Record one output; the choice as a streamed chunk shows it."""
@@ -244,41 +353,45 @@ class _Choices:
         completion = sum(self.generated.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _token(self, token_id):
-        text = self.tokenizer.decode([token_id])
-        return text, list(text.encode("utf-8"))
+    def _token(self, token_id, at_start):
+        """(token text, its bytes): the bytes it adds to the text (joined they rebuild the text's
+        UTF-8); a token holding part of a character shows the bytes escaped, as OpenAI does: "\\xe2\\x80"
+        in chat, "bytes:\\xe2\\x80" in completions."""
+        raw = self.tokenizer.token_bytes(token_id, at_start)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ("" if self.chat else "bytes:") + raw.decode("utf-8", "backslashreplace")
+        return text, list(raw)
 
     def _logprobs(self, index, out):
         entries = []
-        for token_id, logprob, top in zip(out.token_ids, out.logprobs, out.top_logprobs or [None] * len(out.token_ids)):
-            text, raw = self._token(token_id)
-            entries.append((text, raw, logprob, [(*self._token(t), lp) for t, lp in (top or [])]))
+        tops = out.top_logprobs or [None] * len(out.token_ids)
+        for token_id, logprob, top in zip(out.token_ids, out.logprobs, tops):
+            first = not self.lp[index] and not entries  # the text's first token: SentencePiece drops its space
+            text, raw = self._token(token_id, first)
+            top = [(*self._token(t, first), lp) for t, lp in (top or [])]
+            if first and self.echo:  # an echoed prompt's first token has no logprob
+                logprob, top = None, None
+            entries.append((text, raw, logprob, top, self.offset[index]))
+            self.offset[index] += len(self.utf8[index].decode(bytes(raw)))  # the characters it completes
         self.lp[index] += entries
-        start = self.offset[index]
-        self.offset[index] += sum(len(text) for text, *_ in entries)
-        return self._shape(entries, start)
+        return self._shape(entries)
 
     def _merged(self, index):
-        return self._shape(self.lp[index], start=0)
+        return self._shape(self.lp[index])
 
-    def _shape(self, entries, start):
-        """OpenAI's logprobs object for these (text, bytes, logprob, top) entries; `start`: the text
-        offset of the first (0 is the choice's first token, a prompt's first when echoed: no logprob)."""
+    def _shape(self, entries):
+        """OpenAI's logprobs object for these (text, bytes, logprob, top, text offset) entries."""
         if self.chat:
             return {"content": [{"token": text, "logprob": _finite(lp), "bytes": raw,
                                  "top_logprobs": [{"token": t, "logprob": _finite(v), "bytes": b} for t, b, v in top]}
-                                for text, raw, lp, top in entries]}
-        offsets, position = [], start
-        for text, *_ in entries:
-            offsets.append(position)
-            position += len(text)
-        first_prompt = self.echo and start == 0
+                                for text, raw, lp, top, _ in entries]}
         return {
             "tokens": [text for text, *_ in entries],
-            "token_logprobs": [None if first_prompt and i == 0 else _finite(lp) for i, (_, _, lp, _) in enumerate(entries)],
-            "top_logprobs": [None if first_prompt and i == 0 else {t: _finite(v) for t, _, v in top}
-                             for i, (_, _, _, top) in enumerate(entries)],
-            "text_offset": offsets,
+            "token_logprobs": [_finite(lp) for _, _, lp, _, _ in entries],
+            "top_logprobs": [None if top is None else {t: _finite(v) for t, _, v in top} for _, _, _, top, _ in entries],
+            "text_offset": [offset for *_, offset in entries],
         }
 
 
@@ -288,11 +401,12 @@ def _finite(x):
 
 # --- request parsing: one line naming the problem and the field -------------------------------------
 
-async def _json_body(request) -> dict:
-    raw = await request.body()
+def _json_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply to parse; send a flatter JSON object") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError; a number of over 4,300 digits
         raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -417,16 +531,18 @@ def _messages(messages) -> list:
     return dialog
 
 
-def serve(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key=None, max_queue: int = 64) -> None:
-    """Run the server until SIGTERM or Ctrl-C; running requests then end (finish reason "abort")."""
+def serve(llm, model_name: str, sock, api_key=None, max_queue: int = 64, max_body_mb: float = MAX_BODY_MB) -> None:
+    """Run the server on `sock` (a bound socket) until SIGTERM or Ctrl-C; running requests then end
+    (finish reason "abort")."""
     import uvicorn
 
-    app = create_app(llm, model_name, api_key=api_key, max_queue=max_queue)
+    app = create_app(llm, model_name, api_key=api_key, max_queue=max_queue, max_body_mb=max_body_mb)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             app.state.shutdown()  # end the running requests, so their connections close
             super().handle_exit(sig, frame)
 
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
-    Server(config).run()
+    Server(config).run(sockets=[sock])

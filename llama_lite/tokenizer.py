@@ -31,7 +31,8 @@ class Tokenizer:
 
     bos_id: id prepended by encode(bos=True) (None if the vocabulary has none).
     eos_id: end of sequence. pad_id: fills padding; always a valid embedding index.
-    n_words: vocabulary size. stop_ids: ids that end generation (eos and end-of-turn tokens).
+    n_words: vocabulary size. stop_ids: ids that end generation (eos, end-of-turn tokens, and the
+    special tokens the chat template writes around a turn: a reply that opens a new turn has ended).
     add_bos: whether plain-text prompts get a bos, as the checkpoint says.
     chat_template: the checkpoint's jinja2 chat template, or None.
     """
@@ -66,14 +67,29 @@ class Tokenizer:
             raise ValueError(f"token ids must lie in [0, {self.n_words}); got {min(ids)}..{max(ids)}")
         return self._decode(ids)
 
+    def token_bytes(self, token_id: int, at_start: bool = False) -> bytes:
+        """The bytes one token adds to a text: joined over a text's tokens they are its UTF-8, also
+        where a token holds part of a character (a byte-level or byte-fallback token), which decode()
+        shows as U+FFFD. `at_start`: the text's first token, whose leading space SentencePiece drops."""
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.n_words:
+            raise ValueError(f"token ids must lie in [0, {self.n_words}); got {token_id!r}")
+        raw = self._token_bytes(token_id)
+        if at_start and raw[:1] == b" " and self.decode([token_id]).encode("utf-8") == raw[1:]:
+            raw = raw[1:]
+        return raw
+
     def _encode(self, s: str) -> list:
         raise NotImplementedError
 
     def _decode(self, ids: list) -> str:
         raise NotImplementedError
 
-    def _set_ids(self, *, bos_id, eos_id, pad_id, stop_ids, add_bos, chat_template, where):
-        """Check and keep the ids generation relies on; `where` names the file in errors."""
+    def _token_bytes(self, token_id: int) -> bytes:
+        raise NotImplementedError
+
+    def _set_ids(self, *, bos_id, eos_id, pad_id, stop_ids, add_bos, chat_template, where, specials=()):
+        """Check and keep the ids generation relies on; `where` names the file in errors. `specials`:
+        the ids of special (control) tokens, those of them the chat template writes stop generation."""
         for name, value in (("eos", eos_id), ("bos", bos_id), ("pad", pad_id)):
             if value is not None and not (isinstance(value, int) and 0 <= value < self.n_words):
                 raise CheckpointError(f"{where}: {name} token id {value!r} is outside the vocabulary of {self.n_words}")
@@ -87,6 +103,24 @@ class Tokenizer:
         self.stop_ids = frozenset({eos_id, *stop_ids})
         self.add_bos = bool(add_bos) and bos_id is not None
         self.chat_template = chat_template if isinstance(chat_template, str) and chat_template else None
+        self.stop_ids |= self._template_specials(set(specials))
+
+    def _template_specials(self, specials: set) -> frozenset:
+        """The special tokens the chat template writes around one user message and the reply's
+        opening (<|im_start|>, <|start_header_id|>, ...): a model that writes one has ended its turn.
+        A template that fails to render adds none (chat then reports its error)."""
+        from .chat_template import render_chat
+
+        if not self.chat_template or not specials:
+            return frozenset()
+        try:
+            text = render_chat(self.chat_template, [{"role": "user", "content": "x"}],
+                               bos_token=self.decode([self.bos_id]) if self.bos_id is not None else "",
+                               eos_token=self.decode([self.eos_id]))
+            ids = self.encode(text, bos=False, eos=False)
+        except ValueError:
+            return frozenset()
+        return frozenset(specials.intersection(ids))
 
     @staticmethod
     def from_file(path) -> "Tokenizer":
@@ -183,7 +217,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.control_text = {i: piece for piece, i in controls.items()}
         self._split = _special_splitter(controls)
         stop_ids = {*stop_ids, *(i for piece, i in controls.items() if piece in END_OF_TURN_TEXTS)}
-        self._set_ids(stop_ids=stop_ids, where=where, **ids)
+        self._set_ids(stop_ids=stop_ids, where=where, specials=controls.values(), **ids)
 
     def _encode(self, s):
         ids = []
@@ -193,6 +227,13 @@ class SentencePieceTokenizer(Tokenizer):
             else:  # the dummy prefix space only for text at the very start
                 ids += (self.sp if n == 0 else self.sp_inner).encode(text)
         return ids
+
+    def _token_bytes(self, token_id):
+        if self.sp.is_byte(token_id):  # byte fallback: <0xE2>
+            return bytes([int(self.sp.id_to_piece(token_id)[3:5], 16)])
+        if token_id in self.control_text or self.sp.is_unknown(token_id):
+            return self.decode([token_id]).encode("utf-8")
+        return self.sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8")  # "▁the" is " the"
 
     def _decode(self, ids):
         out, run, at_start = [], [], True
@@ -243,14 +284,48 @@ class HFTokenizer(Tokenizer):
     def __init__(self, backend, *, where, stop_ids=(), **ids):
         self.backend = backend
         self.n_words = backend.get_vocab_size(with_added_tokens=True)
-        specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-        self._set_ids(stop_ids={*stop_ids, *(i for t, i in specials.items() if t in END_OF_TURN_TEXTS)}, where=where, **ids)
+        added = backend.get_added_tokens_decoder()
+        specials = {t.content: i for i, t in added.items() if t.special}
+        self._added = set(added)
+        decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}
+        self._byte_level = "ByteLevel" in {d.get("type") for d in decoder.get("decoders", [decoder])}
+        self._set_ids(stop_ids={*stop_ids, *(i for t, i in specials.items() if t in END_OF_TURN_TEXTS)}, where=where,
+                      specials=specials.values(), **ids)
 
     def _encode(self, s):
         return self.backend.encode(s, add_special_tokens=False).ids
 
+    def _token_bytes(self, token_id):
+        token = self.backend.id_to_token(token_id)
+        if token is None or token_id in self._added:  # added tokens are their own text
+            return self.decode([token_id]).encode("utf-8")
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in token):  # "Ġthe" is " the", "âĢ" two bytes
+            return bytes(_BYTE_OF_CHAR[c] for c in token)
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)  # byte fallback
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return token.replace("\u2581", " ").encode("utf-8")  # Metaspace: "▁the" is " the"
+
     def _decode(self, ids):
         return self.backend.decode(ids, skip_special_tokens=False)
+
+
+def byte_level_alphabet() -> list:
+    """GPT-2's byte-level alphabet, the character that spells each byte 0..255: printable bytes stand
+    for themselves, the others (space, control bytes, ...) for the characters from U+0100 on
+    (space is "Ġ")."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            spelled.append(chr(b))
+        else:
+            spelled.append(chr(256 + extra))
+            extra += 1
+    return spelled
+
+
+_BYTE_OF_CHAR = {c: b for b, c in enumerate(byte_level_alphabet())}
 
 
 def json_tokenizer(path: Path) -> HFTokenizer:
