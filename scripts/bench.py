@@ -58,14 +58,12 @@ def peak_rss_mb() -> float:
 
 class LlamaLite:
     def __init__(self, path, options, threads, max_batch_size):
-        import torch
-
         from llama_lite import Llama
 
-        torch.set_num_threads(threads)
         dtype = options[0] if options else None
         self.llm = Llama.build(path, max_seq_len=MAX_SEQ_LEN, max_batch_size=max_batch_size, dtype=dtype, device="cpu",
-                               quantize="int8" if "int8" in options else None, compile="compile" in options)
+                               quantize="int8" if "int8" in options else None, compile="compile" in options,
+                               threads=threads)
         self.llm.tokenizer.stop_ids = frozenset({-1})  # no token is -1: end-of-sequence is ignored
         tensors = [*self.llm.model.parameters(), *self.llm.model.buffers()]  # the tied embedding/output counted once:
         self.weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.dim() == 2}.values())
