@@ -152,6 +152,10 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64, max_body
         return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "llama_lite"}
+    # A text of n characters (n bytes at least) holds n / max_token_bytes tokens at least: one longer
+    # than this can never fit the context, and is refused before tokenizing it (seconds under the GIL
+    # for megabytes, which would stall every other client).
+    max_chars = llm.model.params.max_seq_len * llm.tokenizer.max_token_bytes()
 
     @app.get("/v1/models")
     async def models():
@@ -169,7 +173,7 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64, max_body
         body = _json_body(raw)
         _check_fields(body, COMPLETION_FIELDS)
         _check_model(body, model_name)
-        prompts = _prompts(body.get("prompt"), llm.tokenizer)
+        prompts = _prompts(body.get("prompt"), llm.tokenizer, max_chars)
         logprobs = _optional_int(body, "logprobs", 0, 5)
         echo = _optional_bool(body, "echo", False)
         shared = _sampling(body, default_max_tokens=16, logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo)
@@ -181,6 +185,9 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64, max_body
         _check_fields(body, CHAT_FIELDS)
         _check_model(body, model_name)
         messages = _messages(body.get("messages"))
+        if sum(len(m["content"]) for m in messages) > max_chars:
+            raise APIError(400, "the messages hold more tokens than this model's context; shorten them", param="messages",
+                           code="context_length_exceeded")
         try:
             prompt = llm.chat_prompt_tokens(messages)
         except ValueError as e:
@@ -208,7 +215,8 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64, max_body
         n = _optional_int(body, "n", 1, 16, default=1)
         stream = _optional_bool(body, "stream", False)
         options = body.get("stream_options")
-        if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
+        if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
+                                    or not isinstance(options.get("include_usage", False), bool)):
             raise APIError(400, "stream_options must be {\"include_usage\": bool}, and only with stream: true", param="stream_options")
         include_usage = bool((options or {}).get("include_usage"))
         context = llm.model.params.max_seq_len
@@ -489,13 +497,20 @@ def _sampling(body, default_max_tokens, logprobs, top_logprobs, echo) -> dict:
     }
 
 
-def _prompts(prompt, tokenizer) -> list:
-    """A completion's prompt(s) as token lists: a string, a list of strings, token ids, or lists of them."""
+def _prompts(prompt, tokenizer, max_chars) -> list:
+    """A completion's prompt(s) as token lists: a string, a list of strings, token ids, or lists of them.
+    Text longer than `max_chars` is refused untokenized (see _Limits)."""
     def ids(p, i):
         if isinstance(p, str):
             if not p:
                 raise APIError(400, f"prompt {i} is empty; send some text", param="prompt")
-            return tokenizer.encode(p, bos=tokenizer.add_bos, eos=False)
+            if len(p) > max_chars:
+                raise APIError(400, f"prompt {i} has {len(p)} characters, more tokens than this model's context holds; "
+                                    "shorten it", param="prompt", code="context_length_exceeded")
+            try:
+                return tokenizer.encode(p, bos=tokenizer.add_bos, eos=False)
+            except ValueError as e:  # a lone surrogate ("\ud800" in the JSON)
+                raise APIError(400, f"prompt {i}: {e}", param="prompt") from None
         if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.n_words for t in p):
             return list(p)
         raise APIError(400, f"prompt {i} must be a non-empty string or a list of token ids in [0, {tokenizer.n_words})",
@@ -527,6 +542,11 @@ def _messages(messages) -> list:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string, got {type(content).__name__}", param="messages")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:  # "\ud800" in the JSON: no tokenizer takes it
+            raise APIError(400, f"messages[{i}].content holds {content[e.start]!r} at {e.start}, a lone surrogate, which "
+                                "is not text; send valid Unicode", param="messages") from None
         dialog.append({"role": role, "content": content})
     return dialog
 

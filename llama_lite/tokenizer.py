@@ -78,6 +78,13 @@ class Tokenizer:
             raw = raw[1:]
         return raw
 
+    def max_token_bytes(self) -> int:
+        """The most bytes one token adds to a text (computed once): a text of n bytes has at least
+        n / max_token_bytes() tokens."""
+        if getattr(self, "_max_token_bytes", None) is None:
+            self._max_token_bytes = max(len(self.token_bytes(i)) for i in range(self.n_words))
+        return self._max_token_bytes
+
     def _encode(self, s: str) -> list:
         raise NotImplementedError
 
