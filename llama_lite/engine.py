@@ -171,8 +171,9 @@ class Engine:
         return work
 
     def _place(self, request) -> "Reuse | None":
-        """The free row a waiting request takes and the K/V it reuses; None: it waits.
-        Without the prefix cache, the lowest free row (which keeps the decoding rows together)."""
+        """The free row a waiting request takes, the lowest (decoding attends over rows 0.. up to the
+        highest decoding one, so busy rows stay together), and with the prefix cache the K/V it
+        reuses; None: it waits."""
         if self.prefix is None:
             return Reuse(min(self.free_rows), min(self.free_rows), 0)
         return self.prefix.plan(request.prompt, request.params.cache_salt, self.free_rows, not request.scores_prompt)

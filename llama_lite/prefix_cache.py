@@ -1,12 +1,12 @@
 """Prefix caching: a request reuses the K/V of its prompt's beginning that a KV-cache row still holds.
 
-A row keeps its K/V after its request ends, until the row is needed again (rows that hold nothing
-first, then the least recently used; a running request's row is never taken). A request being
-admitted reuses the longest beginning of its prompt that any row holds (a finished request's prompt,
-or a running request's prompt as far as it is prefilled): in place when that row is free (the
-request takes it), else copied into the request's row (KVCache.copy_prefix, far cheaper than a
-prefill); only the rest is prefilled. A radix tree over token ids finds it, to the token. It costs
-no memory beyond the KV cache: the rows are the cache's own.
+A row keeps its K/V after its request ends, until they are evicted: rows that hold nothing go first,
+then the least recently used; a running request's row is never touched. A request being admitted
+reuses the longest beginning of its prompt that any row holds (a finished request's prompt, or a
+running request's prompt as far as it is prefilled), in place or copied into its row
+(KVCache.copy_prefix: milliseconds, where a prefill takes seconds), and prefills only the rest. A
+radix tree over token ids finds it, to the token. It takes no memory beyond the KV cache: the rows
+are the cache's own. (How a row is chosen, and what moves where: PrefixCache.plan.)
 
 Bit for bit what the cache off gives (float32):
 - a position's K/V depend only on the tokens up to it, and a prompt's K/V come out the same whether
@@ -105,12 +105,14 @@ class PrefixTree:
 
 @dataclass
 class Reuse:
-    """Where a request being admitted goes: the free row it takes, and the positions 0..length-1 of
-    row `source` whose K/V it reuses (source == row: in place; length 0: none)."""
+    """Where a request being admitted goes: the free row it takes; the positions 0..length-1 of row
+    `source` whose K/V it reuses (source == row: in place; length 0: none); and the row `keep_in`
+    that what `row` held moves to first (None: nothing worth keeping, or nowhere to keep it)."""
 
     row: int
     source: int
     length: int
+    keep_in: "int | None" = None
 
 
 class PrefixCache:
@@ -124,15 +126,20 @@ class PrefixCache:
         self.trees = {}  # cache_salt -> PrefixTree of the prompts rows hold
         self.held = {}  # row -> (cache_salt, prompt): the row holds K/V of the prompt from position 0 ..
         self.valid = {}  # .. up to (not including) this position, all written by prefill
-        self.last_used = {}  # free row -> when its request ended (a tick), for least-recently-used eviction
+        self.last_used = {}  # free row -> when it was last used (a tick), for least-recently-used eviction
         self.clock = itertools.count()
         self.writes_seen = kv_cache.writes
         self.hits = self.misses = self.reused_tokens = 0  # over admitted requests, for /metrics
 
     def plan(self, prompt, salt, free_rows, may_reuse=True) -> "Reuse | None":
-        """The free row for a request with this prompt and cache_salt, and what it reuses; None when it
-        should wait: a running row is still prefilling a shared beginning of half its prompt or more
-        (so `n` copies of one prompt prefill it once)."""
+        """Where a request with this prompt and cache_salt goes, and what it reuses; None when it should
+        wait: a running row is still prefilling a shared beginning of half its prompt or more (so `n`
+        copies of one prompt prefill it once).
+
+        It takes the lowest free row, as without the cache: decoding attends over rows 0.. up to the
+        highest decoding row, so busy rows stay together. The K/V that row holds beyond this prompt's
+        beginning move to the row to evict (one holding nothing, else the least recently used), so
+        eviction goes by use, not by row number. Copies cost a few milliseconds; a prefill, seconds."""
         limit = reusable(prompt, may_reuse)
         tree = self.trees.get(salt)
         shared = tree.shared(prompt) if tree and limit > 0 else {}
@@ -141,29 +148,31 @@ class PrefixCache:
         coming = max((min(n, len(self.held[row][1]), limit) for row, n in shared.items() if row not in free_rows), default=0)
         if 2 * (coming - length) >= len(prompt):
             return None
-        candidates = [row for row, n in usable.items() if n == length > 0]
-        # Rows that hold nothing are evicted first, then the least recently used.
-        evict = min(free_rows, key=lambda r: (self.valid.get(r, 0) > 0, self.last_used.get(r, -1), r))
-        # In place when the row holds nothing this prompt does not (nothing is lost); else copy, and
-        # keep the rest of what the row holds for later requests.
-        in_place = [row for row in candidates if row in free_rows and self.valid[row] <= shared[row]]
-        if in_place or evict in candidates:
-            row = min(in_place) if in_place else evict
-            return Reuse(row, row, length)
-        return Reuse(evict, candidates[0] if candidates else evict, length)
+        row = min(free_rows)
+        candidates = [r for r, n in usable.items() if n == length > 0]
+        source = row if row in candidates or not candidates else candidates[0]
+        others = [r for r in free_rows if r not in (row, source)]
+        if not others or self.valid.get(row, 0) <= shared.get(row, 0):  # nowhere to keep it, or nothing is lost
+            return Reuse(row, source, length)
+        return Reuse(row, source, length, min(others, key=lambda r: (self.valid.get(r, 0) > 0, self.last_used.get(r, -1), r)))
 
     def take(self, reuse: Reuse, prompt, salt, may_reuse=True) -> None:
-        """A request with this prompt now holds reuse.row: the row forgets what it held and gets the
-        reused K/V (a copy unless in place). A one-token prompt is decoded, so its row holds nothing."""
+        """A request with this prompt now holds reuse.row: what the row held moves out (if asked), and
+        the row gets the reused K/V (a copy unless in place). A one-token prompt is decoded, so its
+        row holds nothing. Each step forgets before it copies, so an interruption leaves no lie."""
+        if reuse.keep_in is not None:
+            self._forget(reuse.keep_in)
+            (salt_held, prompt_held), n = self.held[reuse.row], self.valid[reuse.row]
+            self.kv.copy_prefix(reuse.row, reuse.keep_in, n)
+            self._hold(reuse.keep_in, salt_held, prompt_held, n)
+            self.last_used[reuse.keep_in] = self.last_used.get(reuse.row, -1)
         self._forget(reuse.row)
         if reuse.source != reuse.row and reuse.length:
             self.kv.copy_prefix(reuse.source, reuse.row, reuse.length)
             if reuse.source in self.last_used:  # a free row just used: the last to evict
                 self.last_used[reuse.source] = next(self.clock)
         if len(prompt) >= 2:
-            self.held[reuse.row] = (salt, tuple(prompt))
-            self.valid[reuse.row] = reuse.length
-            self.trees.setdefault(salt, PrefixTree()).insert(reuse.row, prompt)
+            self._hold(reuse.row, salt, tuple(prompt), reuse.length)
         if reusable(prompt, may_reuse):
             self.hits += reuse.length > 0
             self.misses += reuse.length == 0
@@ -188,6 +197,11 @@ class PrefixCache:
             for row in list(self.held):
                 self._forget(row)
             self.writes_seen = self.kv.writes
+
+    def _hold(self, row: int, salt, prompt: tuple, valid: int) -> None:
+        self.held[row] = (salt, prompt)
+        self.valid[row] = valid
+        self.trees.setdefault(salt, PrefixTree()).insert(row, prompt)
 
     def _forget(self, row: int) -> None:
         if row in self.held:

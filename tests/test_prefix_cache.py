@@ -246,42 +246,43 @@ def first_segment(model, n_calls_before):
     return [s for s in model.calls[n_calls_before] if s[2] > 1 or s[1] == 0][-1]
 
 
-def test_a_row_is_reused_in_place_or_copied_up_to_two_tokens_from_the_end():
+def test_a_request_takes_the_lowest_free_row_and_reuses_up_to_two_tokens_from_the_end():
     engine, model = scripted(2)
     a = [20, 3, 4, 5, 6, 7]
     assert finish(engine, a) == ([9, 9, 9], 0) and model.calls[0] == [(0, 0, 6)]
-    for prompt, segment, copy in [
-        ([20, 3, 4, 5, 8, 8, 8], (1, 4, 3), (0, 1, 4)),  # shares 4 with a: copied, so row 0 keeps all of a
-        ([20, 3, 4, 5, 8, 8, 8], (1, 5, 2), None),  # the whole prompt: all but two, in place (nothing is lost)
-        ([20, 3, 4, 5, 8, 8, 8, 9, 9, 9, 10, 11], (1, 7, 5), None),  # the prompt and its reply: the reply's K/V are decoding's
-        ([20, 3, 4, 5, 6, 7, 10], (0, 5, 2), None),  # a, kept in row 0
-        ([21], (1, 0, 1), None),  # one token: the least recently used row
-        ([21, 3], (1, 0, 2), None),  # two tokens: nothing to reuse; a one-token prompt's row holds nothing
-        ([21, 3, 4], (1, 1, 2), None),
+    for prompt, segment, copies in [
+        ([20, 3, 4, 5, 8, 8, 8], (0, 4, 3), [(0, 1, 6)]),  # shares 4 with a, in place; the rest of a moves to row 1
+        ([20, 3, 4, 5, 8, 8, 8], (0, 5, 2), []),  # the whole prompt: all but two
+        ([20, 3, 4, 5, 8, 8, 8, 9, 9, 9, 10, 11], (0, 7, 5), []),  # the prompt and its reply: the reply's K/V are decoding's
+        ([20, 3, 4, 5, 6, 7, 10], (0, 5, 2), [(1, 0, 5)]),  # a, from row 1 (no free row left to keep row 0's in)
+        ([21], (0, 0, 1), [(0, 1, 7)]),  # one token: decoded; what row 0 held moves out
+        ([21, 3], (0, 0, 2), []),  # two tokens: nothing to reuse; a one-token prompt's row holds nothing
+        ([21, 3, 4], (0, 1, 2), []),
     ]:
-        calls, copies = len(model.calls), len(model.cache.copies)
+        calls, copied = len(model.calls), len(model.cache.copies)
         ids, cached = finish(engine, prompt)
         assert first_segment(model, calls) == segment and cached == segment[1] and ids == [9, 9, 9], prompt
-        assert model.cache.copies[copies:] == ([copy] if copy else []), prompt
-    assert (engine.prefix.hits, engine.prefix.misses, engine.prefix.reused_tokens) == (5, 1, 22)  # prompts of 1-2 tokens count neither way
+        assert model.cache.copies[copied:] == copies, prompt
+    assert (engine.prefix.hits, engine.prefix.misses, engine.prefix.reused_tokens) == (5, 1, 22)  # 1-2 tokens: neither
 
 
 def test_rows_are_evicted_least_recently_used_and_running_rows_are_copied_never_taken():
-    engine, model = scripted(3)
+    engine, model = scripted(4)
     running = engine.add([22] + [3] * 9, greedy(max_tokens=50))
     engine.step()
-    assert engine.requests[running].row == 0
-    finish(engine, [20, 4, 4, 4])  # row 1
-    finish(engine, [21, 5, 5, 5])  # row 2
+
+    def holding():  # row -> the first id of the prompt whose K/V it holds
+        return {row: prompt[0] for row, (_, prompt) in engine.prefix.held.items()}
+
+    for first in (20, 21, 23, 24):  # each in row 1, the lowest free; what row 1 held moves to the row to evict
+        assert finish(engine, [first, 4, 4, 4])[1] == 0
+    assert holding() == {0: 22, 1: 24, 2: 23, 3: 21}  # empty rows first, then the least recently used: [20, ...]
     calls = len(model.calls)
-    finish(engine, [23, 6, 6, 6])  # evicts row 1 (the older)
-    assert first_segment(model, calls) == (1, 0, 4)
+    assert finish(engine, [21, 4, 4, 4, 5]) == ([9, 9, 9], 3) and first_segment(model, calls) == (1, 3, 2)
     calls = len(model.calls)
-    assert finish(engine, [20, 4, 4, 4])[1] == 0 and first_segment(model, calls) == (2, 0, 4)  # evicted; row 2 is older
-    calls = len(model.calls)
-    assert finish(engine, [22] + [3] * 9 + [7, 7]) == ([9, 9, 9], 10)  # the running prompt, copied into row 1
-    assert model.cache.copies == [(0, 1, 10)] and first_segment(model, calls) == (1, 10, 2)
-    assert engine.requests[running].row == 0 and engine.requests[running].output_ids == [9] * len(engine.requests[running].output_ids)
+    assert finish(engine, [22] + [3] * 9 + [7, 7]) == ([9, 9, 9], 10)  # the running request's prompt, copied
+    assert first_segment(model, calls) == (1, 10, 2) and model.cache.copies[-1] == (0, 1, 10)
+    assert engine.requests[running].row == 0 and set(engine.requests[running].output_ids) == {9}
 
 
 def test_copies_of_a_prompt_wait_for_the_first_then_copy_it():
