@@ -173,9 +173,9 @@ def test_an_abort_during_a_prefix_copy_leaks_nothing(llm, monkeypatch):
     base, tail_a, tail_b = corpus_prompts(llm.tokenizer, [120, 3, 80], seed=8)
     assert tail_a[0] != tail_b[0]
     params = SamplingParams(temperature=0, max_tokens=4, logprobs=True)
-    on, off = engines(llm, max_step_tokens=64)
     warm = Llama(llm.model, llm.tokenizer, llm.generator)
-    warm._engine = on
+    on, off = warm.engine, engines(llm, max_step_tokens=64)[1]
+    on.max_step_tokens = 64
     run(on, [(0, base + tail_a, params)])  # a row holds base + tail_a: a request sharing base copies it
 
     def interrupted(*args):
