@@ -41,6 +41,7 @@ FLAG_HELP = {  # each flag's line in --help (fire reads a docstring's Args); a c
     "seed": "seed sampling, so a run repeats exactly. E.g. --seed 1",
     "quantize": "int8 holds weights in 8 bits (a quarter of float32's memory). E.g. --quantize int8",
     "compile": "compile the decoding step with torch.compile (faster per token, slower to start). E.g. --compile",
+    "no_prefix_cache": "prefill every prompt whole instead of reusing the K/V of a beginning the cache holds (to compare). E.g. --no_prefix_cache",
     "threads": "CPU threads; default: the cores this process may use that no other process keeps busy. E.g. --threads 1",
 }
 
@@ -223,9 +224,13 @@ def _check_generation_flags(**flags) -> None:
         raise ValueError(str(e).replace("SamplingParams.max_tokens", "--max_gen_len").replace("SamplingParams.", "--")) from None
 
 
-def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, threads) -> Llama:
+def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
+           no_prefix_cache, threads) -> Llama:
+    if not isinstance(no_prefix_cache, bool):
+        raise ValueError(f"--no_prefix_cache takes no value (or True/False), got {no_prefix_cache!r}")
     return Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
-                       dtype=dtype, seed=seed, quantize=quantize, compile=compile, threads=threads)
+                       dtype=dtype, seed=seed, quantize=quantize, compile=compile, prefix_cache=not no_prefix_cache,
+                       threads=threads)
 
 
 def _check_text(name: str, text) -> None:
@@ -253,7 +258,8 @@ class _TurnError(ValueError):
 def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prompt: str = None,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0,
          frequency_penalty: float = 0.0, max_gen_len: int = 512, max_seq_len: int = None, device: str = None,
-         dtype: str = None, seed: int = None, quantize: str = None, compile: bool = False, threads: int = None):
+         dtype: str = None, seed: int = None, quantize: str = None, compile: bool = False, no_prefix_cache: bool = False,
+         threads: int = None):
     """Chat with a checkpoint (default: SmolLM2-135M-Instruct).
 
     Without --prompt: one user turn a line from stdin (a terminal or a pipe); /reset clears the
@@ -269,7 +275,7 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
     _check_text("--system", system)
     if prompt is None and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not the session
-    llm = _build(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, threads)
+    llm = _build(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache, threads)
     if not llm.tokenizer.chat_template:
         raise ValueError("this checkpoint has no chat template, so chat cannot run it; complete runs plain text")
     max_seq_len = llm.model.params.max_seq_len
@@ -367,7 +373,7 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
              top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              max_batch_size: int = 8, checkpoint: str = None, tokenizer: str = None, max_seq_len: int = None,
              device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = False,
-             threads: int = None):
+             no_prefix_cache: bool = False, threads: int = None):
     """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
     stdout or in --out. With --out, finished lines go to OUT.partial at once; a finished run renames
     it to OUT, and the same command run again after an interruption continues where it stopped.
@@ -392,7 +398,8 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
         if done:
             print(f"continuing {out}.partial: {done} of {len(records)} prompts were done", file=sys.stderr)
         if len(records) > done:
-            llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, threads)
+            llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
+                         no_prefix_cache, threads)
             sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, seed=None if seed is None else request_seed(seed, done))
             _write_results(llm, records, done, results, prompts, chat, max_gen_len, sampling)
@@ -484,7 +491,7 @@ def _listen(host, port) -> socket.socket:
 def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str = None, max_queue: int = 64, max_body_mb: float = 8, max_batch_size: int = 8,
           max_seq_len: int = None, device: str = None, dtype: str = None, seed: int = None, quantize: str = None,
-          compile: bool = False, threads: int = None):
+          compile: bool = False, no_prefix_cache: bool = False, threads: int = None):
     """Serve a checkpoint over OpenAI's HTTP API (default: SmolLM2-135M-Instruct) on http://HOST:PORT/v1.
 
     Every client shares the engine's batch of --max_batch_size rows; up to --max_queue more requests
@@ -503,7 +510,8 @@ def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1"
         raise ValueError("serve runs in one process; start it without torchrun")
     sock = _listen(host, port)  # bound before the weights load: a busy port fails at once
     try:
-        llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, threads)
+        llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
+                     no_prefix_cache, threads)
         from .server import serve as run_server
 
         name = _model_name(checkpoint)
