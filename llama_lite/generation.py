@@ -264,10 +264,12 @@ class Llama:
         return ids
 
     def as_completed(self, prompt_tokens, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False,
-                     echo=False, stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False):
+                     echo=False, stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False,
+                     json_schema=None, json_object=False, regex=None, grammar=None):
         """Run each prompt (token ids) as a request on the engine; yield (its index, its result) as
         each finishes, so a caller can keep finished work while the rest runs. A result: tokens,
-        text, logprobs (or None) and finish_reason. `progress` shows a bar on stderr."""
+        text, logprobs (or None) and finish_reason. `progress` shows a bar on stderr. json_schema,
+        json_object, regex, grammar: structured output, as SamplingParams takes it."""
         if max_gen_len is None:  # as Meta's: up to the cache's end for the longest prompt
             self._check_prompts(prompt_tokens, 1, one_batch=False)
             longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
@@ -281,7 +283,8 @@ class Llama:
         check_sampling(temperature, top_p, top_k)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop,
                                 seed=seed, logprobs=logprobs, echo=echo, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
+                                frequency_penalty=frequency_penalty, json_schema=json_schema, json_object=json_object,
+                                regex=regex, grammar=grammar)
         request_ids = self._add(prompt_tokens, params)
         index = {rid: i for i, rid in enumerate(request_ids)}
         results = {rid: {"tokens": [], "text": [], "logprobs": [] if logprobs else None} for rid in request_ids}
@@ -310,7 +313,7 @@ class Llama:
 
     @torch.inference_mode()
     def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None, stop=None, seed=None,
-               presence_penalty=0.0, frequency_penalty=0.0):
+               presence_penalty=0.0, frequency_penalty=0.0, json_schema=None, json_object=False, regex=None, grammar=None):
         """Yield the reply to one prompt as text pieces while it is generated, as a request in the
         engine's shared batch. No piece holds half a UTF-8 character or text that may still turn out
         to be a stop string; the pieces join to the whole reply (decode() of what generate returns
@@ -318,7 +321,8 @@ class Llama:
         self._check_prompts([prompt_tokens], max_gen_len)
         check_sampling(temperature, top_p, top_k)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop, seed=seed,
-                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                json_schema=json_schema, json_object=json_object, regex=regex, grammar=grammar)
         for out in self._outputs(self._add([prompt_tokens], params)):
             if out.text:
                 yield out.text
@@ -326,9 +330,10 @@ class Llama:
     # --- text in, text out -------------------------------------------------------------------------
 
     def text_completion(self, prompts, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False,
-                        stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False):
+                        stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False, **constraint):
         """Complete each prompt string: [{"generation": str, "tokens": [int], "finish_reason": str,
-        ("logprobs": [float])}]. `progress` shows a bar (prompts done, tokens/s) on stderr."""
+        ("logprobs": [float])}]. `progress` shows a bar (prompts done, tokens/s) on stderr.
+        `constraint`: json_schema=, json_object=, regex= or grammar=, as SamplingParams takes them."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
         prompt_tokens = []
@@ -338,7 +343,7 @@ class Llama:
             prompt_tokens.append(self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False))
         done = self._complete(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
                               logprobs=logprobs, echo=echo, stop=stop, seed=seed, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty, progress=progress)
+                              frequency_penalty=frequency_penalty, progress=progress, **constraint)
         return [_with_logprobs({"generation": r["text"], "tokens": r["tokens"], "finish_reason": r["finish_reason"]}, r)
                 for r in done]
 
@@ -357,14 +362,15 @@ class Llama:
         return tok.encode(text, bos=False, eos=False)  # the template writes any special tokens itself
 
     def chat_completion(self, dialogs, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, stop=None,
-                        seed=None, presence_penalty=0.0, frequency_penalty=0.0):
-        """The assistant's next message for each dialog: [{"generation": {"role", "content"}, "finish_reason"}]."""
+                        seed=None, presence_penalty=0.0, frequency_penalty=0.0, **constraint):
+        """The assistant's next message for each dialog: [{"generation": {"role", "content"}, "finish_reason"}].
+        `constraint`: json_schema=, json_object=, regex= or grammar=, as SamplingParams takes them."""
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
             raise ValueError("dialogs must be a non-empty list of dialogs")
         prompt_tokens = [self.chat_prompt_tokens(d) for d in dialogs]
         done = self._complete(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
                               logprobs=logprobs, stop=stop, seed=seed, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty)
+                              frequency_penalty=frequency_penalty, **constraint)
         return [_with_logprobs({"generation": {"role": "assistant", "content": r["text"]}, "finish_reason": r["finish_reason"]}, r)
                 for r in done]
 
