@@ -35,8 +35,9 @@ def check_positive_int(name, value):
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator, prefix_cache=True):
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
+        self.prefix_cache = prefix_cache
         self.device = next(model.parameters()).device
         self._engine = None
         self._inbox = {}  # request id -> outputs not yet read, for requests these methods run
@@ -45,12 +46,12 @@ class Llama:
     def engine(self) -> Engine:
         """The engine over this model's KV cache (made on first use)."""
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, self.generator)
+            self._engine = Engine(self.model, self.tokenizer, self.generator, prefix_cache=self.prefix_cache)
         return self._engine
 
     @staticmethod
     def build(checkpoint=None, tokenizer=None, max_seq_len=2048, max_batch_size=8, device=None, dtype=None, seed=None,
-              quantize=None, compile=False) -> "Llama":
+              quantize=None, compile=False, prefix_cache=True) -> "Llama":
         """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator.
 
         max_seq_len=None: 2048, or the model's context where that is shorter.
@@ -58,11 +59,15 @@ class Llama:
         quarter of float32's memory). compile=True: the one-token decode step is compiled with
         torch.compile (Transformer.compile_decode), 2-3x faster at batch 1 on CPU; compiling costs
         seconds to tens of seconds the first time a batch size is seen (inductor caches on disk).
+        prefix_cache=True: the engine reuses the K/V of a prompt's beginning that its cache rows still
+        hold (prefix_cache.py); False prefills every prompt whole, to compare.
         """
         if quantize not in (None, "int8"):
             raise ValueError(f"unknown quantize {quantize!r}; use 'int8' or None")
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         for name, path in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
             if path is not None and not isinstance(path, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a path (str or PathLike) or None, got {path!r}")
@@ -142,7 +147,7 @@ class Llama:
         if seed is None:
             seed = parallel.broadcast(generator.seed())  # every rank must sample the same tokens
         generator.manual_seed(seed)
-        return Llama(model, tok, generator)
+        return Llama(model, tok, generator, prefix_cache=prefix_cache)
 
     # --- Meta's decode loop ---------------------------------------------------------------------------
 
