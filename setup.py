@@ -21,6 +21,7 @@ setup(
         "tqdm",
         "numpy",
         "fastapi>=0.135",  # the server: routing, and server-sent events of its own (fastapi.sse)
+        "pydantic>=2",  # the server's request bodies (protocol.py); FastAPI's own
         "uvicorn>=0.30",
         "prometheus-client",
         "llguidance>=1.0",  # structured output: JSON Schema, regex and grammars enforced token by token

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import parallel
-from .chat_template import render_chat
+from .chat_template import check_template, render_chat
 from .checkpoint import CheckpointError, read_checkpoint
 from .devices import resolve_device, resolve_dtype
 from .download import default_checkpoint
@@ -51,7 +51,7 @@ class Llama:
 
     @staticmethod
     def build(checkpoint=None, tokenizer=None, max_seq_len=2048, max_batch_size=8, device=None, dtype=None, seed=None,
-              quantize=None, compile=False, prefix_cache=True) -> "Llama":
+              quantize=None, compile=False, prefix_cache=True, chat_template=None) -> "Llama":
         """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator.
 
         max_seq_len=None: 2048, or the model's context where that is shorter.
@@ -61,6 +61,8 @@ class Llama:
         seconds to tens of seconds the first time a batch size is seen (inductor caches on disk).
         prefix_cache=True: the engine reuses the K/V of a prompt's beginning that its cache rows still
         hold (prefix_cache.py); False prefills every prompt whole, to compare.
+        chat_template: a jinja2 chat template, or a file holding one, used instead of the
+        checkpoint's (one that takes `tools`, say, for tool calls).
         """
         if quantize not in (None, "int8"):
             raise ValueError(f"unknown quantize {quantize!r}; use 'int8' or None")
@@ -71,6 +73,7 @@ class Llama:
         for name, path in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
             if path is not None and not isinstance(path, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a path (str or PathLike) or None, got {path!r}")
+        template = read_chat_template(chat_template)
         if max_seq_len is not None:
             check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
@@ -103,6 +106,8 @@ class Llama:
             tok = Tokenizer.from_file(ckpt.tokenizer_file)
         else:
             raise CheckpointError(f"{ckpt.path} has no tokenizer.json or tokenizer.model; pass tokenizer=PATH")
+        if template is not None:
+            tok.chat_template = template
         if tok.n_words > params.vocab_size:
             raise CheckpointError(f"the tokenizer has {tok.n_words} tokens but the model only {params.vocab_size}; pass the model's own tokenizer")
 
@@ -352,8 +357,9 @@ class Llama:
         return [_with_logprobs({"generation": r["text"], "tokens": r["tokens"], "finish_reason": r["finish_reason"]}, r)
                 for r in done]
 
-    def chat_prompt_tokens(self, dialog) -> list:
-        """The tokens of `dialog` rendered with the checkpoint's chat template, ready for the reply."""
+    def chat_prompt_tokens(self, dialog, tools=None) -> list:
+        """The tokens of `dialog` rendered with the checkpoint's chat template, ready for the reply;
+        `tools` (OpenAI-style function definitions) go to a template that takes them."""
         template = self.tokenizer.chat_template
         if not template:
             raise ValueError("this checkpoint has no chat template; use text_completion instead")
@@ -363,6 +369,7 @@ class Llama:
             dialog,
             bos_token=tok.decode([tok.bos_id]) if tok.bos_id is not None else "",
             eos_token=tok.decode([tok.eos_id]),
+            tools=tools,
         )
         return tok.encode(text, bos=False, eos=False)  # the template writes any special tokens itself
 
@@ -378,6 +385,24 @@ class Llama:
                               frequency_penalty=frequency_penalty, **constraint)
         return [_with_logprobs({"generation": {"role": "assistant", "content": r["text"]}, "finish_reason": r["finish_reason"]}, r)
                 for r in done]
+
+
+def read_chat_template(value) -> "str | None":
+    """A chat template given as its text or as a file holding it (None: none given)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"chat_template must be a jinja2 template or a file holding one, got {value!r}")
+    text = str(value)
+    if not isinstance(value, str) or ("{{" not in text and "{%" not in text):  # a path
+        try:
+            text = open(value, encoding="utf-8").read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"chat template file {value} does not exist; pass a jinja2 template or its file") from None
+        except (IsADirectoryError, UnicodeDecodeError):
+            raise ValueError(f"chat template file {value} is not a text file; pass a jinja2 template or its file") from None
+    check_template(text)
+    return text
 
 
 def _with_logprobs(result: dict, done: dict) -> dict:

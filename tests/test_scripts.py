@@ -181,6 +181,7 @@ def test_complete_and_chat_hold_to_a_json_schema_or_regex(llm, tmp_path):
         ("complete.py", ["-", "--max_gen_len", "508", "--max_seq_len", "512"], "line 1"),
         ("complete.py", ["-", "--json_schema", "/no/such/schema.json"], "--json_schema file /no/such/schema.json does not exist"),
         ("chat.py", ["--prompt", "hi", "--json_schema", __file__], "is not valid JSON"),
+        ("chat.py", ["--prompt", "hi", "--chat_template", "/no/such.jinja"], "chat template file /no/such.jinja does not exist"),
         ("complete.py", ["-", "--regex", "(?=a)b"], "--regex cannot be enforced: invalid regex \"(?=a)b\" (in regex): regex parse error (error: look-around"),
     ],
 )
