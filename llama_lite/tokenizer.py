@@ -10,6 +10,7 @@ needs). Two classes do the work, each over the reference library of its kind:
 imported only when used.
 """
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -35,6 +36,8 @@ class Tokenizer:
     special tokens the chat template writes around a turn: a reply that opens a new turn has ended).
     add_bos: whether plain-text prompts get a bos, as the checkpoint says.
     chat_template: the checkpoint's jinja2 chat template, or None.
+    special_ids: control tokens (bos, eos, <|im_start|>...): whole tokens, never part of plain text.
+    token_bytes(id, at_start): the bytes a token stands for (grammars and logprobs work on bytes).
     """
 
     bos_id: "int | None"
@@ -44,6 +47,8 @@ class Tokenizer:
     stop_ids: frozenset
     add_bos: bool
     chat_template: "str | None"
+    special_ids: frozenset
+    _bytes_table: "list | None" = None
 
     def encode(self, s: str, bos: bool, eos: bool) -> list:
         if not isinstance(s, str):
@@ -68,22 +73,24 @@ class Tokenizer:
         return self._decode(ids)
 
     def token_bytes(self, token_id: int, at_start: bool = False) -> bytes:
-        """The bytes one token adds to a text: joined over a text's tokens they are its UTF-8, also
-        where a token holds part of a character (a byte-level or byte-fallback token), which decode()
-        shows as U+FFFD. `at_start`: the text's first token, whose leading space SentencePiece drops."""
+        """The bytes token `token_id` stands for: one byte of a character for byte tokens, a
+        leading space for SentencePiece's "▁", a special token's own text. The bytes of a text's
+        tokens join to its UTF-8 (SentencePiece: after the dummy space it puts first). `at_start`:
+        as a decoded text's first token, whose leading space SentencePiece drops (logprobs' bytes
+        rebuild the text a reply shows)."""
         if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.n_words:
-            raise ValueError(f"token ids must lie in [0, {self.n_words}); got {token_id!r}")
-        raw = self._token_bytes(token_id)
+            raise ValueError(f"token id must be a whole number in [0, {self.n_words}), got {token_id!r}")
+        if self._bytes_table is None:  # built once: a Python loop over the vocabulary (~0.1 s for 50k tokens)
+            self._bytes_table = [self._token_bytes(i) for i in range(self.n_words)]
+        raw = self._bytes_table[token_id]
         if at_start and raw[:1] == b" " and self.decode([token_id]).encode("utf-8") == raw[1:]:
-            raw = raw[1:]
+            return raw[1:]
         return raw
 
     def max_token_bytes(self) -> int:
-        """The most bytes one token adds to a text (computed once): a text of n bytes has at least
-        n / max_token_bytes() tokens."""
-        if getattr(self, "_max_token_bytes", None) is None:
-            self._max_token_bytes = max(len(self.token_bytes(i)) for i in range(self.n_words))
-        return self._max_token_bytes
+        """The most bytes one token stands for: a text of n bytes has at least n / this many tokens."""
+        self.token_bytes(0)  # the table, built once
+        return max(map(len, self._bytes_table))
 
     def _encode(self, s: str) -> list:
         raise NotImplementedError
@@ -94,9 +101,8 @@ class Tokenizer:
     def _token_bytes(self, token_id: int) -> bytes:
         raise NotImplementedError
 
-    def _set_ids(self, *, bos_id, eos_id, pad_id, stop_ids, add_bos, chat_template, where, specials=()):
-        """Check and keep the ids generation relies on; `where` names the file in errors. `specials`:
-        the ids of special (control) tokens, those of them the chat template writes stop generation."""
+    def _set_ids(self, *, bos_id, eos_id, pad_id, stop_ids, add_bos, chat_template, where):
+        """Check and keep the ids generation relies on; `where` names the file in errors."""
         for name, value in (("eos", eos_id), ("bos", bos_id), ("pad", pad_id)):
             if value is not None and not (isinstance(value, int) and 0 <= value < self.n_words):
                 raise CheckpointError(f"{where}: {name} token id {value!r} is outside the vocabulary of {self.n_words}")
@@ -110,15 +116,15 @@ class Tokenizer:
         self.stop_ids = frozenset({eos_id, *stop_ids})
         self.add_bos = bool(add_bos) and bos_id is not None
         self.chat_template = chat_template if isinstance(chat_template, str) and chat_template else None
-        self.stop_ids |= self._template_specials(set(specials))
+        self.stop_ids |= self._template_specials()
 
-    def _template_specials(self, specials: set) -> frozenset:
+    def _template_specials(self) -> frozenset:
         """The special tokens the chat template writes around one user message and the reply's
         opening (<|im_start|>, <|start_header_id|>, ...): a model that writes one has ended its turn.
         A template that fails to render adds none (chat then reports its error)."""
         from .chat_template import render_chat
 
-        if not self.chat_template or not specials:
+        if not self.chat_template or not self.special_ids:
             return frozenset()
         try:
             text = render_chat(self.chat_template, [{"role": "user", "content": "x"}],
@@ -127,7 +133,7 @@ class Tokenizer:
             ids = self.encode(text, bos=False, eos=False)
         except ValueError:
             return frozenset()
-        return frozenset(specials.intersection(ids))
+        return frozenset(self.special_ids.intersection(ids))
 
     @staticmethod
     def from_file(path) -> "Tokenizer":
@@ -222,9 +228,10 @@ class SentencePieceTokenizer(Tokenizer):
         self.n_words = self.sp.vocab_size()
         controls = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == _SP_CONTROL}
         self.control_text = {i: piece for piece, i in controls.items()}
+        self.special_ids = frozenset({*controls.values(), *(i for i, p in enumerate(proto.pieces) if p.type == _SP_UNKNOWN)})
         self._split = _special_splitter(controls)
         stop_ids = {*stop_ids, *(i for piece, i in controls.items() if piece in END_OF_TURN_TEXTS)}
-        self._set_ids(stop_ids=stop_ids, where=where, specials=controls.values(), **ids)
+        self._set_ids(stop_ids=stop_ids, where=where, **ids)
 
     def _encode(self, s):
         ids = []
@@ -234,13 +241,6 @@ class SentencePieceTokenizer(Tokenizer):
             else:  # the dummy prefix space only for text at the very start
                 ids += (self.sp if n == 0 else self.sp_inner).encode(text)
         return ids
-
-    def _token_bytes(self, token_id):
-        if self.sp.is_byte(token_id):  # byte fallback: <0xE2>
-            return bytes([int(self.sp.id_to_piece(token_id)[3:5], 16)])
-        if token_id in self.control_text or self.sp.is_unknown(token_id):
-            return self.decode([token_id]).encode("utf-8")
-        return self.sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8")  # "▁the" is " the"
 
     def _decode(self, ids):
         out, run, at_start = [], [], True
@@ -255,6 +255,12 @@ class SentencePieceTokenizer(Tokenizer):
             else:
                 run.append(i)
         return "".join(out)
+
+    def _token_bytes(self, token_id):
+        piece = self.sp.id_to_piece(token_id)
+        if self.sp.is_byte(token_id):  # "<0xE2>"
+            return bytes([int(piece[3:5], 16)])
+        return piece.encode("utf-8") if token_id in self.special_ids else piece.replace("\u2581", " ").encode("utf-8")
 
 
 def _gguf_sentencepiece(reader, tokens, types, where) -> SentencePieceTokenizer:
@@ -291,48 +297,51 @@ class HFTokenizer(Tokenizer):
     def __init__(self, backend, *, where, stop_ids=(), **ids):
         self.backend = backend
         self.n_words = backend.get_vocab_size(with_added_tokens=True)
-        added = backend.get_added_tokens_decoder()
-        specials = {t.content: i for i, t in added.items() if t.special}
-        self._added = set(added)
-        decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}
-        self._byte_level = "ByteLevel" in {d.get("type") for d in decoder.get("decoders", [decoder])}
-        self._set_ids(stop_ids={*stop_ids, *(i for t, i in specials.items() if t in END_OF_TURN_TEXTS)}, where=where,
-                      specials=specials.values(), **ids)
+        self.added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}  # matched whole, never decoded
+        specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = frozenset(specials.values())
+        self._set_ids(stop_ids={*stop_ids, *(i for t, i in specials.items() if t in END_OF_TURN_TEXTS)}, where=where, **ids)
 
     def _encode(self, s):
         return self.backend.encode(s, add_special_tokens=False).ids
 
-    def _token_bytes(self, token_id):
-        token = self.backend.id_to_token(token_id)
-        if token is None or token_id in self._added:  # added tokens are their own text
-            return self.decode([token_id]).encode("utf-8")
-        if self._byte_level and all(c in _BYTE_OF_CHAR for c in token):  # "Ġthe" is " the", "âĢ" two bytes
-            return bytes(_BYTE_OF_CHAR[c] for c in token)
-        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)  # byte fallback
-        if byte:
-            return bytes([int(byte.group(1), 16)])
-        return token.replace("\u2581", " ").encode("utf-8")  # Metaspace: "▁the" is " the"
-
     def _decode(self, ids):
         return self.backend.decode(ids, skip_special_tokens=False)
 
+    def _token_bytes(self, token_id):
+        if token_id in self.added:
+            return self.added[token_id].encode("utf-8")
+        return self._piece_bytes(self.backend.id_to_token(token_id) or "")
 
-def byte_level_alphabet() -> list:
-    """GPT-2's byte-level alphabet, the character that spells each byte 0..255: printable bytes stand
-    for themselves, the others (space, control bytes, ...) for the characters from U+0100 on
-    (space is "Ġ")."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    spelled, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            spelled.append(chr(b))
-        else:
-            spelled.append(chr(256 + extra))
-            extra += 1
-    return spelled
+    @functools.cached_property
+    def _piece_bytes(self):
+        return _piece_decoder(json.loads(self.backend.to_str()).get("decoder"))
 
 
-_BYTE_OF_CHAR = {c: b for b, c in enumerate(byte_level_alphabet())}
+def _byte_level_alphabet() -> dict:
+    """GPT-2's byte-level BPE spells each byte as a printable character: that character -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _piece_decoder(decoder: "dict | None"):
+    """A function vocabulary piece -> its bytes, by the tokenizer.json's decoder: byte-level pieces
+    (GPT-2, Llama 3, Qwen2, SmolLM) map character by character; SentencePiece-style ones (Llama 2,
+    Mistral as tokenizer.json) turn "▁" into a space and "<0xNN>" byte tokens into their byte."""
+    steps = (decoder or {}).get("decoders", [decoder or {}]) if (decoder or {}).get("type") == "Sequence" else [decoder or {}]
+    kinds = {step.get("type") for step in steps}
+    if "ByteLevel" in kinds:
+        alphabet = _byte_level_alphabet()
+        return lambda piece: b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode("utf-8") for c in piece)
+    byte_fallback = "ByteFallback" in kinds
+
+    def piece_bytes(piece):
+        if byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    return piece_bytes
 
 
 def json_tokenizer(path: Path) -> HFTokenizer:

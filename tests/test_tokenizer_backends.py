@@ -191,41 +191,30 @@ def test_override_with_a_vocabulary_too_big_for_the_model(tiny_gguf):
         Llama.build(tiny_gguf, tokenizer=SHIPPED_SP_MODEL, max_seq_len=64)
 
 
-# --- the bytes of each token (logprobs' "bytes") -------------------------------------------------
+# --- token bytes (structured output works on bytes) --------------------------------------------------
 
-def metaspace_json(folder):
-    """A Llama-2-style tokenizer.json: Metaspace pieces ("▁the"), and <0xNN> tokens for bytes the
-    vocabulary lacks (byte fallback), with Llama 2's decoder."""
-    import json
-
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
-    vocab = ["<unk>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list("▁abcdefghijklmnopqrstuvwxyz,!") + ["▁t", "▁th", "▁the"]
-    backend = Backend(models.BPE({t: i for i, t in enumerate(vocab)}, [("▁", "t"), ("▁t", "h"), ("▁th", "e")],
-                                 byte_fallback=True, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    backend.add_special_tokens([AddedToken("</s>", special=True, normalized=False)])
-    backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    return folder / "tokenizer.json"
-
-
-def test_token_bytes_join_to_the_text_in_every_back_end(sp_gguf, smollm_json, llm, tmp_path):
-    """OpenAI's logprobs give each token's bytes so that joined they rebuild the text, also where a
-    token holds part of a character (decode() alone shows U+FFFD there)."""
-    backends = {"sentencepiece file": Tokenizer.from_file(SHIPPED_SP_MODEL), "GGUF llama": Tokenizer.from_file(sp_gguf),
-                "GGUF gpt2": llm.tokenizer, "tokenizer.json": Tokenizer.from_file(smollm_json),
-                "tokenizer.json with byte fallback": Tokenizer.from_file(metaspace_json(tmp_path))}
-    for name, tok in backends.items():
+def test_token_bytes_join_to_the_text_on_every_back_end(llm, smollm_json, sp_gguf, tmp_path):
+    """For each back-end, the bytes of a text's tokens are its UTF-8, special tokens spelled out, also
+    where a token holds part of a character (decode() of it alone shows U+FFFD; OpenAI's logprobs give
+    these bytes so that joined they rebuild the text); SentencePiece vocabularies (tokenizer.model, GGUF
+    "llama", a converted tokenizer.json) put the dummy space first, which decode drops."""
+    transformers = pytest.importorskip("transformers")
+    sp_json = tmp_path / "sp-json"
+    transformers.AutoTokenizer.from_pretrained(sp_gguf.parent, gguf_file=sp_gguf.name).save_pretrained(sp_json)
+    back_ends = [(llm.tokenizer, False), (Tokenizer.from_file(smollm_json), False), (Tokenizer.from_file(SHIPPED_SP_MODEL), True),
+                 (Tokenizer.from_file(sp_gguf), True), (Tokenizer.from_file(sp_json / "tokenizer.json"), True)]
+    for tok, dummy_space in back_ends:
         partial = 0
         for text in TEXTS:
             ids = tok.encode(text, False, False)
-            pieces = [tok.token_bytes(i, at_start=(n == 0)) for n, i in enumerate(ids)]
-            assert b"".join(pieces) == tok.decode(ids).encode("utf-8"), (name, text)
+            first_is_text = bool(ids) and ids[0] not in tok.special_ids
+            want = (b" " if dummy_space and first_is_text else b"") + tok.decode(ids).encode("utf-8")
+            assert b"".join(tok.token_bytes(i) for i in ids) == want, (type(tok).__name__, text)
+            # logprobs: the first token at_start drops the dummy space, so the bytes are the decoded text's
+            pieces = [tok.token_bytes(i, at_start=n == 0) for n, i in enumerate(ids)]
+            assert b"".join(pieces) == tok.decode(ids).encode("utf-8"), (type(tok).__name__, text)
             partial += sum(p.decode("utf-8", "replace") != p.decode("utf-8", "ignore") for p in pieces)
-        assert partial, f"{name}: no token held part of a character; the check is void"
-    with pytest.raises(ValueError, match="token ids must lie in"):
-        llm.tokenizer.token_bytes(49152)
+        assert partial, f"{type(tok).__name__}: no token held part of a character; the check is void"
+        assert tok.token_bytes(tok.eos_id) == tok.decode([tok.eos_id]).encode() and tok.eos_id in tok.special_ids
+        with pytest.raises(ValueError, match="token id must be"):
+            tok.token_bytes(tok.n_words)
