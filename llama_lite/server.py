@@ -53,10 +53,6 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class _Guard:
     """ASGI middleware around every route: the API key; the body's size (413 once its length or its
     bytes so far pass the limit, before any parsing); and any exception a route raises, which becomes
@@ -77,26 +73,32 @@ class _Guard:
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
             return await self._error(send, too_large)
-        received, started = 0, False
+        received, overflowed, started = 0, False, False
 
         async def limited_receive():
-            nonlocal received
+            """The body, cut off where a chunked body grows past the limit (the answer is then 413)."""
+            nonlocal received, overflowed
+            if overflowed:
+                return {"type": "http.disconnect"}
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_body:  # a chunked body that grows past the limit
-                raise _BodyTooLarge
+            if received > self.max_body:
+                overflowed = True
+                return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
         async def watched_send(message):
             nonlocal started
+            if overflowed:  # whatever the route made of a cut body, the answer is 413
+                if not started:
+                    started = True
+                    await self._error(send, too_large)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, limited_receive, watched_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._error(send, too_large)
         except Exception:
             log.exception("%s %s failed", scope.get("method"), scope["path"])
             if not started:

@@ -4,12 +4,18 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_lite.tokenizer import byte_level_alphabet
-
 
 def byte_alphabet():
     """GPT-2's printable spelling of the 256 bytes, the alphabet of byte-level BPE vocabularies."""
-    return byte_level_alphabet()
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    spelled, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            spelled[b] = chr(b)
+        else:
+            spelled[b] = chr(256 + extra)
+            extra += 1
+    return [spelled[b] for b in range(256)]
 
 
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
