@@ -382,7 +382,7 @@ def test_clear_messages_in_the_command_lines_terms(tmp_path, monkeypatch):
         assert_fails(in_process("chat.py", "--prompt", "hi", "--device", "cuda"), "use --device cpu")
     assert_fails(in_process("chat.py", "--prompt", "hi", "--threads", "0"), "--threads must be a whole number >= 1")
     no_template = in_process("chat.py", "--prompt", "hi", "--tokenizer", SHIPPED_SP_MODEL, *MODEL_FLAGS)
-    assert_fails(no_template, "this checkpoint has no chat template, so chat cannot run it; complete runs plain text")
+    assert_fails(no_template, "this checkpoint has no chat template, so chat cannot run it; pass --chat_template FILE")
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     monkeypatch.setenv("LLAMA_LITE_CACHE", str(not_a_folder))
