@@ -41,6 +41,7 @@ FLAG_HELP = {  # each flag's line in --help (fire reads a docstring's Args); a c
                 "they are by default) or int8 (weights in 8 bits, a quarter of float32's memory). E.g. --quantize int4",
     "compile": "the decode step compiled whole: --compile now (float32 too), --nocompile never; default in the "
                "background where it is the fastest path (bfloat16 and 4-bit weights on a CPU). E.g. --nocompile",
+    "no_prefix_cache": "prefill every prompt whole instead of reusing the K/V of a beginning the cache holds (to compare). E.g. --no_prefix_cache",
 }
 
 
@@ -204,9 +205,12 @@ def _check_generation_flags(**flags) -> None:
         raise ValueError(str(e).replace("SamplingParams.max_tokens", "--max_gen_len").replace("SamplingParams.", "--")) from None
 
 
-def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile) -> Llama:
+def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
+           no_prefix_cache) -> Llama:
+    if not isinstance(no_prefix_cache, bool):
+        raise ValueError(f"--no_prefix_cache takes no value (or True/False), got {no_prefix_cache!r}")
     return Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
-                       dtype=dtype, seed=seed, quantize=quantize, compile=compile)
+                       dtype=dtype, seed=seed, quantize=quantize, compile=compile, prefix_cache=not no_prefix_cache)
 
 
 # --- chat ----------------------------------------------------------------------------------------
@@ -219,7 +223,7 @@ def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, se
 def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prompt: str = None,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0,
          frequency_penalty: float = 0.0, max_gen_len: int = 512, max_seq_len: int = None, device: str = None,
-         dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None):
+         dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None, no_prefix_cache: bool = False):
     """Chat with a checkpoint (default: SmolLM2-135M-Instruct).
 
     Without --prompt: one user turn a line from stdin (a terminal or a pipe); /reset clears the
@@ -231,7 +235,7 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
         raise ValueError("stdin is closed; give chat a terminal or a pipe, or pass --prompt")
     if sys.stdout is None:
         raise ValueError("stdout is closed; give chat a terminal, a pipe or a file to write the replies to")
-    llm = _build(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile)
+    llm = _build(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache)
     max_seq_len = llm.model.params.max_seq_len
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty)
@@ -306,7 +310,8 @@ def chat_main():
 def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int = 64, temperature: float = 0.0,
              top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              max_batch_size: int = 8, checkpoint: str = None, tokenizer: str = None, max_seq_len: int = None,
-             device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None):
+             device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None,
+             no_prefix_cache: bool = False):
     """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
     stdout or in --out. With --out, finished lines go to OUT.partial at once; a finished run renames
     it to OUT, and the same command run again after an interruption continues where it stopped.
@@ -330,7 +335,8 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
         if done:
             print(f"continuing {out}.partial: {done} of {len(records)} prompts were done", file=sys.stderr)
         if len(records) > done:
-            llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile)
+            llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
+                         no_prefix_cache)
             sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty)
             _write_results(llm, records[done:], results, prompts, chat, max_gen_len, sampling)
@@ -412,7 +418,8 @@ def _check_listen(host, port) -> None:
 )
 def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str = None, max_queue: int = 64, max_batch_size: int = 8, max_seq_len: int = None,
-          device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None):
+          device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None,
+          no_prefix_cache: bool = False):
     """Serve a checkpoint over OpenAI's HTTP API (default: SmolLM2-135M-Instruct) on http://HOST:PORT/v1.
 
     Every client shares the engine's batch of --max_batch_size rows; up to --max_queue more requests
@@ -427,7 +434,7 @@ def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1"
         raise ValueError("--api_key must be a non-empty string")
     if parallel.world_size() > 1:
         raise ValueError("serve runs in one process; start it without torchrun")
-    llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile)
+    llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache)
     from .server import serve as run_server
 
     name = _model_name(checkpoint)

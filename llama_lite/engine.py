@@ -6,13 +6,15 @@ budget leaves (a long prompt is prefilled in chunks over several steps, so runni
 decoding meanwhile), samples each request's next token with its own settings, and reports what
 changed; `abort` ends a request and frees its row for the next step. Everything else
 (`text_completion`, `chat_completion`, `stream`, the scripts, the server) drives this loop.
+With the prefix cache (prefix_cache.py) a request admitted into a row first reuses the K/V of the
+longest beginning of its prompt that a row still holds, and prefills only the rest.
 
 Batch invariance: in float32 (eager) a request's logits are bit for bit those it gets alone
-(model.py says how), and a request with a seed samples from its own generator, so its tokens never
-depend on what else runs, when it arrived, or which row it holds.
+(model.py says how), cached prefix or not (prefix_cache.py says why), and a request with a seed
+samples from its own generator, so its tokens never depend on what else runs, when it arrived, or
+which row it holds.
 """
 
-import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .detokenizer import Detokenizer
+from .prefix_cache import PrefixCache, Reuse
 from .sampling import SamplingParams, chosen_logprobs, penalize, sample, top_logprobs
 
 
@@ -34,6 +37,7 @@ class RequestOutput:
     finish_reason: "str | None" = None  # "stop" (a stop id or string), "length" (max_tokens), "abort"
     logprobs: "list | None" = None  # per id of token_ids, when asked (the first prompt id: 0.0)
     top_logprobs: "list | None" = None  # per id: [(id, logprob), ...] likeliest first, when asked
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache instead of a prefill
 
 
 def prompt_chunk(remaining: int, budget: int) -> int:
@@ -57,6 +61,7 @@ class Request:
         self.output_ids = []
         self.row = None  # its KV-cache row once admitted
         self.n_cached = 0  # how many of its tokens have their K/V in the cache
+        self.cached_tokens = 0  # how many of those the prefix cache gave it
         self.detokenizer = Detokenizer(tokenizer, params.stop, prompt if params.echo else ())
         # (vocab,): how often each id was generated, for the penalties
         self.counts = torch.zeros(vocab_size, device=device) if params.penalized else None
@@ -68,17 +73,25 @@ class Request:
     def decoding(self) -> bool:
         return self.n_cached >= len(self.prompt)
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Echo with logprobs: every prompt position's logits are needed, so none may be reused."""
+        return self.prompt_logprobs is not None
+
 
 class Engine:
-    def __init__(self, model, tokenizer, generator: torch.Generator, max_step_tokens: int = 512):
+    def __init__(self, model, tokenizer, generator: torch.Generator, max_step_tokens: int = 512, prefix_cache=True):
         """`generator` serves requests without a seed. `max_step_tokens`: the tokens one forward call
-        may feed (decoding rows first, then prompt chunks); it bounds how long a step takes."""
+        may feed (decoding rows first, then prompt chunks); it bounds how long a step takes.
+        `prefix_cache`: reuse the K/V of prompt beginnings the cache's rows still hold."""
         if isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int) or max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be a whole number >= 1, got {max_step_tokens!r}")
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
         self.max_step_tokens = max_step_tokens
         self.device = next(model.parameters()).device
-        self.free_rows = list(range(model.params.max_batch_size))  # a heap: the lowest row first keeps busy rows together
+        self.free_rows = list(range(model.params.max_batch_size))
+        kv_cache = getattr(model, "cache", None)  # (a test's scripted model has none)
+        self.prefix = PrefixCache(kv_cache) if prefix_cache and kv_cache is not None else None
         self.requests = {}  # request id -> Request, until its last output
         self.waiting = deque()  # not yet admitted, oldest first
         self.running = []  # admitted (holding a row), oldest first
@@ -130,6 +143,8 @@ class Engine:
     def _schedule(self):
         """(request, ids to feed) for this step: every decoding request's last token, then prompt
         chunks of admitted requests, then newly admitted ones, while the token budget lasts."""
+        if self.prefix:
+            self.prefix.drop_if_overwritten()
         budget = self.max_step_tokens
         work = [(r, r.output_ids[-1:]) for r in self.running if r.decoding]
         budget -= len(work)
@@ -138,14 +153,30 @@ class Engine:
             if n:
                 work.append((request, request.prompt[request.n_cached : request.n_cached + n]))
                 budget -= n
-        while self.waiting and self.free_rows and prompt_chunk(len(self.waiting[0].prompt), budget):
-            request = self.waiting.popleft()
-            request.row = heapq.heappop(self.free_rows)
+        while self.waiting and self.free_rows:
+            request = self.waiting[0]
+            reuse = self._place(request)
+            n = reuse and prompt_chunk(len(request.prompt) - reuse.length, budget)
+            if not n:  # it waits for its shared beginning (see PrefixCache.plan) or for budget
+                break
+            self.waiting.popleft()
+            self.free_rows.remove(reuse.row)
+            request.row = reuse.row
             self.running.append(request)
-            n = prompt_chunk(len(request.prompt), budget)
-            work.append((request, request.prompt[:n]))
+            if self.prefix:
+                self.prefix.take(reuse, request.prompt, request.params.cache_salt, not request.scores_prompt)
+            request.n_cached = request.cached_tokens = reuse.length
+            work.append((request, request.prompt[reuse.length : reuse.length + n]))
             budget -= n
         return work
+
+    def _place(self, request) -> "Reuse | None":
+        """The free row a waiting request takes, the lowest (decoding attends over rows 0.. up to the
+        highest decoding one, so busy rows stay together), and with the prefix cache the K/V it
+        reuses; None: it waits."""
+        if self.prefix is None:
+            return Reuse(min(self.free_rows), min(self.free_rows), 0)
+        return self.prefix.plan(request.prompt, request.params.cache_salt, self.free_rows, not request.scores_prompt)
 
     @torch.inference_mode()
     def step(self) -> list:
@@ -174,6 +205,8 @@ class Engine:
             self._score_prompt(request, logits[at : at + len(targets)], targets)
         for request, ids in work:
             request.n_cached += len(ids)
+        if self.prefix:
+            self.prefix.prefilled([(request.row, request.n_cached) for request, _ in work])
         if samplers:
             requests = [r for r, _ in samplers]
             next_logits = logits[torch.tensor([at for _, at in samplers], device=device)]  # (n, vocab)
@@ -236,17 +269,20 @@ class Engine:
             return self._finish(request, "stop", ids, text, lps, tops)
         if len(request.output_ids) >= request.max_tokens:
             return self._finish(request, "length", ids, text, lps, tops)
-        return RequestOutput(request.id, ids, text, False, None, *self._asked(request, lps, tops))
+        return RequestOutput(request.id, ids, text, False, None, *self._asked(request, lps, tops), request.cached_tokens)
 
     def _finish(self, request, reason, ids, text, lps=(), tops=()) -> RequestOutput:
         """Take a request out (its row back to the free rows); its last output."""
         del self.requests[request.id]
         if request.row is not None:
             self.running.remove(request)
-            heapq.heappush(self.free_rows, request.row)
+            self.free_rows.append(request.row)
+            if self.prefix:
+                self.prefix.release(request.row)
             request.row = None
         text += request.detokenizer.finish()
-        return RequestOutput(request.id, ids, text, True, reason, *self._asked(request, list(lps), list(tops)))
+        return RequestOutput(request.id, ids, text, True, reason, *self._asked(request, list(lps), list(tops)),
+                             request.cached_tokens)
 
     @staticmethod
     def _asked(request, lps, tops):

@@ -11,6 +11,7 @@ import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 
 class Ticket:
@@ -29,9 +30,10 @@ class Ticket:
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, engine):
         self.registry = CollectorRegistry()
         r = self.registry
+        r.register(PrefixCacheCounters(engine))
         self.running = Gauge("llama_lite_requests_running", "Requests holding a KV-cache row", registry=r)
         self.waiting = Gauge("llama_lite_requests_waiting", "Requests waiting for a KV-cache row", registry=r)
         self.rows_in_use = Gauge("llama_lite_kv_cache_rows_in_use", "KV-cache rows held by requests", registry=r)
@@ -44,10 +46,27 @@ class Metrics:
                              buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2), registry=r)
 
 
+class PrefixCacheCounters:
+    """The prefix cache's hits, misses and reused tokens, read from the engine when /metrics is asked
+    (ints, so reading them from another thread is safe); zeros with the cache off."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        prefix = self.engine.prefix
+        for name, what, value in [
+            ("hits", "Requests admitted with the K/V of their prompt's beginning reused", prefix and prefix.hits),
+            ("misses", "Requests admitted that found no reusable beginning (prompts of 3+ tokens)", prefix and prefix.misses),
+            ("reused_tokens", "Prompt tokens whose K/V were reused instead of prefilled", prefix and prefix.reused_tokens),
+        ]:
+            yield CounterMetricFamily(f"llama_lite_prefix_cache_{name}", what, value=value or 0)
+
+
 class EngineThread:
     def __init__(self, engine):
         self.engine = engine
-        self.metrics = Metrics()
+        self.metrics = Metrics(engine)
         self.commands = queue.SimpleQueue()
         self.tickets = {}  # engine request id -> Ticket
         self.pending = 0  # submitted, not yet finished (the server's queue limit counts these)

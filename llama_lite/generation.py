@@ -36,8 +36,9 @@ def check_positive_int(name, value):
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator, prefix_cache=True):
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
+        self.prefix_cache = prefix_cache
         self.device = next(model.parameters()).device
         self._engine = None
         self._inbox = {}  # request id -> outputs not yet read, for requests these methods run
@@ -46,12 +47,12 @@ class Llama:
     def engine(self) -> Engine:
         """The engine over this model's KV cache (made on first use)."""
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, self.generator)
+            self._engine = Engine(self.model, self.tokenizer, self.generator, prefix_cache=self.prefix_cache)
         return self._engine
 
     @staticmethod
     def build(checkpoint=None, tokenizer=None, max_seq_len=2048, max_batch_size=8, device=None, dtype=None, seed=None,
-              quantize=None, compile=None) -> "Llama":
+              quantize=None, compile=None, prefix_cache=True) -> "Llama":
         """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator.
 
         max_seq_len=None: 2048, or the model's context where that is shorter.
@@ -62,11 +63,15 @@ class Llama:
         compile: the decode step compiled whole (decode_step.py). None compiles it in the background
         where that is the fastest path and changes no promised bit (bfloat16 and 4-bit weights on a
         CPU), replying eagerly meanwhile; True compiles it now (float32 too); False never.
+        prefix_cache=True: the engine reuses the K/V of a prompt's beginning that its cache rows still
+        hold (prefix_cache.py); False prefills every prompt whole, to compare.
         """
         if quantize not in (None, "int8", "int4"):
             raise ValueError(f"unknown quantize {quantize!r}; use 'int8', 'int4' or None")
         if compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None (the fastest path this machine supports), got {compile!r}")
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         for name, path in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
             if path is not None and not isinstance(path, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a path (str or PathLike) or None, got {path!r}")
@@ -163,7 +168,7 @@ class Llama:
         if seed is None:
             seed = parallel.broadcast(generator.seed())  # every rank must sample the same tokens
         generator.manual_seed(seed)
-        return Llama(model, tok, generator)
+        return Llama(model, tok, generator, prefix_cache=prefix_cache)
 
     # --- Meta's decode loop ---------------------------------------------------------------------------
 

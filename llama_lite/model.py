@@ -72,6 +72,13 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(params.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(params.n_layers)]
         self.rows, self.max_seq_len = params.max_batch_size, params.max_seq_len
+        self.writes = 0  # forward calls so far: the engine's prefix cache notices K/V written by others
+
+    def copy_prefix(self, src_row: int, dst_row: int, n: int) -> None:
+        """Positions 0..n-1 of row src_row into row dst_row, in every layer: a shared prompt beginning's
+        K/V (a position's K/V depend only on the tokens up to it), at a fraction of a prefill's cost."""
+        for layer in (*self.k, *self.v):
+            layer[dst_row, :, :n] = layer[src_row, :, :n]
 
     @staticmethod
     def shape(p: "ModelArgs") -> tuple:
@@ -328,6 +335,7 @@ class Transformer(nn.Module):
         logits_at: indices into tokens, the only positions whose logits are computed.
         """
         p = self.params
+        self.cache.writes += 1
         for row, start, length in segments:
             if not (0 <= row < p.max_batch_size and 0 <= start and length >= 1 and start + length <= p.max_seq_len):
                 raise ValueError(

@@ -35,7 +35,9 @@ class SamplingParams:
     logprobs: the log-probability of each token (temperature-free model distribution), and
     top_logprobs the likeliest 0-20 alternatives too; echo: the prompt comes first in the output;
     presence_penalty / frequency_penalty (OpenAI's, -2..2): logits of tokens already generated are
-    lowered by the first once and by the second per time they occurred.
+    lowered by the first once and by the second per time they occurred; cache_salt: the request shares
+    cached prompt K/V only with requests of the same salt (a tenant's secret keeps others from timing
+    its prompts).
     """
 
     temperature: float = 0.6
@@ -49,6 +51,7 @@ class SamplingParams:
     echo: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    cache_salt: "str | None" = None
 
     def __post_init__(self):
         def field(name, ok, allowed):
@@ -76,6 +79,7 @@ class SamplingParams:
         field("echo", lambda x: isinstance(x, bool), "True or False")
         for name in ("presence_penalty", "frequency_penalty"):
             field(name, lambda x: _is_number(x) and -2 <= x <= 2, "a number in [-2, 2] (0 is off)")
+        field("cache_salt", lambda x: x is None or isinstance(x, str) and x, "a non-empty string or None")
 
     @property
     def penalized(self) -> bool:

@@ -29,7 +29,7 @@ UNSUPPORTED = {
     "metadata": None,
 }
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "presence_penalty",
-          "frequency_penalty", "stream", "stream_options", "user", "logprobs"}
+          "frequency_penalty", "stream", "stream_options", "user", "logprobs", "cache_salt"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
 CHAT_FIELDS = COMMON | {"messages", "top_logprobs", "max_completion_tokens"}
 MAX_STOPS = 4  # as OpenAI
@@ -212,11 +212,13 @@ class _Choices:
         self.lp = {index: [] for index, _ in choices}
         self.finish = {index: None for index, _ in choices}
         self.generated = {index: 0 for index, _ in choices}
+        self.cached = {index: 0 for index, _ in choices}  # prompt tokens the prefix cache gave each choice
         self.offset = {index: 0 for index, _ in choices}
 
     def add(self, index, out):
         """Record one output; the choice as a streamed chunk shows it."""
         first = not self.text[index]
+        self.cached[index] = out.cached_tokens
         self.generated[index] += len(out.token_ids) - (self.prompt_len[index] if self.echo and first else 0)
         self.text[index].append(out.text)
         piece_lp = self._logprobs(index, out) if self.logprobs else None
@@ -240,9 +242,11 @@ class _Choices:
         return result
 
     def usage(self):
-        prompt = sum(self.prompt_len[index] for index, _ in self.choices if index % self.n == 0)  # each prompt once
+        firsts = [index for index, _ in self.choices if index % self.n == 0]  # each prompt once
+        prompt = sum(self.prompt_len[index] for index in firsts)
         completion = sum(self.generated.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached[index] for index in firsts)}}
 
     def _token(self, token_id):
         text = self.tokenizer.decode([token_id])
@@ -360,6 +364,9 @@ def _sampling(body, default_max_tokens, logprobs, top_logprobs, echo) -> dict:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise APIError(400, f"'top_k' must be a whole number >= 1, got {top_k!r}", param="top_k")
     max_tokens = _optional_int(body, "max_tokens", 1, 1 << 30, default=default_max_tokens)
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise APIError(400, f"'cache_salt' must be a non-empty string, got {salt!r}", param="cache_salt")
     return {
         "temperature": _number(body, "temperature", 1.0, 0, 2),
         "top_p": _number(body, "top_p", 1.0, 0, 1) or 1e-9,  # 0: the likeliest token alone
@@ -372,6 +379,7 @@ def _sampling(body, default_max_tokens, logprobs, top_logprobs, echo) -> dict:
         "echo": echo,
         "presence_penalty": _number(body, "presence_penalty", 0.0, -2, 2),
         "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2, 2),
+        "cache_salt": salt,
     }
 
 

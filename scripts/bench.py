@@ -17,6 +17,12 @@ serving (1, 8 and 32 concurrent streaming clients of an OpenAI-compatible server
 llama_lite's scripts/serve.py with --mixed_batch_size rows, llama-cpp-python's `llama_cpp.server`
 with --interrupt_requests False; aggregate tokens/s, time to first token p50/p99, streams cut short).
 llama_lite systems are named llama_lite:DTYPE[:int8][:compile].
+
+Prefix caching, llama_lite alone, its cache on against off in one process (two engines over one
+model): prefix_chat (a 10-turn chat with a ~1,000-token system prompt, 32-token replies: time to
+first token of each turn) and prefix_shared (64 requests sharing a 1,000-token prefix with 50-token
+tails, 16 new tokens each, 16 rows: end to end); each with the hit rate, the index's host memory and
+whether the tokens came out the same.
 """
 
 import json
@@ -31,21 +37,27 @@ ROOT = Path(__file__).resolve().parent.parent
 # llama_lite:DTYPE[:int8][:compile]: the dtype of activations (and weights, unless int8), the levers on.
 ALL_SYSTEMS = ("llama_lite:float32", "llama_lite:bfloat16", "llama_lite:float32:compile", "llama_lite:bfloat16:compile",
                "llama_lite:float32:int8:compile", "transformers", "llama_cpp")
-CASES = ("load", "decode_b1", "decode_b8", "mixed", "serving")
+CASES = ("load", "decode_b1", "decode_b8", "mixed", "serving", "prefix_chat", "prefix_shared")
+PREFIX_CASES, PREFIX_ROWS, PREFIX_SEQ_LEN = ("prefix_chat", "prefix_shared"), 16, 2048
 SERVING_CLIENTS = (1, 8, 32)
 MAX_SEQ_LEN = 384  # the longest mixed prompt (300) + 64 new tokens fits
 
 
-def mixed_prompts(tokenizer_encode, n, seed=0):
-    """n token lists of 5-300 tokens cut from tokenizer/corpus.txt at seeded random places."""
+def corpus_pieces(tokenizer_encode, n, length, seed=0):
+    """n token lists cut from tokenizer/corpus.txt at seeded random places, each length(rng) long."""
     ids = tokenizer_encode((ROOT / "tokenizer" / "corpus.txt").read_text(encoding="utf-8")[:400_000])
     rng = random.Random(seed)
-    prompts = []
+    pieces = []
     for _ in range(n):
-        length = rng.randint(5, 300)
-        start = rng.randrange(len(ids) - length)
-        prompts.append(ids[start : start + length])
-    return prompts
+        size = length(rng)
+        start = rng.randrange(len(ids) - size)
+        pieces.append(ids[start : start + size])
+    return pieces
+
+
+def mixed_prompts(tokenizer_encode, n, seed=0):
+    """n token lists of 5-300 tokens cut from tokenizer/corpus.txt at seeded random places."""
+    return corpus_pieces(tokenizer_encode, n, lambda rng: rng.randint(5, 300), seed)
 
 
 def peak_rss_mb() -> float:
@@ -57,14 +69,14 @@ def peak_rss_mb() -> float:
 # --- one system per process ------------------------------------------------------------------------
 
 class LlamaLite:
-    def __init__(self, path, options, threads, max_batch_size):
+    def __init__(self, path, options, threads, max_batch_size, max_seq_len=MAX_SEQ_LEN):
         import torch
 
         from llama_lite import Llama
 
         torch.set_num_threads(threads)
         dtype = options[0] if options else None
-        self.llm = Llama.build(path, max_seq_len=MAX_SEQ_LEN, max_batch_size=max_batch_size, dtype=dtype, device="cpu",
+        self.llm = Llama.build(path, max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype, device="cpu",
                                quantize="int8" if "int8" in options else None, compile="compile" in options)
         self.llm.tokenizer.stop_ids = frozenset({-1})  # no token is -1: end-of-sequence is ignored
         tensors = [*self.llm.model.parameters(), *self.llm.model.buffers()]  # the tied embedding/output counted once:
@@ -165,7 +177,8 @@ def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_
         print(json.dumps({"system": system, "case": case, **values}), flush=True)
 
     started = time.perf_counter()
-    runner = SYSTEMS[name](checkpoint, options, threads, max_batch_size)
+    long_context = {"max_seq_len": PREFIX_SEQ_LEN} if set(cases) & set(PREFIX_CASES) else {}
+    runner = SYSTEMS[name](checkpoint, options, threads, max_batch_size, **long_context)
     prompt = runner.encode("The history of the city of Rome begins")
     first = runner.generate([prompt], 1)
     assert len(first[0]) == 1
@@ -192,6 +205,95 @@ def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_
         emit("mixed", seconds=round(seconds, 1), prompts=n_prompts, prompt_tokens=sum(map(len, prompts)),
              tok_s=round(64 * n_prompts / seconds, 1), batch=getattr(runner, "batch", max_batch_size),
              peak_rss_mb=round(peak_rss_mb()), **split)
+    if "prefix_chat" in cases:
+        emit("prefix_chat", **prefix_chat(runner.llm))
+    if "prefix_shared" in cases:
+        emit("prefix_shared", **prefix_shared(runner.llm))
+
+
+# --- prefix caching: the cache on against off, on one model -----------------------------------------
+
+def engines(llm):
+    """{True: an engine with the prefix cache, False: one without}, over llm's model and KV cache."""
+    from llama_lite.engine import Engine
+
+    return {on: Engine(llm.model, llm.tokenizer, llm.generator, prefix_cache=on) for on in (True, False)}
+
+
+def finish(engine, prompts, max_tokens):
+    """Greedy requests run to the end: per prompt (new ids, seconds to its first token)."""
+    from llama_lite import SamplingParams
+
+    started = time.perf_counter()
+    rids = [engine.add(p, SamplingParams(temperature=0, max_tokens=max_tokens)) for p in prompts]
+    ids, first = {rid: [] for rid in rids}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            ids[out.request_id] += out.token_ids
+            first.setdefault(out.request_id, time.perf_counter() - started)
+    return [(ids[rid], first[rid]) for rid in rids]
+
+
+def cache_figures(prefix, prompts):
+    """Hit rate (requests and prompt tokens) and the host memory of the prefix index."""
+    import sys as system
+
+    nodes = [tree.root for tree in prefix.trees.values()]
+    index = 0
+    while nodes:
+        node = nodes.pop()
+        index += sum(system.getsizeof(x) for x in (node, node.ids, node.children, node.rows))
+        nodes += node.children.values()
+    index += sum(system.getsizeof(prompt) for _, prompt in prefix.held.values())
+    return {"hit_rate": round(prefix.hits / max(1, prefix.hits + prefix.misses), 3),
+            "reused_of_prompt_tokens": round(prefix.reused_tokens / sum(map(len, prompts)), 3), "index_kb": round(index / 1024)}
+
+
+def prefix_chat(llm, turns=10, system_tokens=1000, reply_tokens=32):
+    """A chat of `turns` turns after a ~system_tokens system prompt, one turn at a time (as chat.py):
+    time to first token of turn 1 and of the last, the cache on and off."""
+    [system] = corpus_pieces(lambda text: llm.tokenizer.encode(text, bos=False, eos=False), 1, lambda _: system_tokens, seed=1)
+    questions = [f"Question {k + 1}: in one sentence, what does the text above say about topic number {k + 1}?"
+                 for k in range(turns)]
+    figures, replies = {}, {}
+    both = engines(llm)
+    finish(both[False], [llm.chat_prompt_tokens([{"role": "system", "content": llm.tokenizer.decode(system)}])], 1)  # warm up
+    for on, engine in both.items():
+        dialog, prompts, replies[on], ttft = [{"role": "system", "content": llm.tokenizer.decode(system)}], [], [], []
+        for question in questions:
+            dialog.append({"role": "user", "content": question})
+            prompts.append(llm.chat_prompt_tokens(dialog))
+            [(ids, first)] = finish(engine, prompts[-1:], reply_tokens)
+            dialog.append({"role": "assistant", "content": llm.tokenizer.decode(ids)})
+            replies[on].append(ids)
+            ttft.append(first)
+        name = "on" if on else "off"
+        figures.update({f"ttft_turn1_{name}_s": round(ttft[0], 2), f"ttft_turn{turns}_{name}_s": round(ttft[-1], 2),
+                        f"ttft_all_{name}_s": round(sum(ttft), 1)})
+        if on:
+            figures.update(cache_figures(engine.prefix, prompts))
+    return {**figures, "prompt_tokens_first_last": [len(prompts[0]), len(prompts[-1])], "same_tokens": replies[True] == replies[False]}
+
+
+def prefix_shared(llm, n=64, prefix_tokens=1000, tail_tokens=50, new_tokens=16):
+    """n requests sharing a prefix_tokens beginning, each with its own tail_tokens, all added at
+    once: seconds end to end, the cache on and off."""
+    def encode(text):
+        return llm.tokenizer.encode(text, bos=False, eos=False)
+
+    [prefix] = corpus_pieces(encode, 1, lambda _: prefix_tokens, seed=2)
+    prompts = [prefix + tail for tail in corpus_pieces(encode, n, lambda _: tail_tokens, seed=3)]
+    figures, results = {}, {}
+    both = engines(llm)
+    finish(both[False], prompts[:1], 1)  # warm up
+    for on, engine in both.items():
+        started = time.perf_counter()
+        results[on] = [ids for ids, _ in finish(engine, prompts, new_tokens)]
+        figures["seconds_on" if on else "seconds_off"] = round(time.perf_counter() - started, 1)
+        if on:
+            figures.update(cache_figures(engine.prefix, prompts))
+    return {**figures, "speedup": round(figures["seconds_off"] / figures["seconds_on"], 1), "rows": llm.model.params.max_batch_size,
+            "same_tokens": results[True] == results[False]}
 
 
 # --- serving: a server in a subprocess, streaming clients in threads -------------------------------
@@ -292,9 +394,9 @@ def importable(name) -> bool:
 def table(rows, bandwidth_gbs):
     """The ratios issue 8 sets targets for, and each batch-1 decode against the bandwidth ceiling."""
     get = {(r["system"], r["case"]): r for r in rows}
-    systems = sorted({r["system"] for r in rows}, key=lambda s: ALL_SYSTEMS.index(s) if s in ALL_SYSTEMS else 99)
+    systems = sorted({r["system"] for r in rows if r["case"] in ("load", "decode_b1", "decode_b8", "mixed")}, key=lambda s: ALL_SYSTEMS.index(s) if s in ALL_SYSTEMS else 99)
     lines = ["| system | load -> first token (s) | batch-1 tok/s | of ceiling | batch-8 tok/s | mixed: s (rows) | peak RSS b1 (MB) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"] if systems else []
     for s in systems:
         b1, b8, mixed, load = (get.get((s, c), {}) for c in ("decode_b1", "decode_b8", "mixed", "load"))
         of_ceiling = "-"
@@ -310,6 +412,15 @@ def table(rows, bandwidth_gbs):
             return "-"
         return f"{(y / x if inverse else x / y):.2f}x"
 
+    for r in rows:
+        if r["case"] == "prefix_chat":
+            lines.append(f"{r['system']} prefix_chat: time to first token, turn 1 / turn 10: cache on {r['ttft_turn1_on_s']} / "
+                         f"{r['ttft_turn10_on_s']} s, off {r['ttft_turn1_off_s']} / {r['ttft_turn10_off_s']} s "
+                         f"(target: turn 10 within 1.5x of turn 1 with the cache); hit rate {r['hit_rate']}, "
+                         f"same tokens {r['same_tokens']}")
+        if r["case"] == "prefix_shared":
+            lines.append(f"{r['system']} prefix_shared: {r['seconds_on']} s with the cache, {r['seconds_off']} s without: "
+                         f"{r['speedup']}x (target >= 4x); hit rate {r['hit_rate']}, same tokens {r['same_tokens']}")
     served = [r for r in rows if r["case"] == "serving"]
     if served:
         lines += ["", "| system | clients | tok/s | first token p50 (s) | p99 (s) | streams cut short |", "|---|---|---|---|---|---|"]
@@ -345,7 +456,7 @@ def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=","
     if worker_for:
         return worker(worker_for, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_size)
     systems = systems.split(",") if isinstance(systems, str) else list(systems)
-    phases = [(("load", "decode_b1"), 1), (("decode_b8", "mixed"), max(8, mixed_batch_size))]
+    phases = [(("load", "decode_b1"), 1), (("decode_b8", "mixed"), max(8, mixed_batch_size)), (PREFIX_CASES, PREFIX_ROWS)]
     rows = []
     for system in systems:
         if not importable(system.partition(":")[0]):
@@ -353,6 +464,8 @@ def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=","
             continue
         for phase_cases, rows_in_cache in phases:
             wanted = [c for c in phase_cases if c in cases]
+            if phase_cases == PREFIX_CASES and not system.startswith("llama_lite"):
+                wanted = []  # the prefix cases measure llama_lite's own cache
             if not wanted:
                 continue
             print(f"running {system}: {', '.join(wanted)} ({threads} threads)...", file=sys.stderr)

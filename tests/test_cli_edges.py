@@ -155,10 +155,26 @@ def test_prompt_files_split_on_newlines_only(tmp_path):
     assert read_prompts(chat_line, chat=True)[0][1]["messages"][0]["content"] == "hi"
 
 
-@pytest.mark.parametrize("args", [dict(checkpoint=5), dict(tokenizer=1.5), dict(dtype=["float32"]), dict(device=3)])
+@pytest.mark.parametrize("args", [dict(checkpoint=5), dict(tokenizer=1.5), dict(dtype=["float32"]), dict(device=3),
+                                  dict(prefix_cache="no")])
 def test_build_refuses_wrong_types_with_value_error(args):
     with pytest.raises(ValueError, match=next(iter(args))):
         Llama.build(**args)
+
+
+@pytest.mark.parametrize("name", ["chat.py", "complete.py", "serve.py"])
+def test_no_prefix_cache_reaches_the_build(name, monkeypatch, prompts):
+    built = []
+
+    def build(*args, **kwargs):
+        built.append(kwargs["prefix_cache"])
+        raise ValueError("built")
+
+    monkeypatch.setattr(Llama, "build", build)
+    first = ["--prompt", "hi"] if name == "chat.py" else [prompts] if name == "complete.py" else ["--port", "0"]
+    for flags in ([], ["--no_prefix_cache"]):
+        assert_fails(in_process(name, *first, *flags), "built")
+    assert built == [True, False]
 
 
 def test_ids_a_smaller_tokenizer_cannot_decode_are_never_picked(smollm_path):

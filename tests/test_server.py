@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -189,6 +190,35 @@ def test_32_concurrent_clients_each_get_what_they_get_alone(llm, client):
     assert got == want
 
 
+def test_a_repeated_prompt_reuses_its_kv_only_under_its_salt(llm, server, client):
+    """The same prompt again, then a chat's next turn: usage.prompt_tokens_details.cached_tokens shows
+    what the prefix cache gave (all but two tokens; the whole last prompt), only under the same
+    cache_salt, and the answers are what the engine gives in-process; `n` copies prefill their prompt
+    once; /metrics counts hits, misses and reused tokens."""
+    salt = uuid.uuid4().hex
+    prompt = "Tell me about the history of Rome, from its founding to the fall of the Western Empire."
+    ids = llm.tokenizer.encode(prompt, bos=llm.tokenizer.add_bos, eos=False)
+    want = alone(llm, ids, temperature=0, max_tokens=8)[0]
+    names = [f"llama_lite_prefix_cache_{name}_total" for name in ("hits", "misses", "reused_tokens")]
+    before = [metric(server, name) for name in names]
+
+    def ask(salt, **extra):
+        done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, extra_body={"cache_salt": salt}, **extra)
+        return [c.text for c in done.choices], done.usage.prompt_tokens_details.cached_tokens
+
+    assert [ask(s) for s in (salt, salt, salt + "-other")] == [([want], 0), ([want], len(ids) - 2), ([want], 0)]
+    assert [metric(server, name) - b for name, b in zip(names, before)] == [1, 2, len(ids) - 2]
+    texts, cached = ask(salt + "-n", n=3)
+    assert cached == 0 and texts == [want] * 3
+    assert metric(server, names[0]) - before[0] == 3  # the second and third choice reused the first's prompt
+    dialog = [{"role": "user", "content": "Name a fruit."}]
+    first = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=8, temperature=0, extra_body={"cache_salt": salt})
+    dialog += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "And a vegetable?"}]
+    second = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=8, temperature=0, extra_body={"cache_salt": salt})
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens == len(llm.chat_prompt_tokens(dialog[:1]))
+    assert second.choices[0].message.content == alone(llm, llm.chat_prompt_tokens(dialog), temperature=0, max_tokens=8)[0]
+
+
 # --- the service ---------------------------------------------------------------------------------
 
 def test_models_health_metrics_and_auth(server, client):
@@ -197,7 +227,9 @@ def test_models_health_metrics_and_auth(server, client):
     text = httpx.get(server + "/metrics").text
     for name in ("llama_lite_requests_running", "llama_lite_requests_waiting", "llama_lite_kv_cache_rows_in_use",
                  "llama_lite_prompt_tokens_total", "llama_lite_generation_tokens_total",
-                 "llama_lite_time_to_first_token_seconds_bucket", "llama_lite_inter_token_latency_seconds_bucket"):
+                 "llama_lite_time_to_first_token_seconds_bucket", "llama_lite_inter_token_latency_seconds_bucket",
+                 "llama_lite_prefix_cache_hits_total", "llama_lite_prefix_cache_misses_total",
+                 "llama_lite_prefix_cache_reused_tokens_total"):
         assert name in text, name
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
@@ -241,6 +273,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "'logit_bias' is not supported"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "'best_of' is not supported"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "frobnicate": 1}, 400, "unrecognized request argument 'frobnicate'"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "cache_salt": 5}, 400, "'cache_salt' must be a non-empty string"),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 600}, 400, "this model's context is 512 tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 600}, 400, "this model's context is 512 tokens"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "'messages' must be a non-empty list"),

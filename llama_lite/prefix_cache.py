@@ -1,0 +1,213 @@
+"""Prefix caching: a request reuses the K/V of its prompt's beginning that a KV-cache row still holds.
+
+A row keeps its K/V after its request ends, until they are evicted: rows that hold nothing go first,
+then the least recently used; a running request's row is never touched. A request being admitted
+reuses the longest beginning of its prompt that any row holds (a finished request's prompt, or a
+running request's prompt as far as it is prefilled), in place or copied into its row
+(KVCache.copy_prefix: milliseconds, where a prefill takes seconds), and prefills only the rest. A
+radix tree over token ids finds it, to the token. It takes no memory beyond the KV cache: the rows
+are the cache's own. (How a row is chosen, and what moves where: PrefixCache.plan.)
+
+Bit for bit what the cache off gives (float32):
+- a position's K/V depend only on the tokens up to it, and a prompt's K/V come out the same whether
+  it is prefilled whole or in chunks (model.py), so reused K/V are exactly those a prefill writes;
+- only K/V that prefill wrote are reused. A generated token's K/V were computed as decoding (a
+  one-token segment: another product kernel) and differ in the last bits from what a prefill of the
+  same token writes, so a chat's next turn, which sends the last reply back as prompt, prefills the
+  reply and reuses all before it. A one-token prompt is decoded too, so it is never reused;
+- the rest of a prompt left to prefill is two tokens or more (one would be decoded): a prompt reuses
+  at most len(prompt) - 2 positions;
+- a request that scores its own prompt (echo with logprobs) needs every prompt position's logits: it
+  reuses nothing (its K/V serve others).
+Requests share K/V only with requests of the same `cache_salt` (one tree per salt), so tenants with
+different salts cannot time each other's prompts.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+
+def reusable(prompt, may_reuse=True) -> int:
+    """The most positions a prompt may reuse: all but the last two (a shorter rest would be decoded)."""
+    return max(0, len(prompt) - 2) if may_reuse else 0
+
+
+def common_length(edge: tuple, prompt, start: int) -> int:
+    """How many first ids of `edge` equal prompt[start:]'s."""
+    n = min(len(edge), len(prompt) - start)
+    k = 0
+    while k < n and edge[k] == prompt[start + k]:
+        k += 1
+    return k
+
+
+class _Node:
+    """An edge of ids below its parent, and the rows whose prompt runs through all of it."""
+
+    __slots__ = ("ids", "children", "rows")
+
+    def __init__(self, ids: tuple, rows):
+        self.ids = ids
+        self.children = {}  # a child's first id -> the child
+        self.rows = set(rows)
+
+
+class PrefixTree:
+    """Rows' prompts as a radix tree over token ids: which rows share how many first ids with a prompt."""
+
+    def __init__(self):
+        self.root = _Node((), ())
+
+    def __bool__(self):
+        return bool(self.root.children)
+
+    def insert(self, row: int, prompt) -> None:
+        node, i = self.root, 0
+        while i < len(prompt):
+            child = node.children.get(prompt[i])
+            if child is None:
+                node.children[prompt[i]] = _Node(tuple(prompt[i:]), (row,))
+                return
+            k = common_length(child.ids, prompt, i)
+            if k < len(child.ids):  # the prompt leaves this edge (or ends) inside it: split the edge there
+                head = _Node(child.ids[:k], child.rows)
+                child.ids = child.ids[k:]
+                head.children[child.ids[0]] = child
+                node.children[prompt[i]] = child = head
+            child.rows.add(row)
+            node, i = child, i + k
+
+    def remove(self, row: int, prompt) -> None:
+        node, i = self.root, 0
+        while i < len(prompt):
+            child = node.children[prompt[i]]
+            child.rows.discard(row)
+            if not child.rows:  # no row runs through it, so none runs below it either
+                del node.children[prompt[i]]
+                return
+            node, i = child, i + len(child.ids)
+
+    def shared(self, prompt) -> dict:
+        """row -> how many first ids its prompt shares with `prompt` (rows that share none left out)."""
+        found, node, i = {}, self.root, 0
+        while i < len(prompt):
+            child = node.children.get(prompt[i])
+            if child is None:
+                break
+            k = common_length(child.ids, prompt, i)
+            for row in child.rows:
+                found[row] = i + k
+            if k < len(child.ids):
+                break
+            node, i = child, i + k
+        return found
+
+
+@dataclass
+class Reuse:
+    """Where a request being admitted goes: the free row it takes; the positions 0..length-1 of row
+    `source` whose K/V it reuses (source == row: in place; length 0: none); and the row `keep_in`
+    that what `row` held moves to first (None: nothing worth keeping, or nowhere to keep it)."""
+
+    row: int
+    source: int
+    length: int
+    keep_in: "int | None" = None
+
+
+class PrefixCache:
+    """What each KV-cache row holds K/V of, and for a new request, which free row and what to reuse.
+
+    The engine calls `plan` and `take` to admit a request, `prefilled` after each forward call,
+    `release` when a request ends, and `drop_if_overwritten` before each step."""
+
+    def __init__(self, kv_cache):
+        self.kv = kv_cache
+        self.trees = {}  # cache_salt -> PrefixTree of the prompts rows hold
+        self.held = {}  # row -> (cache_salt, prompt): the row holds K/V of the prompt from position 0 ..
+        self.valid = {}  # .. up to (not including) this position, all written by prefill
+        self.last_used = {}  # free row -> when it was last used (a tick), for least-recently-used eviction
+        self.clock = itertools.count()
+        self.writes_seen = kv_cache.writes
+        self.hits = self.misses = self.reused_tokens = 0  # over admitted requests, for /metrics
+
+    def plan(self, prompt, salt, free_rows, may_reuse=True) -> "Reuse | None":
+        """Where a request with this prompt and cache_salt goes, and what it reuses; None when it should
+        wait: a running row is still prefilling a shared beginning of half its prompt or more (so `n`
+        copies of one prompt prefill it once).
+
+        It takes the lowest free row, as without the cache: decoding attends over rows 0.. up to the
+        highest decoding row, so busy rows stay together. The K/V that row holds beyond this prompt's
+        beginning move to the row to evict (one holding nothing, else the least recently used), so
+        eviction goes by use, not by row number. Copies cost a few milliseconds; a prefill, seconds."""
+        limit = reusable(prompt, may_reuse)
+        tree = self.trees.get(salt)
+        shared = tree.shared(prompt) if tree and limit > 0 else {}
+        usable = {row: min(n, self.valid[row], limit) for row, n in shared.items()}
+        length = max(usable.values(), default=0)
+        coming = max((min(n, len(self.held[row][1]), limit) for row, n in shared.items() if row not in free_rows), default=0)
+        if 2 * (coming - length) >= len(prompt):
+            return None
+        row = min(free_rows)
+        candidates = [r for r, n in usable.items() if n == length > 0]
+        source = row if row in candidates or not candidates else candidates[0]
+        others = [r for r in free_rows if r not in (row, source)]
+        if not others or self.valid.get(row, 0) <= shared.get(row, 0):  # nowhere to keep it, or nothing is lost
+            return Reuse(row, source, length)
+        return Reuse(row, source, length, min(others, key=lambda r: (self.valid.get(r, 0) > 0, self.last_used.get(r, -1), r)))
+
+    def take(self, reuse: Reuse, prompt, salt, may_reuse=True) -> None:
+        """A request with this prompt now holds reuse.row: what the row held moves out (if asked), and
+        the row gets the reused K/V (a copy unless in place). A one-token prompt is decoded, so its
+        row holds nothing. Each step forgets before it copies, so an interruption leaves no lie."""
+        if reuse.keep_in is not None:
+            self._forget(reuse.keep_in)
+            (salt_held, prompt_held), n = self.held[reuse.row], self.valid[reuse.row]
+            self.kv.copy_prefix(reuse.row, reuse.keep_in, n)
+            self._hold(reuse.keep_in, salt_held, prompt_held, n)
+            self.last_used[reuse.keep_in] = self.last_used.get(reuse.row, -1)
+        self._forget(reuse.row)
+        if reuse.source != reuse.row and reuse.length:
+            self.kv.copy_prefix(reuse.source, reuse.row, reuse.length)
+            if reuse.source in self.last_used:  # a free row just used: the last to evict
+                self.last_used[reuse.source] = next(self.clock)
+        if len(prompt) >= 2:
+            self._hold(reuse.row, salt, tuple(prompt), reuse.length)
+        if reusable(prompt, may_reuse):
+            self.hits += reuse.length > 0
+            self.misses += reuse.length == 0
+            self.reused_tokens += reuse.length
+
+    def prefilled(self, rows_written) -> None:
+        """After a forward call of the engine: (row, its request's tokens with K/V written) pairs; the
+        prompt positions among them are valid (generated tokens' K/V are decoding's, never reused)."""
+        self.writes_seen = self.kv.writes
+        for row, n in rows_written:
+            if row in self.held:
+                self.valid[row] = min(n, len(self.held[row][1]))
+
+    def release(self, row: int) -> None:
+        """The row's request ended: the row keeps its K/V until it is needed again."""
+        self.last_used[row] = next(self.clock)
+
+    def drop_if_overwritten(self) -> None:
+        """Forget every row's K/V if anything but the engine wrote the cache since (`generate`, a direct
+        model call): they may no longer be what the index says."""
+        if self.kv.writes != self.writes_seen:
+            for row in list(self.held):
+                self._forget(row)
+            self.writes_seen = self.kv.writes
+
+    def _hold(self, row: int, salt, prompt: tuple, valid: int) -> None:
+        self.held[row] = (salt, prompt)
+        self.valid[row] = valid
+        self.trees.setdefault(salt, PrefixTree()).insert(row, prompt)
+
+    def _forget(self, row: int) -> None:
+        if row in self.held:
+            salt, prompt = self.held.pop(row)
+            del self.valid[row]
+            self.trees[salt].remove(row, prompt)
+            if not self.trees[salt]:
+                del self.trees[salt]
+        self.last_used.pop(row, None)
