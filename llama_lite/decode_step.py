@@ -113,7 +113,9 @@ class DecodeStep:
         # The weights never change once loaded: no guard needs to check each of them on every call
         # (~1 ms a step for SmolLM2's ~300 tensors). Without those guards a graph must never meet
         # another model, and dynamo keeps graphs per code object: so each model gets its own copy.
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        # One compiler thread, no worker pool: a build that is still running when the process ends
+        # then just finishes (the pool refuses new work during shutdown, and would fail it).
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "compile_threads": 1}
         own_step = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
         self.compiled = torch.compile(own_step, fullgraph=True, dynamic=False, mode=mode, options=options)
 
@@ -149,8 +151,16 @@ class DecodeStep:
             if self.error is not None:
                 raise self.error
             return
-        self._thread = threading.Thread(target=self._build, args=(background,), name="llama_lite-compile", daemon=True)
+        # Not a daemon: a process that ends while the compiler runs would abort in torch's teardown
+        # (SIGABRT, "terminate called without an active exception"); it finishes the build first.
+        self._thread = threading.Thread(target=self._build, args=(background,), name="llama_lite-compile")
         self._thread.start()
+        threading._register_atexit(self._note_exit_wait)
+
+    def _note_exit_wait(self):
+        if self._thread.is_alive():
+            print("llama_lite: finishing the decode step's compile before exiting (it is cached for the next start)",
+                  file=sys.stderr)
 
     def wait(self) -> None:
         """Block until a background build has ended (ready, or failed)."""
