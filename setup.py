@@ -21,8 +21,10 @@ setup(
         "tqdm",
         "numpy",
         "fastapi>=0.135",  # the server: routing, and server-sent events of its own (fastapi.sse)
+        "pydantic>=2",  # the server's request bodies (protocol.py); FastAPI's own
         "uvicorn>=0.30",
         "prometheus-client",
+        "llguidance>=1.0",  # structured output: JSON Schema, regex and grammars enforced token by token
     ],
     entry_points={
         "console_scripts": [
@@ -31,5 +33,5 @@ setup(
             "llama-lite-serve=llama_lite.cli:serve_main",
         ]
     },
-    extras_require={"test": ["pytest", "transformers>=4.46", "accelerate", "hypothesis", "openai", "httpx"]},
+    extras_require={"test": ["pytest", "transformers>=4.46", "accelerate", "hypothesis", "openai", "httpx", "jsonschema"]},
 )

@@ -22,7 +22,8 @@ from .sampling import SamplingParams
 
 # Flags whose value is text as typed: fire would otherwise read "None", "0x10" or "[1]" as Python
 # literals (and spent gigabytes parsing a long unquoted prompt).
-TEXT_FLAGS = {"prompt", "system", "prompts", "out", "checkpoint", "tokenizer", "api_key", "host"}
+TEXT_FLAGS = {"prompt", "system", "prompts", "out", "checkpoint", "tokenizer", "api_key", "host", "json_schema", "regex",
+              "chat_template"}
 
 
 FLAG_HELP = {  # each flag's line in --help (fire reads a docstring's Args); a command may say more
@@ -41,6 +42,9 @@ FLAG_HELP = {  # each flag's line in --help (fire reads a docstring's Args); a c
                 "they are by default) or int8 (weights in 8 bits, a quarter of float32's memory). E.g. --quantize int4",
     "compile": "the decode step compiled whole: --compile now (float32 too), --nocompile never; default in the "
                "background where it is the fastest path (bfloat16 and 4-bit weights on a CPU). E.g. --nocompile",
+    "chat_template": "a jinja2 chat template file used instead of the checkpoint's (one that takes tools, say). E.g. --chat_template qwen_tools.jinja",
+    "json_schema": "a JSON Schema file: every reply is JSON valid under it. E.g. --json_schema person.schema.json",
+    "regex": "every generation fully matches this regular expression. E.g. --regex '[0-9]{3}-[0-9]{4}'",
     "no_prefix_cache": "prefill every prompt whole instead of reusing the K/V of a beginning the cache holds (to compare). E.g. --no_prefix_cache",
 }
 
@@ -197,20 +201,38 @@ def on_main(read):
     return result
 
 
-def _check_generation_flags(**flags) -> None:
-    """The sampling flags checked as the engine checks them, named as flags."""
+def _sampling_flags(json_schema=None, **flags) -> dict:
+    """The sampling flags checked as the engine checks them (errors named as flags), as keyword
+    arguments for Llama's methods; --json_schema's file read."""
+    flags["json_schema"] = None if json_schema is None else on_main(lambda: _read_json_schema(json_schema))
+    max_gen_len = flags.pop("max_gen_len")
     try:
-        SamplingParams(max_tokens=flags.pop("max_gen_len"), **flags)
+        SamplingParams(max_tokens=max_gen_len, **flags)
     except ValueError as e:
         raise ValueError(str(e).replace("SamplingParams.max_tokens", "--max_gen_len").replace("SamplingParams.", "--")) from None
+    return flags
 
 
-def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
-           no_prefix_cache) -> Llama:
+def _read_json_schema(path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--json_schema file {path} does not exist; pass a JSON Schema file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--json_schema file {path} is not UTF-8 text; pass a JSON Schema file") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--json_schema file {path} is not valid JSON ({e}); fix it") from None
+
+
+def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache,
+           chat_template) -> Llama:
     if not isinstance(no_prefix_cache, bool):
         raise ValueError(f"--no_prefix_cache takes no value (or True/False), got {no_prefix_cache!r}")
     return Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
-                       dtype=dtype, seed=seed, quantize=quantize, compile=compile, prefix_cache=not no_prefix_cache)
+                       dtype=dtype, seed=seed, quantize=quantize, compile=compile, prefix_cache=not no_prefix_cache,
+                       chat_template=chat_template)
 
 
 # --- chat ----------------------------------------------------------------------------------------
@@ -223,22 +245,21 @@ def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, se
 def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prompt: str = None,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0,
          frequency_penalty: float = 0.0, max_gen_len: int = 512, max_seq_len: int = None, device: str = None,
-         dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None, no_prefix_cache: bool = False):
+         dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None, no_prefix_cache: bool = False,
+         json_schema: str = None, chat_template: str = None):
     """Chat with a checkpoint (default: SmolLM2-135M-Instruct).
 
     Without --prompt: one user turn a line from stdin (a terminal or a pipe); /reset clears the
     history, /exit or EOF ends; Ctrl-C stops a reply. With --prompt: one reply, then exit.
     """
-    _check_generation_flags(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
-                            frequency_penalty=frequency_penalty, max_gen_len=max_gen_len)
+    sampling = _sampling_flags(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty, max_gen_len=max_gen_len, json_schema=json_schema)
     if prompt is None and sys.stdin is None:
         raise ValueError("stdin is closed; give chat a terminal or a pipe, or pass --prompt")
     if sys.stdout is None:
         raise ValueError("stdout is closed; give chat a terminal, a pipe or a file to write the replies to")
-    llm = _build(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache)
+    llm = _build(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache, chat_template)
     max_seq_len = llm.model.params.max_seq_len
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
-                    frequency_penalty=frequency_penalty)
     start = [{"role": "system", "content": system}] if system is not None else []
     # Keep room for a reply: drop the oldest turns before the history squeezes it below this.
     reply_room = min(max_gen_len, max(1, max_seq_len // 4))
@@ -311,13 +332,14 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
              top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              max_batch_size: int = 8, checkpoint: str = None, tokenizer: str = None, max_seq_len: int = None,
              device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None,
-             no_prefix_cache: bool = False):
+             no_prefix_cache: bool = False, json_schema: str = None, regex: str = None, chat_template: str = None):
     """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
     stdout or in --out. With --out, finished lines go to OUT.partial at once; a finished run renames
     it to OUT, and the same command run again after an interruption continues where it stopped.
     """
-    _check_generation_flags(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
-                            frequency_penalty=frequency_penalty, max_gen_len=max_gen_len)
+    sampling = _sampling_flags(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty, max_gen_len=max_gen_len, json_schema=json_schema,
+                               regex=regex)
     check_positive_int("--max_batch_size", max_batch_size)
     if not isinstance(chat, bool):
         raise ValueError(f"--chat takes no value (or True/False), got {chat!r}")
@@ -336,9 +358,7 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
             print(f"continuing {out}.partial: {done} of {len(records)} prompts were done", file=sys.stderr)
         if len(records) > done:
             llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
-                         no_prefix_cache)
-            sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
-                            frequency_penalty=frequency_penalty)
+                         no_prefix_cache, chat_template)
             _write_results(llm, records[done:], results, prompts, chat, max_gen_len, sampling)
         results.finish()
     finally:
@@ -419,7 +439,7 @@ def _check_listen(host, port) -> None:
 def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str = None, max_queue: int = 64, max_batch_size: int = 8, max_seq_len: int = None,
           device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None,
-          no_prefix_cache: bool = False):
+          no_prefix_cache: bool = False, chat_template: str = None):
     """Serve a checkpoint over OpenAI's HTTP API (default: SmolLM2-135M-Instruct) on http://HOST:PORT/v1.
 
     Every client shares the engine's batch of --max_batch_size rows; up to --max_queue more requests
@@ -434,7 +454,8 @@ def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1"
         raise ValueError("--api_key must be a non-empty string")
     if parallel.world_size() > 1:
         raise ValueError("serve runs in one process; start it without torchrun")
-    llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache)
+    llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache,
+                 chat_template)
     from .server import serve as run_server
 
     name = _model_name(checkpoint)

@@ -4,7 +4,9 @@
 rows, feeds every decoding request its last token and as many prompt tokens as the step's token
 budget leaves (a long prompt is prefilled in chunks over several steps, so running requests keep
 decoding meanwhile), samples each request's next token with its own settings, and reports what
-changed; `abort` ends a request and frees its row for the next step. Everything else
+changed; `abort` ends a request and frees its row for the next step. A request with structured
+output (a JSON Schema, regex or grammar) has its row of logits masked by its matcher before
+sampling (constraints.py: `Grammars`); the others are untouched. Everything else
 (`text_completion`, `chat_completion`, `stream`, the scripts, the server) drives this loop.
 With the prefix cache (prefix_cache.py) a request admitted into a row first reuses the K/V of the
 longest beginning of its prompt that a row still holds, and prefills only the rest.
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .constraints import Grammars
 from .detokenizer import Detokenizer
 from .prefix_cache import PrefixCache, Reuse
 from .sampling import SamplingParams, chosen_logprobs, penalize, sample, top_logprobs
@@ -68,6 +71,7 @@ class Request:
         # With echo and logprobs the prompt's own scores go out with the first new token (the first has none).
         self.prompt_logprobs = [0.0] if params.echo and params.logprobs else None
         self.prompt_top_logprobs = [[]] if params.echo and params.top_logprobs else None
+        self.matcher = None  # its constraint's llguidance matcher (constraints.py), if it has one
 
     @property
     def decoding(self) -> bool:
@@ -97,6 +101,7 @@ class Engine:
         self.running = []  # admitted (holding a row), oldest first
         self.aborted = []  # outputs of requests aborted since the last step
         self._ids = itertools.count()
+        self.grammars = Grammars(tokenizer, model.params.vocab_size)  # structured output's masks
 
     # --- requests in and out ------------------------------------------------------------------------
 
@@ -117,9 +122,11 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens; with max_tokens {params.max_tokens} it does not fit "
                 f"max_seq_len {p.max_seq_len}; shorten it, lower max_tokens or build with a larger max_seq_len"
             )
+        matcher = self.grammars.matcher(params)
         request_id = next(self._ids)
         request = Request(request_id, list(prompt_ids), params, params.max_tokens or room, self.tokenizer, p.vocab_size,
                           self.device)
+        request.matcher = matcher
         self.requests[request_id] = request
         self.waiting.append(request)
         return request_id
@@ -210,7 +217,7 @@ class Engine:
         if samplers:
             requests = [r for r, _ in samplers]
             next_logits = logits[torch.tensor([at for _, at in samplers], device=device)]  # (n, vocab)
-            chosen = self._sample(requests, next_logits)
+            chosen = self._sample(requests, self.grammars.mask(requests, next_logits))  # logprobs: the model's own
             lps, tops = self._logprobs(requests, next_logits, chosen)
             for request, token, lp, top in zip(requests, chosen.tolist(), lps, tops):  # the one host sync a step
                 outputs.append(self._advance(request, token, lp, top))
@@ -253,7 +260,8 @@ class Engine:
             request.prompt_top_logprobs += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
     def _advance(self, request, token: int, logprob, top) -> RequestOutput:
-        """Record a request's new token; finish it on a stop id, a stop string or max_tokens."""
+        """Record a request's new token; finish it on a stop id, a stop string, a complete constrained
+        text or max_tokens."""
         ids, lps, tops = [], [], []
         if request.params.echo and not request.output_ids:
             ids = list(request.prompt)
@@ -265,7 +273,7 @@ class Engine:
         if request.counts is not None:
             request.counts[token] += 1
         text = request.detokenizer.add([token])
-        if request.detokenizer.stopped:
+        if request.detokenizer.stopped or self.grammars.advance(request, token):
             return self._finish(request, "stop", ids, text, lps, tops)
         if len(request.output_ids) >= request.max_tokens:
             return self._finish(request, "length", ids, text, lps, tops)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import parallel
-from .chat_template import render_chat
+from .chat_template import check_template, render_chat
 from .checkpoint import CheckpointError, Int4Values, Int8Values, read_checkpoint
 from .devices import resolve_device, resolve_dtype
 from .download import default_checkpoint
@@ -52,7 +52,7 @@ class Llama:
 
     @staticmethod
     def build(checkpoint=None, tokenizer=None, max_seq_len=2048, max_batch_size=8, device=None, dtype=None, seed=None,
-              quantize=None, compile=None, prefix_cache=True) -> "Llama":
+              quantize=None, compile=None, prefix_cache=True, chat_template=None) -> "Llama":
         """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator.
 
         max_seq_len=None: 2048, or the model's context where that is shorter.
@@ -65,6 +65,8 @@ class Llama:
         CPU), replying eagerly meanwhile; True compiles it now (float32 too); False never.
         prefix_cache=True: the engine reuses the K/V of a prompt's beginning that its cache rows still
         hold (prefix_cache.py); False prefills every prompt whole, to compare.
+        chat_template: a jinja2 chat template, or a file holding one, used instead of the
+        checkpoint's (one that takes `tools`, say, for tool calls).
         """
         if quantize not in (None, "int8", "int4"):
             raise ValueError(f"unknown quantize {quantize!r}; use 'int8', 'int4' or None")
@@ -75,6 +77,7 @@ class Llama:
         for name, path in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
             if path is not None and not isinstance(path, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a path (str or PathLike) or None, got {path!r}")
+        template = read_chat_template(chat_template)
         if max_seq_len is not None:
             check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
@@ -107,6 +110,8 @@ class Llama:
             tok = Tokenizer.from_file(ckpt.tokenizer_file)
         else:
             raise CheckpointError(f"{ckpt.path} has no tokenizer.json or tokenizer.model; pass tokenizer=PATH")
+        if template is not None:
+            tok.chat_template = template
         if tok.n_words > params.vocab_size:
             raise CheckpointError(f"the tokenizer has {tok.n_words} tokens but the model only {params.vocab_size}; pass the model's own tokenizer")
 
@@ -290,10 +295,12 @@ class Llama:
         return ids
 
     def as_completed(self, prompt_tokens, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False,
-                     echo=False, stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False):
+                     echo=False, stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False,
+                     json_schema=None, json_object=False, regex=None, grammar=None):
         """Run each prompt (token ids) as a request on the engine; yield (its index, its result) as
         each finishes, so a caller can keep finished work while the rest runs. A result: tokens,
-        text, logprobs (or None) and finish_reason. `progress` shows a bar on stderr."""
+        text, logprobs (or None) and finish_reason. `progress` shows a bar on stderr. json_schema,
+        json_object, regex, grammar: structured output, as SamplingParams takes it."""
         if max_gen_len is None:  # as Meta's: up to the cache's end for the longest prompt
             self._check_prompts(prompt_tokens, 1, one_batch=False)
             longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
@@ -307,7 +314,8 @@ class Llama:
         check_sampling(temperature, top_p, top_k)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop,
                                 seed=seed, logprobs=logprobs, echo=echo, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
+                                frequency_penalty=frequency_penalty, json_schema=json_schema, json_object=json_object,
+                                regex=regex, grammar=grammar)
         request_ids = self._add(prompt_tokens, params)
         index = {rid: i for i, rid in enumerate(request_ids)}
         results = {rid: {"tokens": [], "text": [], "logprobs": [] if logprobs else None} for rid in request_ids}
@@ -336,7 +344,7 @@ class Llama:
 
     @torch.inference_mode()
     def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=None, stop=None, seed=None,
-               presence_penalty=0.0, frequency_penalty=0.0):
+               presence_penalty=0.0, frequency_penalty=0.0, json_schema=None, json_object=False, regex=None, grammar=None):
         """Yield the reply to one prompt as text pieces while it is generated, as a request in the
         engine's shared batch. No piece holds half a UTF-8 character or text that may still turn out
         to be a stop string; the pieces join to the whole reply (decode() of what generate returns
@@ -344,7 +352,8 @@ class Llama:
         self._check_prompts([prompt_tokens], max_gen_len)
         check_sampling(temperature, top_p, top_k)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop, seed=seed,
-                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                json_schema=json_schema, json_object=json_object, regex=regex, grammar=grammar)
         for out in self._outputs(self._add([prompt_tokens], params)):
             if out.text:
                 yield out.text
@@ -352,9 +361,10 @@ class Llama:
     # --- text in, text out -------------------------------------------------------------------------
 
     def text_completion(self, prompts, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, echo=False,
-                        stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False):
+                        stop=None, seed=None, presence_penalty=0.0, frequency_penalty=0.0, progress=False, **constraint):
         """Complete each prompt string: [{"generation": str, "tokens": [int], "finish_reason": str,
-        ("logprobs": [float])}]. `progress` shows a bar (prompts done, tokens/s) on stderr."""
+        ("logprobs": [float])}]. `progress` shows a bar (prompts done, tokens/s) on stderr.
+        `constraint`: json_schema=, json_object=, regex= or grammar=, as SamplingParams takes them."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
         prompt_tokens = []
@@ -364,12 +374,13 @@ class Llama:
             prompt_tokens.append(self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False))
         done = self._complete(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
                               logprobs=logprobs, echo=echo, stop=stop, seed=seed, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty, progress=progress)
+                              frequency_penalty=frequency_penalty, progress=progress, **constraint)
         return [_with_logprobs({"generation": r["text"], "tokens": r["tokens"], "finish_reason": r["finish_reason"]}, r)
                 for r in done]
 
-    def chat_prompt_tokens(self, dialog) -> list:
-        """The tokens of `dialog` rendered with the checkpoint's chat template, ready for the reply."""
+    def chat_prompt_tokens(self, dialog, tools=None) -> list:
+        """The tokens of `dialog` rendered with the checkpoint's chat template, ready for the reply;
+        `tools` (OpenAI-style function definitions) go to a template that takes them."""
         template = self.tokenizer.chat_template
         if not template:
             raise ValueError("this checkpoint has no chat template; use text_completion instead")
@@ -379,18 +390,20 @@ class Llama:
             dialog,
             bos_token=tok.decode([tok.bos_id]) if tok.bos_id is not None else "",
             eos_token=tok.decode([tok.eos_id]),
+            tools=tools,
         )
         return tok.encode(text, bos=False, eos=False)  # the template writes any special tokens itself
 
     def chat_completion(self, dialogs, max_gen_len=None, temperature=0.6, top_p=0.9, top_k=None, logprobs=False, stop=None,
-                        seed=None, presence_penalty=0.0, frequency_penalty=0.0):
-        """The assistant's next message for each dialog: [{"generation": {"role", "content"}, "finish_reason"}]."""
+                        seed=None, presence_penalty=0.0, frequency_penalty=0.0, **constraint):
+        """The assistant's next message for each dialog: [{"generation": {"role", "content"}, "finish_reason"}].
+        `constraint`: json_schema=, json_object=, regex= or grammar=, as SamplingParams takes them."""
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
             raise ValueError("dialogs must be a non-empty list of dialogs")
         prompt_tokens = [self.chat_prompt_tokens(d) for d in dialogs]
         done = self._complete(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
                               logprobs=logprobs, stop=stop, seed=seed, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty)
+                              frequency_penalty=frequency_penalty, **constraint)
         return [_with_logprobs({"generation": {"role": "assistant", "content": r["text"]}, "finish_reason": r["finish_reason"]}, r)
                 for r in done]
 
@@ -438,6 +451,24 @@ def _quantized_weights(ckpt, quantize, dtype, device, world):
 
 _LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def read_chat_template(value) -> "str | None":
+    """A chat template given as its text or as a file holding it (None: none given)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"chat_template must be a jinja2 template or a file holding one, got {value!r}")
+    text = str(value)
+    if not isinstance(value, str) or ("{{" not in text and "{%" not in text):  # a path
+        try:
+            text = open(value, encoding="utf-8").read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"chat template file {value} does not exist; pass a jinja2 template or its file") from None
+        except (IsADirectoryError, UnicodeDecodeError):
+            raise ValueError(f"chat template file {value} is not a text file; pass a jinja2 template or its file") from None
+    check_template(text)
+    return text
 
 
 def _with_logprobs(result: dict, done: dict) -> dict:

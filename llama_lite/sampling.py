@@ -4,6 +4,7 @@
 sample with `sample` and score with `chosen_logprobs` / `top_logprobs`, so there is one copy of each.
 """
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,11 @@ class SamplingParams:
     lowered by the first once and by the second per time they occurred; cache_salt: the request shares
     cached prompt K/V only with requests of the same salt (a tenant's secret keeps others from timing
     its prompts).
+
+    Structured output (at most one; constraints.py): json_schema, a dict or its JSON text, makes the
+    output an instance of that schema; json_object any JSON object; regex a full match of it; grammar
+    a match of that Lark grammar (llguidance's syntax). One that cannot be enforced is a ValueError
+    naming what is unsupported, here, before any token.
     """
 
     temperature: float = 0.6
@@ -52,6 +58,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     cache_salt: "str | None" = None
+    json_schema: "dict | None" = None
+    json_object: bool = False
+    regex: "str | None" = None
+    grammar: "str | None" = None
 
     def __post_init__(self):
         def field(name, ok, allowed):
@@ -80,6 +90,28 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             field(name, lambda x: _is_number(x) and -2 <= x <= 2, "a number in [-2, 2] (0 is off)")
         field("cache_salt", lambda x: x is None or isinstance(x, str) and x, "a non-empty string or None")
+        self._check_constraint()
+
+    def _check_constraint(self):
+        from . import constraints
+
+        if isinstance(self.json_schema, str):
+            try:
+                object.__setattr__(self, "json_schema", json.loads(self.json_schema))
+            except ValueError as e:
+                raise ValueError(f"SamplingParams.json_schema is not valid JSON ({e}); pass a dict or JSON text") from None
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, bool)):
+            raise ValueError(f"SamplingParams.json_schema must be a JSON Schema (a dict or its JSON text), got {self.json_schema!r}")
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"SamplingParams.json_object must be True or False, got {self.json_object!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"SamplingParams.{name} must be a non-empty string or None, got {value!r}")
+        given = [k for k in constraints.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"SamplingParams takes one constraint; got {' and '.join(given)}")
+        constraints.grammar_of(self)  # a ValueError if it cannot be enforced
 
     @property
     def penalized(self) -> bool:

@@ -1,10 +1,14 @@
 """An OpenAI-compatible HTTP server: many clients, one continuous batch. HTTP only: the shapes of
-OpenAI's requests and responses over the engine (engine.py), which one thread steps
-(engine_thread.py) while every handler awaits its own outputs, so concurrent clients share the batch.
+OpenAI's requests (protocol.py, pydantic models FastAPI validates and shows at /docs) and responses
+over the engine (engine.py), which one thread steps (engine_thread.py) while every handler awaits its
+own outputs, so concurrent clients share the batch.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (whole, or streamed as server-sent
-events), GET /v1/models, GET /health, GET /metrics (Prometheus). Bad requests get OpenAI's error
-body, {"error": {"message", "type", "param", "code"}}, with a 4xx status.
+events), GET /v1/models, GET /health, GET /metrics (Prometheus). Both completions endpoints take
+`response_format` (JSON object or JSON Schema, enforced token by token: constraints.py); chat takes
+`tools` and `tool_choice`, rendered through the chat template and answered as OpenAI's `tool_calls`
+(tool_calls.py). Bad requests get OpenAI's error body, {"error": {"message", "type", "param",
+"code"}}, with a 4xx status.
 """
 
 import asyncio
@@ -15,24 +19,17 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
+from starlette.exceptions import HTTPException
 
+from .chat_template import takes_tools
+from .constraints import KINDS
 from .engine_thread import EngineThread, Ticket
+from .protocol import ChatRequest, CompletionRequest, error_of
 from .sampling import SamplingParams
-
-# OpenAI request fields this server does not implement: a non-default value is refused, never ignored.
-UNSUPPORTED = {
-    "tools": None, "tool_choice": None, "functions": None, "function_call": None, "parallel_tool_calls": None,
-    "response_format": None, "logit_bias": None, "suffix": None, "best_of": 1, "audio": None, "modalities": None,
-    "prediction": None, "reasoning_effort": None, "web_search_options": None, "service_tier": None, "store": False,
-    "metadata": None,
-}
-COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "presence_penalty",
-          "frequency_penalty", "stream", "stream_options", "user", "logprobs", "cache_salt"}
-COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
-CHAT_FIELDS = COMMON | {"messages", "top_logprobs", "max_completion_tokens"}
-MAX_STOPS = 4  # as OpenAI
+from .tool_calls import CallParser, call_format, call_grammar, check_parameters
 
 
 class APIError(Exception):
@@ -56,7 +53,8 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
         yield
         worker.stop()
 
-    app = FastAPI(title="llama_lite", lifespan=lifespan)
+    # strict_content_type=False: a body sent without a Content-Type is read as JSON too.
+    app = FastAPI(title="llama_lite", lifespan=lifespan, strict_content_type=False)
     app.state.worker = worker
     created = int(time.time())
     rows = llm.model.params.max_batch_size
@@ -64,6 +62,18 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        error = error_of(exc.errors()[0])
+        return APIError(400, error.message, param=error.param, code=error.code).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI could not parse the body
+            message = "the request body could not be parsed (JSON nested too deeply, or a number too long); send plain JSON"
+        return APIError(exc.status_code, message).response()
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -90,42 +100,45 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llama_lite"}]}
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _json_body(request)
-        _check_fields(body, COMPLETION_FIELDS)
-        _check_model(body, model_name)
-        prompts = _prompts(body.get("prompt"), llm.tokenizer)
-        logprobs = _optional_int(body, "logprobs", 0, 5)
-        echo = _optional_bool(body, "echo", False)
-        shared = _sampling(body, default_max_tokens=16, logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo)
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(body.model, model_name)
+        prompts = _prompts(body.prompt, llm.tokenizer)
+        shared = {**body.sampling(default_max_tokens=16), "logprobs": body.logprobs is not None,
+                  "top_logprobs": body.logprobs or 0, "echo": bool(body.echo), **_response_format(body)}
         return await _serve(request, body, "text_completion", "cmpl", prompts, shared, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await _json_body(request)
-        _check_fields(body, CHAT_FIELDS)
-        _check_model(body, model_name)
-        messages = _messages(body.get("messages"))
+    async def chat_completions(body: ChatRequest, request: Request):
+        _check_model(body.model, model_name)
+        prompt, calls, constraint = _chat_prompt(body)
+        shared = {**body.sampling(default_max_tokens=None), "logprobs": bool(body.logprobs),
+                  "top_logprobs": body.top_logprobs or 0, "echo": False, **constraint}
+        return await _serve(request, body, "chat.completion", "chatcmpl", [prompt], shared, chat=True, calls=calls)
+
+    def _chat_prompt(body: ChatRequest):
+        """The prompt's tokens; (call format, function names) when tools are offered, else None; and
+        the constraint: the forced call's grammar, or the response_format's."""
+        tools, template = body.template_tools(), llm.tokenizer.chat_template or ""
+        if tools and not takes_tools(template):
+            raise APIError(400, "this model's chat template does not take tools; start the server with --chat_template "
+                                "FILE holding one that does (a Qwen2.5-, Hermes- or Llama 3.1-style template)", param="tools")
         try:
-            prompt = llm.chat_prompt_tokens(messages)
+            prompt = llm.chat_prompt_tokens(body.dialog(), tools=tools)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        logprobs = _optional_bool(body, "logprobs", False)
-        top = _optional_int(body, "top_logprobs", 0, 20) or 0
-        if top and not logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        if body.get("max_completion_tokens") is not None:
-            body = {**body, "max_tokens": body["max_completion_tokens"]}
-        shared = _sampling(body, default_max_tokens=None, logprobs=logprobs, top_logprobs=top, echo=False)
-        return await _serve(request, body, "chat.completion", "chatcmpl", [prompt], shared, chat=True)
+        if not tools:
+            return prompt, None, _response_format(body)
+        fmt, forced = call_format(template), [f.model_dump() for f in body.functions_forced()]
+        try:
+            check_parameters(forced, "tools")
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools") from None
+        constraint = {"grammar": call_grammar(fmt, forced)} if forced else {}
+        return prompt, (fmt, [t["function"]["name"] for t in tools]), constraint
 
-    async def _serve(request, body, kind, id_prefix, prompts, shared, chat):
-        n = _optional_int(body, "n", 1, 16, default=1)
-        stream = _optional_bool(body, "stream", False)
-        options = body.get("stream_options")
-        if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
-            raise APIError(400, "stream_options must be {\"include_usage\": bool}, and only with stream: true", param="stream_options")
-        include_usage = bool((options or {}).get("include_usage"))
+    async def _serve(request, body, kind, id_prefix, prompts, shared, chat, calls=None):
+        n, stream = body.n or 1, bool(body.stream)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         context = llm.model.params.max_seq_len
         for prompt in prompts:
             if len(prompt) + (shared["max_tokens"] or 1) > context:
@@ -138,6 +151,7 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
         if worker.pending + len(choices) > rows + max_queue:
             raise APIError(429, f"the server's queue is full ({max_queue} waiting); retry in a few seconds",
                            kind="rate_limit_error", code="queue_full", headers={"Retry-After": "2"})
+        await _compile(shared)
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
         tickets = []
         for index, prompt in choices:
@@ -150,13 +164,24 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64) -> FastA
             worker.submit(ticket, prompt, params)
             tickets.append(ticket)
         head = {"id": f"{id_prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model_name}
-        view = _Choices(llm.tokenizer, choices, n, chat, shared)
+        view = _Choices(llm.tokenizer, choices, n, chat, shared, calls)
         events = _events(outputs, len(choices), tickets, request)
         if stream:
             return EventSourceResponse(_stream(events, view, head, chat, include_usage))
         async for index, out in events:
             view.add(index, out)
         return {**head, "choices": view.whole(), "usage": view.usage()}
+
+    async def _compile(shared):
+        """A constrained request's matcher made in a worker thread, so that compiling holds up neither
+        the event loop nor the engine thread (which then finds it made); 400 if it cannot be enforced."""
+        if not any(shared.get(k) for k in KINDS):
+            return
+        try:
+            await asyncio.to_thread(lambda: llm.engine.grammars.matcher(SamplingParams(**shared)))
+        except ValueError as e:
+            message = str(e).replace("SamplingParams.json_schema", "response_format.json_schema.schema")
+            raise APIError(400, message, param="response_format") from None
 
     async def _events(outputs, count, tickets, request):
         """(choice index, RequestOutput) until every choice finished; an error adding one is a 400.
@@ -204,10 +229,14 @@ def _sse(data) -> bytes:
 
 
 class _Choices:
-    """Each choice's text, logprobs and finish reason as outputs arrive, in OpenAI's shapes."""
+    """Each choice's text, logprobs, tool calls and finish reason as outputs arrive, in OpenAI's shapes.
+    `calls`: (call format, function names) when the chat offers tools: each reply's text is then
+    read for calls as it streams (tool_calls.CallParser)."""
 
-    def __init__(self, tokenizer, choices, n, chat, shared):
+    def __init__(self, tokenizer, choices, n, chat, shared, calls=None):
         self.tokenizer, self.choices, self.n, self.chat = tokenizer, choices, n, chat
+        self.parsers = {index: CallParser(*calls) for index, _ in choices} if calls else None
+        self.calls = {index: [] for index, _ in choices}
         self.logprobs, self.echo = shared["logprobs"], shared["echo"]
         self.prompt_len = {index: len(prompt) for index, prompt in choices}
         self.text = {index: [] for index, _ in choices}
@@ -222,14 +251,24 @@ class _Choices:
         first = not self.text[index]
         self.cached[index] = out.cached_tokens
         self.generated[index] += len(out.token_ids) - (self.prompt_len[index] if self.echo and first else 0)
-        self.text[index].append(out.text)
+        text = out.text
+        if self.parsers:
+            text = self.parsers[index].feed(text)
+            if out.finished:
+                rest, self.calls[index] = self.parsers[index].finish()
+                text += rest
+                self.calls[index] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}
+                                     for call in self.calls[index]]
+        self.text[index].append(text)
         piece_lp = self._logprobs(index, out) if self.logprobs else None
         if out.finished:
-            self.finish[index] = out.finish_reason
+            self.finish[index] = "tool_calls" if self.calls[index] else out.finish_reason
         if self.chat:
-            delta = {"content": out.text} if out.text else {}
+            delta = {"content": text} if text else {}
+            if out.finished and self.calls[index]:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(self.calls[index])]
             return {"index": index, "delta": delta, "logprobs": piece_lp, "finish_reason": self.finish[index]}
-        return {"index": index, "text": out.text, "logprobs": piece_lp, "finish_reason": self.finish[index]}
+        return {"index": index, "text": text, "logprobs": piece_lp, "finish_reason": self.finish[index]}
 
     def whole(self):
         result = []
@@ -237,8 +276,10 @@ class _Choices:
             text = "".join(self.text[index])
             lp = self._merged(index) if self.logprobs else None
             if self.chat:
-                result.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                               "finish_reason": self.finish[index]})
+                message = {"role": "assistant", "content": text or (None if self.calls[index] else "")}
+                if self.calls[index]:
+                    message["tool_calls"] = self.calls[index]
+                result.append({"index": index, "message": message, "logprobs": lp, "finish_reason": self.finish[index]})
             else:
                 result.append({"index": index, "text": text, "logprobs": lp, "finish_reason": self.finish[index]})
         return result
@@ -292,97 +333,18 @@ def _finite(x):
     return x if x is None or math.isfinite(x) else -9999.0
 
 
-# --- request parsing: one line naming the problem and the field -------------------------------------
+# --- what the models leave to the server: the model's name, tokens, the response format ------------
 
-async def _json_body(request) -> dict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
-
-
-def _check_fields(body, allowed):
-    for name, value in body.items():
-        if name in UNSUPPORTED:
-            if value is not None and value != UNSUPPORTED[name] and value != [] and value != {}:
-                raise APIError(400, f"'{name}' is not supported by this server; leave it out", param=name,
-                               code="unsupported_parameter")
-        elif name not in allowed:
-            raise APIError(400, f"unrecognized request argument '{name}'", param=name, code="unrecognized_argument")
-
-
-def _check_model(body, model_name):
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
+def _check_model(model, model_name):
+    if not model:
         raise APIError(400, f"'model' is required; this server serves '{model_name}'", param="model")
     if model != model_name:
         raise APIError(400, f"model '{model}' does not exist here; this server serves '{model_name}'", param="model",
                        code="model_not_found")
 
 
-def _optional_int(body, name, low, high, default=None):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise APIError(400, f"'{name}' must be a whole number in {low}..{high}, got {value!r}", param=name)
-    return value
-
-
-def _optional_bool(body, name, default):
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise APIError(400, f"'{name}' must be true or false, got {value!r}", param=name)
-    return value
-
-
-def _number(body, name, default, low, high):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise APIError(400, f"'{name}' must be a number in [{low}, {high}], got {value!r}", param=name)
-    return float(value)
-
-
-def _sampling(body, default_max_tokens, logprobs, top_logprobs, echo) -> dict:
-    """SamplingParams fields from the request (OpenAI's defaults: temperature 1, top_p 1)."""
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop)):
-        raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them, got {body.get('stop')!r}",
-                       param="stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63):
-        raise APIError(400, f"'seed' must be a whole number, got {seed!r}", param="seed")
-    top_k = body.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise APIError(400, f"'top_k' must be a whole number >= 1, got {top_k!r}", param="top_k")
-    max_tokens = _optional_int(body, "max_tokens", 1, 1 << 30, default=default_max_tokens)
-    salt = body.get("cache_salt")
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise APIError(400, f"'cache_salt' must be a non-empty string, got {salt!r}", param="cache_salt")
-    return {
-        "temperature": _number(body, "temperature", 1.0, 0, 2),
-        "top_p": _number(body, "top_p", 1.0, 0, 1) or 1e-9,  # 0: the likeliest token alone
-        "top_k": top_k,
-        "max_tokens": max_tokens,
-        "stop": tuple(stop or ()),
-        "seed": seed,
-        "logprobs": logprobs,
-        "top_logprobs": top_logprobs,
-        "echo": echo,
-        "presence_penalty": _number(body, "presence_penalty", 0.0, -2, 2),
-        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2, 2),
-        "cache_salt": salt,
-    }
+def _response_format(body) -> dict:
+    return body.response_format.constraint() if body.response_format is not None else {}
 
 
 def _prompts(prompt, tokenizer) -> list:
@@ -397,34 +359,9 @@ def _prompts(prompt, tokenizer) -> list:
         raise APIError(400, f"prompt {i} must be a non-empty string or a list of token ids in [0, {tokenizer.n_words})",
                        param="prompt")
 
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+    if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
         return [ids(prompt, 0)]
-    if isinstance(prompt, list) and prompt:
-        return [ids(p, i) for i, p in enumerate(prompt)]
-    raise APIError(400, "'prompt' is required: a string, a list of strings, or token ids", param="prompt")
-
-
-def _messages(messages) -> list:
-    """OpenAI chat messages as the chat template's dialog; text parts of a content list are joined."""
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
-    dialog = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
-        role, content = message.get("role"), message.get("content")
-        if role == "developer":
-            role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role must be 'system', 'user' or 'assistant', got {role!r}", param="messages")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string, got {type(content).__name__}", param="messages")
-        dialog.append({"role": role, "content": content})
-    return dialog
+    return [ids(p, i) for i, p in enumerate(prompt)]
 
 
 def serve(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key=None, max_queue: int = 64) -> None:

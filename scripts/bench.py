@@ -15,7 +15,11 @@ mixed (--n_prompts prompts of 5-300 tokens, 64 new tokens each: llama_lite with 
 batching over --mixed_batch_size rows, transformers in batches of 8, llama.cpp one by one), and
 serving (1, 8 and 32 concurrent streaming clients of an OpenAI-compatible server, 64 tokens each:
 llama_lite's scripts/serve.py with --mixed_batch_size rows, llama-cpp-python's `llama_cpp.server`
-with --interrupt_requests False; aggregate tokens/s, time to first token p50/p99, streams cut short).
+with --interrupt_requests False, or llama.cpp's own llama-server; aggregate tokens/s, time to first token p50/p99,
+streams cut short), and constrained (llama_lite only; structured output over tests/schemas.json: each
+schema's compile time, the per-token mask cost p50/p99 replaying sampled outputs, and batch-1 /
+batch-8 tok/s of a JSON Schema that cannot end within --new_tokens against the same requests
+unconstrained).
 llama_lite systems are named llama_lite[:DTYPE][:int8|int4][:compile|nocompile]: plain `llama_lite` is
 the default configuration (what chat.py and serve.py run without flags). stream_b1 is batch 1 through
 the engine (`Llama.stream`, what chat.py and one server client use); startup times a first start
@@ -47,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # quantized), the levers; plain llama_lite is the default configuration.
 ALL_SYSTEMS = ("llama_lite", "llama_lite:nocompile", "llama_lite:float32", "llama_lite:float32:compile",
                "llama_lite:float32:int8:compile", "transformers", "llama_cpp")
-CASES = ("load", "decode_b1", "stream_b1", "decode_b8", "mixed", "serving", "startup", "prefix_chat", "prefix_shared")
+CASES = ("load", "decode_b1", "stream_b1", "decode_b8", "mixed", "serving", "startup", "prefix_chat", "prefix_shared", "constrained")
 DTYPES = ("float32", "bfloat16", "float16")
 SHAPES = {  # random-weight checkpoints for --device cuda (transformers' LlamaConfig fields)
     "smollm2": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -101,6 +105,7 @@ class LlamaLite:
         torch.set_num_threads(threads)
         self.llm = Llama.build(path, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                                **build_options(options))
+        self.stop_ids = self.llm.tokenizer.stop_ids
         self.llm.tokenizer.stop_ids = frozenset({-1})  # no token is -1: end-of-sequence is ignored
         tensors = [*self.llm.model.parameters(), *self.llm.model.buffers()]  # the tied embedding/output counted once:
         self.weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.dim() == 2}.values())
@@ -124,12 +129,14 @@ class LlamaLite:
         return tokens
 
     def many(self, prompts, n_new):
-        """Every prompt as a request on the engine (continuous batching); seconds of steps that fed
-        prompt tokens and of steps that only decoded are kept in self.split."""
         from llama_lite import SamplingParams
 
+        return self.many_params(prompts, SamplingParams(temperature=0, max_tokens=n_new))
+
+    def many_params(self, prompts, params):
+        """Every prompt as a request on the engine (continuous batching); seconds of steps that fed
+        prompt tokens and of steps that only decoded are kept in self.split."""
         engine = self.llm.engine
-        params = SamplingParams(temperature=0, max_tokens=n_new)
         tokens = {engine.add(p, params): [] for p in prompts}
         self.split = {"prefill_steps_s": 0.0, "decode_steps_s": 0.0}
         while engine.has_unfinished():
@@ -211,6 +218,62 @@ class LlamaCpp:
 SYSTEMS = {"llama_lite": LlamaLite, "transformers": Transformers, "llama_cpp": LlamaCpp}
 
 
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def constrained(runner, prompt, new_tokens):
+    """Structured output's costs on llama_lite: compile (schema -> matcher), the mask per token, and
+    tok/s with and without a constraint (batch 1 and 8, greedy)."""
+    import numpy as np
+
+    from llama_lite import SamplingParams, constraints
+
+    llm, engine = runner.llm, runner.llm.engine
+    llm.tokenizer.stop_ids = runner.stop_ids  # the grammar allows them only where the text may end
+    schemas = json.loads((ROOT / "tests" / "schemas.json").read_text())
+    started = time.perf_counter()
+    engine.grammars.matcher(SamplingParams(json_object=True))  # the vocabulary as llguidance sees it, built once
+    vocabulary_s = time.perf_counter() - started
+    compile_ms, outputs = [], []
+    for schema in schemas:
+        constraints._compile.cache_clear()
+        engine.grammars._compiled.clear()
+        started = time.perf_counter()
+        params = SamplingParams(temperature=1.0, top_p=1.0, seed=len(outputs), max_tokens=96, json_schema=schema)
+        engine.grammars.matcher(params)
+        compile_ms.append(1e3 * (time.perf_counter() - started))
+        outputs.append((params, runner.many_params([prompt], params)[0]))
+    mask_us = []
+    words = np.zeros((engine.model.params.vocab_size + 31) // 32, dtype=np.int32)
+    for params, tokens in outputs:  # replay each sampled text: the mask before each of its tokens
+        matcher = engine.grammars.matcher(params)
+        for token in tokens:
+            started = time.perf_counter()
+            matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+            mask_us.append(1e6 * (time.perf_counter() - started))
+            matcher.consume_token(token)
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}},
+              "required": ["name", "age", "city"]}
+    endless = {"type": "array", "minItems": 100, "items": person}  # cannot end within new_tokens: every row runs to the end
+    speeds = {}
+    for bsz in (1, 8):
+        for _ in range(2):  # free and constrained in turn, twice: the better of each (a shared machine is noisy)
+            for name, extra in (("free", {}), ("json", {"json_schema": endless})):
+                params = SamplingParams(temperature=0, max_tokens=new_tokens, **extra)
+                runner.many_params([prompt] * bsz, SamplingParams(temperature=0, max_tokens=4, **extra))  # warm up
+                started = time.perf_counter()
+                out = runner.many_params([prompt] * bsz, params)
+                assert all(len(row) == new_tokens for row in out)
+                key = f"b{bsz}_{name}_tok_s"
+                speeds[key] = max(speeds.get(key, 0), round(bsz * new_tokens / (time.perf_counter() - started), 1))
+    llm.tokenizer.stop_ids = frozenset({-1})
+    return dict(schemas=len(schemas), vocabulary_s=round(vocabulary_s, 2), compile_ms_p50=round(percentile(compile_ms, 0.5), 2),
+                compile_ms_max=round(max(compile_ms), 2), mask_us_p50=round(percentile(mask_us, 0.5)),
+                mask_us_p99=round(percentile(mask_us, 0.99)), masked_tokens=len(mask_us), **speeds)
+
+
 def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_size, device="cpu"):
     """Run the cases for one system in this process; a JSON line each on stdout."""
     name, *options = system.split(":")
@@ -263,6 +326,9 @@ def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_
         emit("prefix_chat", **prefix_chat(runner.llm))
     if "prefix_shared" in cases:
         emit("prefix_shared", **prefix_shared(runner.llm))
+    if "constrained" in cases and name == "llama_lite":
+        chat = runner.llm.chat_prompt_tokens([{"role": "user", "content": "List people as JSON."}])
+        emit("constrained", **constrained(runner, chat, new_tokens))
 
 
 # --- prefix caching: the cache on against off, on one model -----------------------------------------
@@ -488,6 +554,12 @@ def table(rows, bandwidth_gbs):
         if r["case"] == "prefix_shared":
             lines.append(f"{r['system']} prefix_shared: {r['seconds_on']} s with the cache, {r['seconds_off']} s without: "
                          f"{r['speedup']}x (target >= 4x); hit rate {r['hit_rate']}, same tokens {r['same_tokens']}")
+    for r in (r for r in rows if r["case"] == "constrained"):
+        lines.append(f"{r['system']} constrained: batch-1 {r['b1_json_tok_s']} vs {r['b1_free_tok_s']} tok/s free "
+                     f"({r['b1_json_tok_s'] / r['b1_free_tok_s']:.2f}x), batch-8 {r['b8_json_tok_s']} vs {r['b8_free_tok_s']} "
+                     f"({r['b8_json_tok_s'] / r['b8_free_tok_s']:.2f}x) (target >= 0.9x); mask per token p50 {r['mask_us_p50']} us, "
+                     f"p99 {r['mask_us_p99']} us ({r['masked_tokens']} tokens); compile p50 {r['compile_ms_p50']} ms, "
+                     f"max {r['compile_ms_max']} ms over {r['schemas']} schemas; vocabulary {r['vocabulary_s']} s once")
     served = [r for r in rows if r["case"] == "serving"]
     if served:
         lines += ["", "| system | clients | tok/s | first token p50 (s) | p99 (s) | streams cut short |", "|---|---|---|---|---|---|"]
@@ -576,9 +648,10 @@ def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=","
          shape=None, llama_server=None):
     """Benchmark SYSTEMS (comma-separated; see ALL_SYSTEMS) and print a JSON line per case and a table.
 
-    Each system runs twice, each time in a fresh process: load and batch-1 decode with a one-row
-    cache (so peak RSS is batch 1's), then batch-8 decode and the mixed prompts with
-    --mixed_batch_size rows (llama_lite's continuous batching; transformers uses batches of 8).
+    Each system runs in fresh processes: load and batch-1 decode with a one-row cache (so peak RSS
+    is batch 1's), then batch-8 decode and the mixed prompts with --mixed_batch_size rows
+    (llama_lite's continuous batching; transformers uses batches of 8), then (llama_lite) the
+    constrained case with 8 rows.
     --shape smollm2|llama1b: a random-weight checkpoint of that shape instead (for --device cuda).
     --llama_server PATH: llama.cpp's own server for the serving case (else `llama-server` on PATH).
     """
@@ -605,7 +678,7 @@ def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=","
 
 def run_all(systems, checkpoint, threads, cases, n_prompts, new_tokens, mixed_batch_size, device, llama_server):
     phases = [(("load", "decode_b1", "stream_b1"), 1), (("decode_b8", "mixed"), max(8, mixed_batch_size)),
-              (PREFIX_CASES, PREFIX_ROWS)]
+              (PREFIX_CASES, PREFIX_ROWS), (("constrained",), 8)]
     rows = []
     for system in systems:
         name = system.partition(":")[0]

@@ -60,3 +60,19 @@ def test_the_real_template_still_renders_fast(llm):
     started = time.monotonic()
     text = render_chat(llm.tokenizer.chat_template, dialog + [{"role": "user", "content": "bye"}])
     assert text.count("<|im_start|>") == 103 and time.monotonic() - started < 0.5
+
+
+def test_a_chat_template_override_is_text_or_a_file(tmp_path):
+    from llama_lite.generation import read_chat_template
+
+    text = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(text)
+    assert read_chat_template(text) == read_chat_template(path) == read_chat_template(str(path)) == text
+    assert read_chat_template(None) is None
+    with pytest.raises(FileNotFoundError, match="chat template file .*nope.jinja does not exist"):
+        read_chat_template(tmp_path / "nope.jinja")
+    with pytest.raises(ValueError, match=r"the chat template does not parse: .* \(line 1\); fix it"):
+        read_chat_template("{% for m in messages %}{{ m }}")
+    with pytest.raises(ValueError, match="chat_template must be"):
+        read_chat_template(5)

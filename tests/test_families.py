@@ -66,9 +66,10 @@ def vocabulary(family):
 def hf_model(family, seed=0, **overrides):
     """A tiny random model of the family; norms near one and every weight large enough to matter."""
     f = FAMILIES[family]
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                 vocab_size=len(vocabulary(family)), max_position_embeddings=256)
     config = getattr(transformers, f["cls"].replace("ForCausalLM", "Config"))(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-        vocab_size=len(vocabulary(family)), max_position_embeddings=256, **copy.deepcopy({**f["config"], **overrides}),
+        **copy.deepcopy({**shape, **f["config"], **overrides}),
     )  # a copy: transformers writes rope_theta into the rope_scaling dict it is given
     torch.manual_seed(seed)
     model = getattr(transformers, f["cls"])(config).eval()

@@ -137,6 +137,35 @@ def test_complete_reads_jsonl_from_stdin_and_keeps_fields(tmp_path):
     assert json.loads(piped.stdout)["generation"] == line["generation"]
 
 
+def test_complete_and_chat_hold_to_a_json_schema_or_regex(llm, tmp_path):
+    """--json_schema FILE and --regex give what the API gives with the same constraint; a schema
+    keyword that cannot be enforced is one error line before any work."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                               "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+              "required": ["name", "legs"], "additionalProperties": False}
+    schema_file = tmp_path / "animal.schema.json"
+    schema_file.write_text(json.dumps(schema))
+    prompts = ["A cat as JSON:", "A spider as JSON:"]
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(prompts) + "\n")
+    done = in_process("complete.py", source, "--json_schema", schema_file, "--max_gen_len", "40", *FLAGS)
+    assert done.returncode == 0, done.stderr
+    want = llm.text_completion(prompts, max_gen_len=40, temperature=0, json_schema=schema)
+    assert [json.loads(line)["generation"] for line in done.stdout.splitlines()] == [w["generation"] for w in want]
+    for w in want:
+        jsonschema.validate(json.loads(w["generation"]), schema)
+    done = in_process("complete.py", source, "--regex", "[0-9]{3}-[0-9]{4}", "--max_gen_len", "12", *FLAGS)
+    assert all(re.fullmatch("[0-9]{3}-[0-9]{4}", json.loads(line)["generation"]) for line in done.stdout.splitlines())
+    done = in_process("chat.py", "--prompt", "Describe a dog.", "--json_schema", schema_file, "--max_gen_len", "40", *FLAGS)
+    [reply] = llm.chat_completion([[{"role": "user", "content": "Describe a dog."}]], max_gen_len=40, temperature=0, json_schema=schema)
+    assert done.returncode == 0 and done.stdout == reply["generation"]["content"] + "\n"
+    schema_file.write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    done = in_process("complete.py", source, "--json_schema", schema_file, *FLAGS)
+    assert_fails(done, 'error: --json_schema cannot be enforced: Unimplemented keys: ["uniqueItems"]')
+    assert "loading" not in done.stderr
+
+
 @pytest.mark.parametrize(
     "name, args, message",
     [
@@ -150,6 +179,10 @@ def test_complete_reads_jsonl_from_stdin_and_keeps_fields(tmp_path):
         ("chat.py", ["--promt", "hi"], "unknown flag --promt"),
         ("complete.py", [__file__ + "x", "--out", "/no/such/folder/out.jsonl"], "--out"),
         ("complete.py", ["-", "--max_gen_len", "508", "--max_seq_len", "512"], "line 1"),
+        ("complete.py", ["-", "--json_schema", "/no/such/schema.json"], "--json_schema file /no/such/schema.json does not exist"),
+        ("chat.py", ["--prompt", "hi", "--json_schema", __file__], "is not valid JSON"),
+        ("chat.py", ["--prompt", "hi", "--chat_template", "/no/such.jinja"], "chat template file /no/such.jinja does not exist"),
+        ("complete.py", ["-", "--regex", "(?=a)b"], "--regex cannot be enforced: invalid regex \"(?=a)b\" (in regex): regex parse error (error: look-around"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(name, args, message):

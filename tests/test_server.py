@@ -34,11 +34,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*flags, dtype="float32"):
+def start_server(*flags, dtype="float32", max_seq_len=512):
     """A server subprocess (float32, as the `llm` fixture) and its base URL, once /health answers."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--port", str(port), "--dtype", dtype,
-                             "--device", "cpu", "--max_seq_len", "512", "--seed", "0", *map(str, flags)],
+                             "--device", "cpu", "--max_seq_len", str(max_seq_len), "--seed", "0", *map(str, flags)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -219,6 +219,152 @@ def test_a_repeated_prompt_reuses_its_kv_only_under_its_salt(llm, server, client
     assert second.choices[0].message.content == alone(llm, llm.chat_prompt_tokens(dialog), temperature=0, max_tokens=8)[0]
 
 
+# --- structured output and tool calls ------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_and_json_object(llm, client):
+    """Sampled at temperature 1: every reply validates, equals the same constrained request run in
+    process, and streams to the same text; the openai client's parse() reads its pydantic model."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pydantic = pytest.importorskip("pydantic")
+    messages = [{"role": "user", "content": "Invent a person."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    prompt = llm.chat_prompt_tokens(messages)
+    for seed in (0, 1):
+        whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, seed=seed, response_format=fmt)
+        text = whole.choices[0].message.content
+        jsonschema.validate(json.loads(text), PERSON)
+        assert (text, whole.choices[0].finish_reason) == alone(llm, prompt, temperature=1.0, top_p=1.0, max_tokens=60, seed=seed,
+                                                               json_schema=PERSON)[::2]
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, seed=1, response_format=fmt,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+
+    parsed = client.chat.completions.parse(model=MODEL, messages=messages, max_tokens=60, temperature=0, response_format=Person)
+    assert isinstance(parsed.choices[0].message.parsed, Person)
+    done = client.completions.create(model=MODEL, prompt="A JSON object:", max_tokens=48, temperature=0,
+                                     extra_body={"response_format": {"type": "json_object"}})  # not in the client's signature
+    want, _, reason = alone(llm, llm.tokenizer.encode("A JSON object:", bos=False, eos=False), temperature=0, max_tokens=48,
+                            json_object=True)
+    assert done.choices[0].text == want and done.choices[0].finish_reason == reason
+    if reason == "stop":
+        assert isinstance(json.loads(want), dict)
+
+
+TEMPLATES = ROOT / "tests" / "templates"
+CITY_CALLS = [{"role": "user", "content": f"Weather in {city}?"} if i % 2 == 0 else
+              {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{city}", "type": "function", "function": {
+                  "name": "get_weather", "arguments": json.dumps({"city": city, "unit": "celsius"})}}]}
+              for city in ("Paris", "Rome", "Oslo", "Lima") for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def tools_client():
+    """SmolLM2 served with a ChatML template of ours that takes tools (Hermes / Qwen2.5 format)."""
+    proc, url = start_server("--max_batch_size", 4, "--chat_template", TEMPLATES / "chatml_tools.jinja", max_seq_len=1024)
+    yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+    stop_server(proc)
+
+
+def hermes_reply(llm, messages, tools, **params):
+    """(text, finish reason) of the chat rendered with tests/templates/chatml_tools.jinja, in process."""
+    from llama_lite.chat_template import render_chat
+
+    dialog = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                                   for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+    text = render_chat((TEMPLATES / "chatml_tools.jinja").read_text(), dialog, tools=tools)
+    reply, _, reason = alone(llm, llm.tokenizer.encode(text, bos=False, eos=False), top_p=1.0, **params)
+    return reply, reason
+
+
+def test_tool_calls_required_named_auto_and_none(llm, tools_client):
+    """SmolLM2 with a Hermes-format template: "required" and a named function give a call whose
+    arguments validate (the text the constrained request writes in process); streamed, the call comes
+    as deltas; "auto" finds the call the model writes after four examples, and plain text stays
+    content; "none" leaves the tools out."""
+    from llama_lite.tool_calls import call_grammar
+
+    jsonschema = pytest.importorskip("jsonschema")
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    reply = tools_client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, clock], tool_choice="required",
+                                                 max_tokens=80, temperature=0)
+    choice = reply.choices[0]
+    [call] = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, {WEATHER["function"]["name"]: WEATHER, "get_time": clock}[call.function.name]["function"]["parameters"])
+    grammar = call_grammar("hermes", [WEATHER["function"], clock["function"]])
+    text, reason = hermes_reply(llm, ask, [WEATHER, clock], temperature=0, max_tokens=80, grammar=grammar)
+    assert reason == "stop" and json.loads(text[len("<tool_call>"):-len("</tool_call>")]) == {"name": call.function.name,
+                                                                                            "arguments": arguments}
+    streamed = list(tools_client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, clock], tool_choice="required",
+                                                         max_tokens=80, temperature=0, stream=True))
+    deltas = [d for c in streamed for d in c.choices[0].delta.tool_calls or []]
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == [(call.function.name, arguments)]
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+    named = tools_client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, clock], max_tokens=40, temperature=0,
+                                                 tool_choice={"type": "function", "function": {"name": "get_time"}})
+    [call] = named.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+
+    berlin = CITY_CALLS + [{"role": "user", "content": "Weather in Berlin?"}]
+    auto = tools_client.chat.completions.create(model=MODEL, messages=berlin, tools=[WEATHER], max_tokens=40, temperature=0)
+    [call] = auto.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)["city"]) == ("get_weather", "Berlin")
+    assert auto.choices[0].finish_reason == "tool_calls"
+    joke = [{"role": "user", "content": "Tell me a joke."}]
+    plain = tools_client.chat.completions.create(model=MODEL, messages=joke, tools=[WEATHER], max_tokens=24, temperature=0)
+    assert plain.choices[0].message.tool_calls is None
+    assert (plain.choices[0].message.content, plain.choices[0].finish_reason) == hermes_reply(llm, joke, [WEATHER], temperature=0,
+                                                                                              max_tokens=24)
+    none = tools_client.chat.completions.create(model=MODEL, messages=joke, tools=[WEATHER], tool_choice="none", max_tokens=24,
+                                                temperature=0)
+    assert none.choices[0].message.content == hermes_reply(llm, joke, None, temperature=0, max_tokens=24)[0]
+    unique = {"type": "function", "function": {"name": "pick", "parameters": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(openai.BadRequestError, match=r'tools\[0\].function.parameters cannot be enforced: Unimplemented keys: \["uniqueItems"\]'):
+        tools_client.chat.completions.create(model=MODEL, messages=joke, tools=[unique], tool_choice="required", max_tokens=4)
+
+
+def test_llama31_json_tool_calls_from_the_checkpoints_own_template(tmp_path):
+    """A tiny random Llama 3.1 (transformers-made, RoPE scaled), its tokenizer_config's template in
+    Llama 3.1's custom-tool format: "required" and a named function give a call in its JSON format,
+    arguments valid, returned as tool_calls; a template without tools refuses them."""
+    from tests.test_families import FAMILIES, hf_model, save_hf
+
+    jsonschema = pytest.importorskip("jsonschema")
+    folder = save_hf(hf_model("llama3", max_position_embeddings=2048), "llama3", tmp_path / "tiny-llama31")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = (TEMPLATES / "llama31_tools.jinja").read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    proc, url = start_server("--checkpoint", folder, max_seq_len=2048)  # byte-level tokens: the tools take ~1000
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+        ask = [{"role": "user", "content": "Weather in Paris?"}]
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            reply = client.chat.completions.create(model="tiny-llama31", messages=ask, tools=[WEATHER], tool_choice=choice,
+                                                   max_tokens=400, temperature=1.0, seed=3)  # a token a byte
+            assert reply.choices[0].finish_reason == "tool_calls", reply.choices[0]
+            [call] = reply.choices[0].message.tool_calls
+            assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        plain = client.chat.completions.create(model="tiny-llama31", messages=ask, tools=[WEATHER], max_tokens=4)
+        assert plain.choices[0].message.tool_calls is None  # random weights write no call
+    finally:
+        stop_server(proc)
+    assert "tools" not in FAMILIES["llama3"]["template"]  # the family's plain template (test_families) takes none
+
+
 # --- the service ---------------------------------------------------------------------------------
 
 def test_models_health_metrics_and_auth(server, client):
@@ -252,6 +398,11 @@ def test_a_client_dropped_mid_stream_frees_its_row(server):
     assert metric(server, 'llama_lite_requests_finished_total{finish_reason="abort"}') == before + 1
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
 BAD_REQUESTS = [
     ("/v1/completions", b"{not json", 400, "not valid JSON"),
     ("/v1/completions", [1, 2], 400, "must be a JSON object"),
@@ -282,9 +433,25 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "only text parts"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
-     400, "'tools' is not supported"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "json_object"}}, 400, "'response_format' is not supported"),
+     400, "'tools[0].function' is required"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER]}, 400,
+     "this model's chat template does not take tools; start the server with --chat_template FILE"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
+     "tool_choice needs 'tools'"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
+                              "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, 400,
+     "tool_choice names function 'get_time', which is not among the tools (get_weather)"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
+                              "response_format": {"type": "json_object"}}, 400, "response_format and tools cannot be used together"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, 400, "arguments of 'f' are not valid JSON"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "tools": [WEATHER]}, 400, "'tools' is not supported"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "xml"}}, 400, "'response_format.type'"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema"}}, 400,
+     "response_format of type 'json_schema' needs a 'json_schema'"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, 400,
+     'response_format.json_schema.schema cannot be enforced: Unimplemented keys: ["uniqueItems"]'),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400,
      "top_logprobs needs logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,

@@ -189,3 +189,25 @@ def test_unreadable_tokenizer_files_are_one_line_errors(tmp_path, content):
 def test_override_with_a_vocabulary_too_big_for_the_model(tiny_gguf):
     with pytest.raises(CheckpointError, match="tokenizer has 4096 tokens but the model only"):
         Llama.build(tiny_gguf, tokenizer=SHIPPED_SP_MODEL, max_seq_len=64)
+
+
+# --- token bytes (structured output works on bytes) --------------------------------------------------
+
+def test_token_bytes_join_to_the_text_on_every_back_end(llm, smollm_json, sp_gguf, tmp_path):
+    """For each back-end, the bytes of a text's tokens are its UTF-8, special tokens spelled out;
+    SentencePiece vocabularies (tokenizer.model, GGUF "llama", a converted tokenizer.json) put the
+    dummy space first, which decode drops."""
+    transformers = pytest.importorskip("transformers")
+    sp_json = tmp_path / "sp-json"
+    transformers.AutoTokenizer.from_pretrained(sp_gguf.parent, gguf_file=sp_gguf.name).save_pretrained(sp_json)
+    back_ends = [(llm.tokenizer, False), (Tokenizer.from_file(smollm_json), False), (Tokenizer.from_file(SHIPPED_SP_MODEL), True),
+                 (Tokenizer.from_file(sp_gguf), True), (Tokenizer.from_file(sp_json / "tokenizer.json"), True)]
+    for tok, dummy_space in back_ends:
+        for text in TEXTS:
+            ids = tok.encode(text, False, False)
+            first_is_text = bool(ids) and ids[0] not in tok.special_ids
+            want = (b" " if dummy_space and first_is_text else b"") + tok.decode(ids).encode("utf-8")
+            assert b"".join(tok.token_bytes(i) for i in ids) == want, (type(tok).__name__, text)
+        assert tok.token_bytes(tok.eos_id) == tok.decode([tok.eos_id]).encode() and tok.eos_id in tok.special_ids
+        with pytest.raises(ValueError, match="token id must be"):
+            tok.token_bytes(tok.n_words)
