@@ -30,7 +30,6 @@ import types
 from types import SimpleNamespace
 
 import torch
-import torch._inductor.config
 
 from .model import KEY_BLOCK, key_blocks
 
@@ -99,13 +98,12 @@ class DecodeStep:
         self.device = model.rope_cos.device
         self.cuda = self.device.type == "cuda"
         self.ready = False
-        self.error = None
+        self.error = self.seconds = None
         self._thread = None
         self.key_index = torch.arange(key_blocks(model.params.max_seq_len), device=self.device)
         # Inductor's compiled code outlives /tmp: a later start then only traces. A user's own setting wins.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _cache_dir())
         _int4_as_its_own_call()
-        torch._inductor.config.size_asserts = False  # a Python check per buffer and step, for shapes fixed by construction
         mode = "reduce-overhead" if self.cuda else None
         if self.cuda:  # CUDA graphs copy their inputs each call, unless told these stay put
             for t in (*model.cache.k, *model.cache.v):
@@ -115,7 +113,9 @@ class DecodeStep:
         # another model, and dynamo keeps graphs per code object: so each model gets its own copy.
         # One compiler thread, no worker pool: a build that is still running when the process ends
         # then just finishes (the pool refuses new work during shutdown, and would fail it).
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "compile_threads": 1}
+        # No size checks either: a Python call per buffer and step, for shapes fixed by construction.
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "compile_threads": 1,
+                   "size_asserts": False}
         own_step = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
         self.compiled = torch.compile(own_step, fullgraph=True, dynamic=False, mode=mode, options=options)
 

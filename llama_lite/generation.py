@@ -20,7 +20,6 @@ from .checkpoint import CheckpointError, Int4Values, Int8Values, read_checkpoint
 from .devices import resolve_device, resolve_dtype
 from .download import default_checkpoint
 from .engine import Engine
-from .decode_step import DecodeStep
 from .kernels import SKINNY_ROWS, int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
 from .model import KVCache, ModelArgs, Transformer
 from .sampling import SamplingParams, check_sampling, chosen_logprobs, sample
@@ -163,6 +162,8 @@ class Llama:
         else:
             background = False
         if compile:
+            from .decode_step import DecodeStep  # imports the compiler (~70 MB): only when it is used
+
             model.decode_step = DecodeStep(model)
             if background and parallel.is_main():
                 print("llama_lite: compiling the decode step in the background (up to a minute the first time, seconds once "

@@ -116,7 +116,7 @@ class LlamaLite:
         if step is None:
             return {"compiled": False}
         step.wait()
-        return {"compiled": step.ready, "compile_s": round(getattr(step, "seconds", 0.0), 1)}
+        return {"compiled": step.ready, "compile_s": round(step.seconds or 0.0, 1)}
 
     def stream(self, prompt, n_new):
         return sum(1 for _ in self.llm.stream(prompt, n_new, temperature=0))
