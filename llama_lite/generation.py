@@ -139,7 +139,7 @@ class Llama:
                 continue
             if not isinstance(tensor, Int8Values):  # (kept values only ever load in one process)
                 tensor = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape))
-            if module + ".scale" in local_shapes:  # an int8 layer: as stored (Q8_0), or quantized as it is read
+            if kind == "weight" and module + ".scale" in local_shapes:  # an int8 layer: as stored (Q8_0), or quantized as read
                 state[name], state[module + ".scale"] = tensor if isinstance(tensor, Int8Values) else quantize_int8(tensor.to(device))
             else:
                 state[name] = tensor.to(device=device, dtype=dtype)
