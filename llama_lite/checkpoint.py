@@ -13,15 +13,15 @@ hand-written dequantizer); safetensors with `safetensors`; .pth with `torch.load
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
 from . import parallel
 from .errors import CheckpointError
-from .gguf_file import REQUIRED, dequantize, gguf_field, open_gguf
+from .gguf_file import KEPT_TYPES, REQUIRED, dequantize, gguf_field, kept_values, open_gguf
 from .rope import RopeScaling
 
 # --- GGUF ----------------------------------------------------------------------------------------
@@ -146,8 +146,26 @@ def _gguf_rope_scaling(reader, arch: str, head_dim: int) -> Optional[RopeScaling
     return RopeScaling("linear", factor=factor, freq_factors=freq_factors)
 
 
-def _gguf_tensors(reader, arch: str, args: dict) -> Iterator:
-    """(Meta name, float32 tensor) for each tensor, dequantized one at a time."""
+class Int4Values(NamedTuple):
+    """A weight stored in 4 bits (GGUF Q4_0 / Q4_1), as it is: weight = q * scale + offset, with q
+    (out, in) in 0..15 and scale, offset (out, in // 32) per group of 32."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+
+class Int8Values(NamedTuple):
+    """A weight stored as int8 (GGUF Q8_0), as it is: weight = q * scale, with q (out, in) and scale
+    (out, in // 32) per group of 32."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+def _gguf_tensors(reader, arch: str, args: dict, keep=frozenset()) -> Iterator:
+    """(Meta name, tensor) for each tensor, one at a time: float32, or for the names in `keep` the
+    values as stored (Int4Values for Q4_0 / Q4_1, Int8Values for Q8_0)."""
     for t in reader.tensors:
         if t.name == ROPE_FREQS:  # read with the metadata, into rope_scaling
             continue
@@ -155,12 +173,18 @@ def _gguf_tensors(reader, arch: str, args: dict) -> Iterator:
         if name is None:
             raise CheckpointError(f"{reader.path}: unexpected tensor {t.name!r}; this {arch} variant is not supported")
         try:
-            tensor = dequantize(t)
+            if name in keep:
+                values = kept_values(t)
+                tensor = (Int4Values if len(values) == 3 else Int8Values)(*values)
+            else:
+                tensor = dequantize(t)
         except NotImplementedError:
             raise CheckpointError(f"{reader.path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize; convert the model to another type") from None
         reader.release(t)
         if arch in _ROTATE_HALF:
-            tensor = _rotate_half_to_pairs(name, tensor, args["n_heads"], args["n_kv_heads"], f"{reader.path}: {t.name}")
+            where = f"{reader.path}: {t.name}"
+            convert = lambda x: _rotate_half_to_pairs(name, x, args["n_heads"], args["n_kv_heads"], where)  # noqa: E731
+            tensor = type(tensor)(*map(convert, tensor)) if isinstance(tensor, tuple) else convert(tensor)
         yield name, tensor
 
 
@@ -174,11 +198,12 @@ class Checkpoint:
     args: dict  # ModelArgs fields other than the cache sizes
     context_length: Optional[int]  # the longest sequence the model was trained for, if known
     tied: bool  # the output projection is the embedding (no output.weight is stored)
-    tensors: Callable[[], Iterator]
+    tensors: Callable[..., Iterator]  # (keep=frozenset()) -> (Meta name, tensor, or stored values for names in keep)
     n_tensors: int
     size: int  # bytes on disk, to decide whether loading deserves a progress bar
     tokenizer_file: Optional[Path] = None  # the tokenizer beside the weights, if any
     gguf_reader: object = None  # a GGUF checkpoint's open reader: its vocabulary is the tokenizer
+    stored: dict = field(default_factory=dict)  # Meta name -> "int4" / "int8": weights a GGUF holds in such blocks
 
 
 LAYOUTS = ("a .gguf file, a Hugging Face folder (config.json + *.safetensors) "
@@ -214,9 +239,11 @@ def _gguf_file(path: Path) -> Checkpoint:
     context_length = args.pop("context_length")
     names = {t.name for t in reader.tensors}
     arch = gguf_field(reader, "general.architecture")
+    stored = {_meta_name(t.name): KEPT_TYPES[t.tensor_type] for t in reader.tensors if t.tensor_type in KEPT_TYPES}
     return Checkpoint(path, args, context_length, tied="output.weight" not in names,
-                      tensors=lambda: _gguf_tensors(reader, arch, args), n_tensors=len(names - {ROPE_FREQS}),
-                      size=path.stat().st_size, gguf_reader=reader)
+                      tensors=lambda keep=frozenset(): _gguf_tensors(reader, arch, args, keep),
+                      n_tensors=len(names - {ROPE_FREQS}), size=path.stat().st_size, gguf_reader=reader,
+                      stored={k: v for k, v in stored.items() if k is not None})
 
 
 def _read_json(path: Path) -> dict:
@@ -350,7 +377,7 @@ def _hf_folder(folder: Path) -> Checkpoint:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download it again") from None
 
-    def tensors():
+    def tensors(keep=frozenset()):  # nothing is kept quantized from these files
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for key in keys[file]:
@@ -444,7 +471,7 @@ def _meta_folder(folder: Path) -> Checkpoint:
     # the way this model splits (mmap: the others are never read).
     same_split = parallel.world_size() == len(loaded) > 1
 
-    def tensors():
+    def tensors(keep=frozenset()):  # nothing is kept quantized from these files
         for name in first:
             if name == "rope.freqs":  # Meta's precomputed RoPE table; recomputed here
                 continue

@@ -40,8 +40,10 @@ FLAG_HELP = {  # each flag's line in --help (fire reads a docstring's Args); a c
     "device": "cpu, cuda or cuda:N; default cuda where there is one. E.g. --device cpu",
     "dtype": "float32, bfloat16 or float16; default bfloat16 where the device runs it fast. E.g. --dtype float32",
     "seed": "seed sampling, so a run repeats exactly. E.g. --seed 1",
-    "quantize": "int8 holds weights in 8 bits (a quarter of float32's memory). E.g. --quantize int8",
-    "compile": "compile the decoding step with torch.compile (faster per token, slower to start). E.g. --compile",
+    "quantize": "int4 (group-32 4-bit layers, bfloat16 activations, CPU; a GGUF's Q4_0/Q4_1 blocks are kept as "
+                "they are by default) or int8 (weights in 8 bits, a quarter of float32's memory). E.g. --quantize int4",
+    "compile": "the decode step compiled whole: --compile now (float32 too), --nocompile never; default in the "
+               "background where it is the fastest path (bfloat16 and 4-bit weights on a CPU). E.g. --nocompile",
     "chat_template": "a jinja2 chat template file used instead of the checkpoint's (one that takes tools, say). E.g. --chat_template qwen_tools.jinja",
     "json_schema": "a JSON Schema file: every reply is JSON valid under it. E.g. --json_schema person.schema.json",
     "regex": "every generation fully matches this regular expression. E.g. --regex '[0-9]{3}-[0-9]{4}'",
@@ -166,7 +168,7 @@ def _as_typed(command, args) -> list:
     True), an argument too many (fire would take it as the next parameter, such as --out)."""
     params = inspect.signature(command).parameters
     positional = [name for name, p in params.items() if p.default is p.empty]
-    switches = {name for name, p in params.items() if isinstance(p.default, bool)}  # may stand alone
+    switches = {name for name, p in params.items() if isinstance(p.default, bool)} | {"compile"}  # may stand alone
     initials = [name[0] for name in params if name not in positional]
     short = {name[0]: name for name in params if name not in positional and initials.count(name[0]) == 1}  # fire's -o
     typed, given, i = [], set(), 0
@@ -279,7 +281,7 @@ class _TurnError(ValueError):
 def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prompt: str = None,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0,
          frequency_penalty: float = 0.0, max_gen_len: int = 512, max_seq_len: int = None, device: str = None,
-         dtype: str = None, seed: int = None, quantize: str = None, compile: bool = False, no_prefix_cache: bool = False,
+         dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None, no_prefix_cache: bool = False,
          json_schema: str = None, chat_template: str = None, threads: int = None):
     """Chat with a checkpoint (default: SmolLM2-135M-Instruct).
 
@@ -392,7 +394,7 @@ def chat_main():
 def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int = 64, temperature: float = 0.0,
              top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              max_batch_size: int = 8, checkpoint: str = None, tokenizer: str = None, max_seq_len: int = None,
-             device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = False,
+             device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None,
              no_prefix_cache: bool = False, json_schema: str = None, regex: str = None, chat_template: str = None,
              threads: int = None):
     """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
@@ -513,7 +515,7 @@ def _listen(host, port) -> socket.socket:
 def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str = None, max_queue: int = 64, max_body_mb: float = 8, max_batch_size: int = 8,
           max_seq_len: int = None, device: str = None, dtype: str = None, seed: int = None, quantize: str = None,
-          compile: bool = False, no_prefix_cache: bool = False, chat_template: str = None, threads: int = None):
+          compile: bool = None, no_prefix_cache: bool = False, chat_template: str = None, threads: int = None):
     """Serve a checkpoint over OpenAI's HTTP API (default: SmolLM2-135M-Instruct) on http://HOST:PORT/v1.
 
     Every client shares the engine's batch of --max_batch_size rows; up to --max_queue more requests

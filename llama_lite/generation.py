@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from . import parallel
 from .chat_template import check_template, render_chat
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError, Int4Values, Int8Values, read_checkpoint
 from .devices import CpuLoad, check_threads, default_threads, resolve_device, resolve_dtype
 from .download import default_checkpoint
 from .engine import Engine
-from .kernels import SKINNY_ROWS, quantize_int8, quantize_modules
+from .kernels import SKINNY_ROWS, int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
 from .model import KVCache, ModelArgs, Transformer
 from .sampling import SamplingParams, check_sampling, chosen_logprobs, draw_seed, request_seed, sample
 from .tokenizer import Tokenizer, gguf_tokenizer
@@ -59,14 +59,17 @@ class Llama:
 
     @staticmethod
     def build(checkpoint=None, tokenizer=None, max_seq_len=2048, max_batch_size=8, device=None, dtype=None, seed=None,
-              quantize=None, compile=False, prefix_cache=True, chat_template=None, threads=None) -> "Llama":
+              quantize=None, compile=None, prefix_cache=True, chat_template=None, threads=None) -> "Llama":
         """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator.
 
         max_seq_len=None: 2048, or the model's context where that is shorter.
-        quantize="int8": every weight matrix held as int8 with a scale per row (weight-only; about a
-        quarter of float32's memory). compile=True: the one-token decode step is compiled with
-        torch.compile (Transformer.compile_decode), 2-3x faster at batch 1 on CPU; compiling costs
-        seconds to tens of seconds the first time a batch size is seen (inductor caches on disk).
+        quantize: None keeps a GGUF's 4-bit (Q4_0 / Q4_1) weights in 4 bits where that is the fast
+        path (a CPU computing in bfloat16: dtype None or "bfloat16"), and every other weight in
+        `dtype`; "int4" also quantizes float weights of the layers to group-32 4-bit (bfloat16
+        activations, CPU); "int8" holds every weight matrix as int8 with a scale per row.
+        compile: the decode step compiled whole (decode_step.py). None compiles it in the background
+        where that is the fastest path and changes no promised bit (bfloat16 and 4-bit weights on a
+        CPU), replying eagerly meanwhile; True compiles it now (float32 too); False never.
         prefix_cache=True: the engine reuses the K/V of a prompt's beginning that its cache rows still
         hold (prefix_cache.py); False prefills every prompt whole, to compare.
         chat_template: a jinja2 chat template, or a file holding one, used instead of the
@@ -75,10 +78,10 @@ class Llama:
         keeps busy while it builds (devices.default_threads); set for the whole process.
         """
         load = CpuLoad()  # other processes' use of the cores, measured while the checkpoint is read
-        if quantize not in (None, "int8"):
-            raise ValueError(f"unknown quantize {quantize!r}; use 'int8' or None")
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
+        if quantize not in (None, "int8", "int4"):
+            raise ValueError(f"unknown quantize {quantize!r}; use 'int8', 'int4' or None")
+        if compile not in (None, True, False):
+            raise ValueError(f"compile must be True, False or None (the fastest path this machine supports), got {compile!r}")
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         for name, path in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
@@ -96,9 +99,12 @@ class Llama:
         if threads is not None:
             check_threads(threads)
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
 
         ckpt = read_checkpoint(default_checkpoint() if checkpoint is None else checkpoint)
+        world = parallel.world_size()
+        if world > 1 and (quantize or compile):
+            raise ValueError("quantize and compile work in one process only; run without torchrun, or without them")
+        kept, dtype = _quantized_weights(ckpt, quantize, dtype, device, world)
         if max_seq_len is None:
             max_seq_len = min(2048, ckpt.context_length or 2048)
         if ckpt.context_length and max_seq_len > ckpt.context_length:
@@ -107,9 +113,6 @@ class Llama:
                 f"pass max_seq_len <= {ckpt.context_length}"
             )
         params = ModelArgs(**ckpt.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        world = parallel.world_size()
-        if world > 1 and (quantize or compile):
-            raise ValueError("quantize and compile work in one process only; run without torchrun, or without them")
         if world > 1:  # under torchrun: split the model across the processes
             parallel.check_divisible(world, params.n_heads, params.n_kv_heads, params.hidden_dim, params.vocab_size)
             device = parallel.setup(device)
@@ -134,25 +137,33 @@ class Llama:
         # cannot be made on the meta device; they get uninitialised memory instead.)
         with torch.device("meta" if world == 1 else device):
             model = Transformer(params)
-            if quantize:
+            if quantize == "int8":
                 quantize_modules(model, dtype)
+            modules = {kind: {name.removesuffix(".weight") for name in kept if kept[name] == kind} for kind in ("int4", "int8")}
+            if ckpt.tied and "tok_embeddings" in modules["int8"]:
+                modules["int8"].add("output")  # the embedding's own int8 rows and scales
+            quantize_modules(model, dtype, modules["int8"], group=32)
+            int4_layers = int4_modules(model, dtype, modules["int4"])
         local_shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
         # One tensor at a time: read (dequantized, merged or un-permuted), cut to this rank's part,
         # converted, placed.
-        state = {}
-        progress = tqdm(ckpt.tensors(), total=ckpt.n_tensors, desc="loading", unit="tensor", leave=False,
-                        file=sys.stderr, disable=ckpt.size < _PROGRESS_BYTES or not parallel.is_main())
+        state, int4_parts = {}, {}
+        progress = tqdm(ckpt.tensors(frozenset(kept) & ckpt.stored.keys()), total=ckpt.n_tensors, desc="loading", unit="tensor",
+                        leave=False, file=sys.stderr, disable=ckpt.size < _PROGRESS_BYTES or not parallel.is_main())
         for name, tensor in progress:
-            tensor = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape))
-            scale_name = name.removesuffix("weight") + "scale"
-            if scale_name in local_shapes:  # an int8 layer: quantized as it is read
-                state[name], scale = quantize_int8(tensor.to(device))
-                state[scale_name] = scale.to(dtype)
+            module, _, kind = name.rpartition(".")
+            if module in int4_layers:  # 4-bit values as stored, or quantized now; packed once a fused matrix is whole
+                _add_int4_part(state, int4_parts, int4_layers[module], name, tensor, dtype)
+                continue
+            if not isinstance(tensor, Int8Values):  # (kept values only ever load in one process)
+                tensor = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape))
+            if kind == "weight" and module + ".scale" in local_shapes:  # an int8 layer: as stored (Q8_0), or quantized as read
+                state[name], state[module + ".scale"] = tensor if isinstance(tensor, Int8Values) else quantize_int8(tensor.to(device))
             else:
                 state[name] = tensor.to(device=device, dtype=dtype)
         if ckpt.tied and "tok_embeddings.weight" in state:
-            for part in ("weight", "scale") if quantize else ("weight",):  # the same tensors, not copies
+            for part in ("weight", "scale") if "output.scale" in local_shapes else ("weight",):  # the same tensors, not copies
                 state[f"output.{part}"] = state[f"tok_embeddings.{part}"]
         try:
             model.load_state_dict(state, strict=True, assign=True)
@@ -162,10 +173,21 @@ class Llama:
         model.setup_cache()
         model.n_decodable = tok.n_words  # a smaller tokenizer than the model's: its missing ids are never sampled
         model.eval()
-        if compile:
-            model.compile_decode()
         model.use_skinny_decode(device.type == "cpu" and dtype == torch.float32 and not (quantize or compile) and world == 1
                                 and max_batch_size <= SKINNY_ROWS)
+        if compile is None:  # where it is fast and keeps every promise (float32 stays eager, bit for bit)
+            compile = device.type == "cpu" and dtype != torch.float32 and world == 1
+            background = True
+        else:
+            background = False
+        if compile:
+            from .decode_step import DecodeStep  # imports the compiler (~70 MB): only when it is used
+
+            model.decode_step = DecodeStep(model)
+            if background and parallel.is_main():
+                print("llama_lite: compiling the decode step in the background (up to a minute the first time, seconds once "
+                      "cached); replies start at once", file=sys.stderr)
+            model.decode_step.start(background)
 
         generator = torch.Generator(device=device)
         if seed is None:
@@ -434,6 +456,51 @@ class Llama:
                               frequency_penalty=frequency_penalty, **constraint)
         return [_with_logprobs({"generation": {"role": "assistant", "content": r["text"]}, "finish_reason": r["finish_reason"]}, r)
                 for r in done]
+
+
+def _add_int4_part(state, parts, target, name, tensor, dtype):
+    """Keep one weight (or bias) of an int4 layer; once every part of its matrix is in, pack it into
+    `state` (the parts' rows one after another, as kernels.FUSED_INT4 orders them)."""
+    (fused, members), kind = target, name.rpartition(".")[2]
+    if kind == "weight" and not isinstance(tensor, Int4Values):
+        tensor = Int4Values(*quantize_int4(tensor))
+    got = parts.setdefault((fused, kind), {})
+    got[name.rpartition(".")[0]] = tensor
+    if len(got) < len(members):
+        return
+    ordered = [got[m] for m in members]
+    del parts[(fused, kind)]
+    if kind == "weight":
+        q, scale, offset = (torch.cat(x) for x in zip(*ordered))
+        state[fused + ".weight"], state[fused + ".scales_and_zeros"] = pack_int4(q, scale, offset, dtype=dtype)
+    else:
+        state[fused + "." + kind] = torch.cat(ordered).to(dtype)
+
+
+def _quantized_weights(ckpt, quantize, dtype, device, world):
+    """({Meta name: "int4" or "int8"} of the weights held quantized, the activations' dtype).
+
+    4-bit weights run through PyTorch's CPU kernel with bfloat16 activations: the fastest path
+    measured here on both kinds of x86 CPU (AVX512-BF16 and AVX2-only). So unless another dtype is
+    asked for, a GGUF's Q4_0 / Q4_1 layers stay 4-bit, and a Q8_0 embedding and output head stay
+    int8 with their scale per 32 (read once per token, they are a third of SmolLM2's bytes); both as
+    stored, nothing rounded but the 4-bit blocks' scales (to bfloat16). quantize="int4" also
+    quantizes the layers of float checkpoints."""
+    asked_bf16 = dtype is None or dtype in ("bfloat16", torch.bfloat16)
+    if quantize == "int4" and (device.type != "cpu" or not asked_bf16):
+        raise ValueError("quantize='int4' runs on a CPU with bfloat16 activations; pass device='cpu' and dtype "
+                         "'bfloat16' (or none), or quantize=None")
+    if quantize == "int8" or not (quantize == "int4" or (ckpt.stored and device.type == "cpu" and asked_bf16 and world == 1)):
+        return {}, resolve_dtype(dtype, device)
+    ends = ("tok_embeddings.weight", "output.weight")  # looked up, or multiplied for one token a sequence
+    kept = {name: kind for name, kind in ckpt.stored.items() if (kind == "int4") != (name in ends)}
+    if quantize == "int4":
+        kept.update({f"layers.{i}.{m}.weight": "int4" for i in range(ckpt.args["n_layers"]) for m in _LAYER_MATRICES})
+    return kept, torch.bfloat16
+
+
+_LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
 def read_chat_template(value) -> "str | None":

@@ -196,6 +196,39 @@ def dequantize(tensor: GGUFTensor) -> torch.Tensor:
     return unpack(blocks).reshape(tensor.shape)  # (n_blocks, block_size) -> the tensor's shape
 
 
+# Types whose blocks map onto llama_lite's own quantized layers without loss: "int4" (kernels.Int4Linear,
+# up to the scales' rounding to bfloat16) and "int8" (kernels.Int8Rows with a scale per 32).
+KEPT_TYPES = {GGMLQuantizationType.Q4_0: "int4", GGMLQuantizationType.Q4_1: "int4", GGMLQuantizationType.Q8_0: "int8"}
+
+
+def kept_values(tensor: GGUFTensor):
+    """A Q4_0 / Q4_1 / Q8_0 tensor's own values: int4_values or int8_values."""
+    return (int4_values if KEPT_TYPES[tensor.tensor_type] == "int4" else int8_values)(tensor)
+
+
+def int8_values(tensor: GGUFTensor):
+    """A Q8_0 tensor's own values, as (q (out, in) int8, scale (out, in // 32) float32) with
+    weight = q * scale: the blocks as they are."""
+    _, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
+    blocks = torch.from_numpy(tensor.data).view(-1, block_bytes)  # (n_blocks, block_bytes)
+    rows = tensor.shape[0]
+    return blocks[:, 2:].contiguous().view(torch.int8).reshape(rows, -1), _f16(blocks, 0).view(rows, -1)
+
+
+def int4_values(tensor: GGUFTensor):
+    """A Q4_0 / Q4_1 tensor's own values, as (q (out, in) uint8 0..15, scale, offset (out, in // 32)
+    float32) with weight = q * scale + offset: the blocks as they are, nothing rounded."""
+    _, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
+    blocks = torch.from_numpy(tensor.data).view(-1, block_bytes)  # (n_blocks, block_bytes)
+    rows, groups = tensor.shape[0], tensor.shape[1] // 32
+    scale = _f16(blocks, 0)
+    if tensor.tensor_type == GGMLQuantizationType.Q4_0:  # d * (q - 8)
+        q, offset = _nibbles(blocks[:, 2:]), -8 * scale
+    else:  # Q4_1: d * q + m
+        q, offset = _nibbles(blocks[:, 4:]), _f16(blocks, 2)
+    return q.reshape(rows, -1), scale.view(rows, groups), offset.view(rows, groups)
+
+
 def _f16(blocks, start):
     """Column `start` (and start+1) of each block read as one float16 scale: (n_blocks, 1) float32."""
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()

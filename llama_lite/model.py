@@ -57,30 +57,33 @@ class ModelArgs:
 
 
 class KVCache:
-    """Keys and values of every layer: (n_layers, rows, n_kv_heads, positions, head_dim) each, with
-    max_seq_len rounded up to whole KEY_BLOCKs of positions.
+    """Keys and values of every layer: one (rows, n_kv_heads, positions, head_dim) tensor per layer for
+    each, with max_seq_len rounded up to whole KEY_BLOCKs of positions, plus one spare position.
 
     A token's K/V is written at (its sequence's row, its position); a query reads its row up to its
-    position. Zero-filled, not empty: attention multiplies masked-out values by zero, and garbage
-    memory could hold NaN."""
+    position. One tensor per layer, not views of one: a compiled step that writes a view of a shared
+    tensor copies all of it. The spare position (never used: widths stop at whole key blocks) keeps
+    every attention width a true slice of the tensor (the compiler's dynamic shapes specialise a slice
+    that spans a whole dimension). Zero-filled, not empty: attention multiplies masked-out values by
+    zero, and garbage memory could hold NaN."""
 
     def __init__(self, params: "ModelArgs", dtype, device):
-        shape = self.shape(params)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = self.shape(params)[1:]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(params.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(params.n_layers)]
         self.rows, self.max_seq_len = params.max_batch_size, params.max_seq_len
         self.writes = 0  # forward calls so far: the engine's prefix cache notices K/V written by others
 
     def copy_prefix(self, src_row: int, dst_row: int, n: int) -> None:
         """Positions 0..n-1 of row src_row into row dst_row, in every layer: a shared prompt beginning's
         K/V (a position's K/V depend only on the tokens up to it), at a fraction of a prefill's cost."""
-        self.k[:, dst_row, :, :n] = self.k[:, src_row, :, :n]
-        self.v[:, dst_row, :, :n] = self.v[:, src_row, :, :n]
+        for layer in (*self.k, *self.v):
+            layer[dst_row, :, :n] = layer[src_row, :, :n]
 
     @staticmethod
     def shape(p: "ModelArgs") -> tuple:
-        """This process's share of the heads, whole key blocks of positions."""
-        return (p.n_layers, p.max_batch_size, p.n_kv_heads // parallel.world_size(), key_blocks(p.max_seq_len), p.head_dim)
+        """(layers, rows, this process's share of the kv heads, whole key blocks of positions + 1, head_dim)."""
+        return (p.n_layers, p.max_batch_size, p.n_kv_heads // parallel.world_size(), key_blocks(p.max_seq_len) + 1, p.head_dim)
 
     @staticmethod
     def check_fits(p: "ModelArgs", dtype, device) -> None:
@@ -195,13 +198,18 @@ class Attention(nn.Module):
         self.wk = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wv = parallel.column_linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
+        self.wqkv = None  # wq, wk and wv as one int4 matrix (kernels.int4_modules), when they are
 
     def project(self, x, cos, sin):
         """Queries (scaled by 1/sqrt(head_dim)), keys and values of x (tokens, dim), rotated to their positions."""
         n = x.shape[0]
-        q = self.wq(x).view(n, self.n_heads, self.head_dim)
-        k = self.wk(x).view(n, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(n, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(n, self.n_heads, self.head_dim)
+        k = k.view(n, self.n_kv_heads, self.head_dim)
+        v = v.view(n, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin) * self.head_dim**-0.5, apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, batch: Batch, cache_k, cache_v):
@@ -241,9 +249,11 @@ class FeedForward(nn.Module):
         self.w1 = parallel.column_linear(dim, hidden_dim)
         self.w2 = parallel.row_linear(hidden_dim, dim)
         self.w3 = parallel.column_linear(dim, hidden_dim)
+        self.w13 = None  # w1 and w3 as one int4 matrix (kernels.int4_modules), when they are
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -254,8 +264,6 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-        self.compiled = None  # (project, finish) compiled for decode-only calls; see Transformer.compile_decode
-
     def project(self, x, cos, sin):
         return self.attention.project(self.attention_norm(x), cos, sin)
 
@@ -263,11 +271,9 @@ class TransformerBlock(nn.Module):
         h = x + self.attention.wo(attended)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, x, cos, sin, batch, cache_k, cache_v, compiled=False):
-        # The cache update and attention stay eager: their shapes change with every call.
-        project, finish = self.compiled if compiled else (self.project, self.finish)
-        q, k, v = project(x, cos, sin)
-        return finish(x, self.attention.attend(q, k, v, batch, cache_k, cache_v))
+    def forward(self, x, cos, sin, batch, cache_k, cache_v):
+        q, k, v = self.project(x, cos, sin)
+        return self.finish(x, self.attention.attend(q, k, v, batch, cache_k, cache_v))
 
 
 class Transformer(nn.Module):
@@ -289,7 +295,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
-        self.compiled_head = None
+        self.decode_step = None  # the compiled one-token step, once built (decode_step.py)
         self.skinny_decode = False
         self.n_decodable = params.vocab_size  # logits of ids from here on are -inf (see Llama.build)
         self.setup_cache()
@@ -337,28 +343,32 @@ class Transformer(nn.Module):
                     f"({p.max_batch_size} rows x {p.max_seq_len} positions); build with a larger max_batch_size or max_seq_len"
                 )
         kinds = {length == 1 for _, _, length in segments}
-        if self.skinny_decode and len(kinds) == 2:  # decoding tokens take the thin product: a pass of their own
+        compiled = self.decode_step is not None and self.decode_step.ready
+        if kinds == {True} and compiled:
+            logits = self.decode_step(tokens, segments, logits_at)
+        elif (self.skinny_decode or compiled) and len(kinds) == 2:  # decoding tokens get a pass of their own
             return self._two_passes(tokens, segments, logits_at)
+        else:
+            logits = self._eager(tokens, segments, logits_at)
+        if self.n_decodable < p.vocab_size:  # ids the tokenizer cannot turn into text are never picked
+            logits[:, self.n_decodable :] = float("-inf")
+        return logits
+
+    def _eager(self, tokens, segments, logits_at):
         batch = Batch.build(segments, tokens.device)
-        compiled = self.compiled_head is not None and not batch.prompts
-        if compiled:  # compiled code is specialised to its shapes: pad to a power of two, so few are compiled
-            rows, out_rows = (1 << (len(x) - 1).bit_length() for x in (tokens, logits_at))
-        else:  # whole row blocks; with the thin product for decoding, a prompt pass stays above its reach
-            least = SKINNY_ROWS + ROW_BLOCK if self.skinny_decode and batch.prompts else 0
-            rows, out_rows = (max(least, whole_blocks(len(x))) for x in (tokens, logits_at))
+        # whole row blocks; with the thin product for decoding, a prompt pass stays above its reach
+        least = SKINNY_ROWS + ROW_BLOCK if self.skinny_decode and batch.prompts else 0
+        rows, out_rows = (max(least, whole_blocks(len(x))) for x in (tokens, logits_at))
         n_out = len(logits_at)
         tokens = F.pad(tokens, (0, rows - len(tokens)))  # padding tokens: id 0 at position 0, in no segment
         positions = F.pad(batch.positions, (0, rows - len(batch.positions)))
         cos = self.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
         sin = self.rope_sin[positions][:, None]
         h = self.tok_embeddings(tokens)  # (tokens, dim)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, batch, self.cache.k[i], self.cache.v[i], compiled)
+        for layer, cache_k, cache_v in zip(self.layers, self.cache.k, self.cache.v):
+            h = layer(h, cos, sin, batch, cache_k, cache_v)
         h = h[F.pad(logits_at, (0, out_rows - n_out))]  # (out_rows, dim)
-        logits = (self.compiled_head if compiled else self.head)(h)[:n_out]
-        if self.n_decodable < p.vocab_size:  # ids the tokenizer cannot turn into text are never picked
-            logits[:, self.n_decodable :] = float("-inf")
-        return logits
+        return self.head(h)[:n_out]
 
     def _two_passes(self, tokens, segments, logits_at):
         """forward_segments as one pass over the one-token segments and one over the rest (the
@@ -394,12 +404,3 @@ class Transformer(nn.Module):
 
     def head(self, h):
         return self.output(self.norm(h)).float()
-
-    def compile_decode(self):
-        """Compile the steps that only decode (one token per sequence) around attention: per layer,
-        norm + q/k/v + RoPE, and wo + residual + feed-forward; then the output head. Fuses the small
-        ops and turns each one-row matrix product into a single pass over its weights (kernels.py).
-        Compiled once for all layers (they share code and shapes), again for each new batch size."""
-        for layer in self.layers:
-            layer.compiled = (torch.compile(layer.project, dynamic=False), torch.compile(layer.finish, dynamic=False))
-        self.compiled_head = torch.compile(self.head, dynamic=False)

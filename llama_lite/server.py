@@ -153,7 +153,9 @@ def create_app(llm, model_name: str, api_key=None, max_queue: int = 64, max_body
 
     @app.get("/health")
     async def health():
-        return {"status": "shutting down" if worker.closing else "ok"}
+        step = llm.model.decode_step  # "compiling" while the first replies come from the eager step
+        decoding = "eager" if step is None or step.error else "compiled" if step.ready else "compiling"
+        return {"status": "shutting down" if worker.closing else "ok", "decode_step": decoding}
 
     @app.get("/metrics")
     async def metrics():

@@ -15,11 +15,21 @@ mixed (--n_prompts prompts of 5-300 tokens, 64 new tokens each: llama_lite with 
 batching over --mixed_batch_size rows, transformers in batches of 8, llama.cpp one by one), and
 serving (1, 8 and 32 concurrent streaming clients of an OpenAI-compatible server, 64 tokens each:
 llama_lite's scripts/serve.py with --mixed_batch_size rows, llama-cpp-python's `llama_cpp.server`
-with --interrupt_requests False; aggregate tokens/s, time to first token p50/p99, streams cut short),
-and constrained (llama_lite only; structured output over tests/schemas.json: each schema's compile
-time, the per-token mask cost p50/p99 replaying sampled outputs, and batch-1 / batch-8 tok/s of a
-JSON Schema that cannot end within --new_tokens against the same requests unconstrained).
-llama_lite systems are named llama_lite:DTYPE[:int8][:compile].
+with --interrupt_requests False, or llama.cpp's own llama-server; aggregate tokens/s, time to first token p50/p99,
+streams cut short), and constrained (llama_lite only; structured output over tests/schemas.json: each
+schema's compile time, the per-token mask cost p50/p99 replaying sampled outputs, and batch-1 /
+batch-8 tok/s of a JSON Schema that cannot end within --new_tokens against the same requests
+unconstrained).
+llama_lite systems are named llama_lite[:DTYPE][:int8|int4][:compile|nocompile]: plain `llama_lite` is
+the default configuration (what chat.py and serve.py run without flags). stream_b1 is batch 1 through
+the engine (`Llama.stream`, what chat.py and one server client use); startup times a first start
+with an empty compiler cache and a second one with it filled: load -> first streamed token, and
+when the compiled decode step took over.
+
+`--device cuda --shape smollm2|llama1b` runs random-weight checkpoints of those shapes, written by
+transformers into a temporary folder (no weights need to travel), llama_lite against transformers
+on the GPU. The table is headed by the CPU's instruction sets (or the GPU's name): figures from
+different kinds of machine are not comparable.
 
 Prefix caching, llama_lite alone, its cache on against off in one process (two engines over one
 model): prefix_chat (a 10-turn chat with a ~1,000-token system prompt, 32-token replies: time to
@@ -37,10 +47,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# llama_lite:DTYPE[:int8][:compile]: the dtype of activations (and weights, unless int8), the levers on.
-ALL_SYSTEMS = ("llama_lite:float32", "llama_lite:bfloat16", "llama_lite:float32:compile", "llama_lite:bfloat16:compile",
+# llama_lite[:DTYPE][:int8|int4][:compile|nocompile]: the dtype of activations (and of weights not kept
+# quantized), the levers; plain llama_lite is the default configuration.
+ALL_SYSTEMS = ("llama_lite", "llama_lite:nocompile", "llama_lite:float32", "llama_lite:float32:compile",
                "llama_lite:float32:int8:compile", "transformers", "llama_cpp")
-CASES = ("load", "decode_b1", "decode_b8", "mixed", "serving", "prefix_chat", "prefix_shared", "constrained")
+CASES = ("load", "decode_b1", "stream_b1", "decode_b8", "mixed", "serving", "startup", "prefix_chat", "prefix_shared", "constrained")
+DTYPES = ("float32", "bfloat16", "float16")
+SHAPES = {  # random-weight checkpoints for --device cuda (transformers' LlamaConfig fields)
+    "smollm2": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+    "llama1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                    intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+}
 PREFIX_CASES, PREFIX_ROWS, PREFIX_SEQ_LEN = ("prefix_chat", "prefix_shared"), 16, 2048
 SERVING_CLIENTS = (1, 8, 32)
 MAX_SEQ_LEN = 384  # the longest mixed prompt (300) + 64 new tokens fits
@@ -71,18 +89,34 @@ def peak_rss_mb() -> float:
 
 # --- one system per process ------------------------------------------------------------------------
 
+def build_options(options) -> dict:
+    """Llama.build's levers from a llama_lite system name's options."""
+    return {"dtype": next((o for o in options if o in DTYPES), None),
+            "quantize": next((o for o in options if o in ("int8", "int4")), None),
+            "compile": True if "compile" in options else False if "nocompile" in options else None}
+
+
 class LlamaLite:
-    def __init__(self, path, options, threads, max_batch_size, max_seq_len=MAX_SEQ_LEN):
+    def __init__(self, path, options, threads, max_batch_size, max_seq_len=MAX_SEQ_LEN, device="cpu"):
         from llama_lite import Llama
 
-        dtype = options[0] if options else None
-        self.llm = Llama.build(path, max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype, device="cpu",
-                               quantize="int8" if "int8" in options else None, compile="compile" in options,
-                               threads=threads)
+        self.llm = Llama.build(path, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
+                               threads=threads, **build_options(options))
         self.stop_ids = self.llm.tokenizer.stop_ids
         self.llm.tokenizer.stop_ids = frozenset({-1})  # no token is -1: end-of-sequence is ignored
         tensors = [*self.llm.model.parameters(), *self.llm.model.buffers()]  # the tied embedding/output counted once:
         self.weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.dim() == 2}.values())
+
+    def compiled(self):
+        """Wait for a background compile, if any: whether the compiled step runs, and its build seconds."""
+        step = self.llm.model.decode_step
+        if step is None:
+            return {"compiled": False}
+        step.wait()
+        return {"compiled": step.ready, "compile_s": round(step.seconds or 0.0, 1)}
+
+    def stream(self, prompt, n_new):
+        return sum(1 for _ in self.llm.stream(prompt, n_new, temperature=0))
 
     def encode(self, text):
         return self.llm.tokenizer.encode(text, bos=False, eos=False)
@@ -112,17 +146,22 @@ class LlamaLite:
 
 
 class Transformers:
-    def __init__(self, path, options, threads, max_batch_size):
+    def __init__(self, path, options, threads, max_batch_size, device="cpu"):
         import torch
         import transformers
 
         torch.set_num_threads(threads)
         path = Path(path)
-        self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        self.torch, self.device = torch, device
+        if path.is_dir():  # a random-weight checkpoint (--shape): bfloat16, as llama_lite's default on a GPU
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+            self.tokenizer = transformers.LlamaTokenizer(str(path / "tokenizer.model"))
+        else:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                           dtype=torch.float32).to(device).eval()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.batch = 8
+        self.batch = 8 if device == "cpu" else 64
 
     def encode(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -130,8 +169,8 @@ class Transformers:
     def generate(self, prompts, n_new):
         width = max(map(len, prompts))
         pad = self.tokenizer.pad_token_id or 0
-        ids = self.torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
-        mask = self.torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = self.torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # left padding
+        mask = self.torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         with self.torch.inference_mode():
             out = self.model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
                                       do_sample=False, pad_token_id=pad)
@@ -145,7 +184,7 @@ class Transformers:
 
 
 class LlamaCpp:
-    def __init__(self, path, options, threads, max_batch_size):
+    def __init__(self, path, options, threads, max_batch_size, device="cpu"):
         import llama_cpp
 
         self.llm = llama_cpp.Llama(str(path), n_ctx=MAX_SEQ_LEN, n_threads=threads, n_threads_batch=threads, n_batch=512,
@@ -168,6 +207,9 @@ class LlamaCpp:
         return out
 
     many = generate
+
+    def stream(self, prompt, n_new):
+        return len(self.generate([prompt], n_new)[0])
 
 
 SYSTEMS = {"llama_lite": LlamaLite, "transformers": Transformers, "llama_cpp": LlamaCpp}
@@ -229,7 +271,7 @@ def constrained(runner, prompt, new_tokens):
                 mask_us_p99=round(percentile(mask_us, 0.99)), masked_tokens=len(mask_us), **speeds)
 
 
-def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_size):
+def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_size, device="cpu"):
     """Run the cases for one system in this process; a JSON line each on stdout."""
     name, *options = system.split(":")
 
@@ -237,21 +279,33 @@ def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_
         print(json.dumps({"system": system, "case": case, **values}), flush=True)
 
     started = time.perf_counter()
+    if "startup" in cases:  # as a chat starts: build, then the first token of a streamed reply
+        runner = SYSTEMS[name](checkpoint, options, threads, max_batch_size, device=device)
+        first = next(iter(runner.llm.stream(runner.encode("The history of the city of Rome begins"), 8, temperature=0)))
+        assert first
+        first_token_s = time.perf_counter() - started
+        compiled = runner.compiled()
+        emit("startup", first_token_s=round(first_token_s, 2), compiled_after_s=round(time.perf_counter() - started, 1),
+             cache=os.environ.get("LLAMA_LITE_BENCH_CACHE", "as it is"), **compiled)
+        return
     long_context = {"max_seq_len": PREFIX_SEQ_LEN} if set(cases) & set(PREFIX_CASES) else {}
-    runner = SYSTEMS[name](checkpoint, options, threads, max_batch_size, **long_context)
+    runner = SYSTEMS[name](checkpoint, options, threads, max_batch_size, device=device, **long_context)
     prompt = runner.encode("The history of the city of Rome begins")
     first = runner.generate([prompt], 1)
     assert len(first[0]) == 1
     if "load" in cases:
-        emit("load", seconds=round(time.perf_counter() - started, 3))
-    for case, bsz in (("decode_b1", 1), ("decode_b8", 8)):
-        if case in cases:
-            runner.generate([prompt] * bsz, 8)  # warm up (and compile, where a system compiles)
+        emit("load", seconds=round(time.perf_counter() - started, 3), **(runner.compiled() if name == "llama_lite" else {}))
+    elif name == "llama_lite":
+        runner.compiled()  # the compiled step, where there is one, is what the cases measure
+    for case, bsz in (("decode_b1", 1), ("stream_b1", 1), ("decode_b8", 8)):
+        if case in cases and (case != "stream_b1" or hasattr(runner, "stream")):
+            run = (lambda n: [[0] * runner.stream(prompt, n)]) if case == "stream_b1" else (lambda n: runner.generate([prompt] * bsz, n))
+            run(8)  # warm up
             started = time.perf_counter()
-            out = runner.generate([prompt] * bsz, new_tokens)
+            out = run(new_tokens)
             seconds = time.perf_counter() - started
             assert all(len(row) == new_tokens for row in out)
-            extra = {"peak_rss_mb": round(peak_rss_mb())} if bsz == 1 else {}
+            extra = {"peak_rss_mb": round(peak_rss_mb())} if case == "decode_b1" else {}
             emit(case, tok_s=round(bsz * new_tokens / seconds, 1), seconds=round(seconds, 2),
                  weight_mb=round(runner.weight_bytes / 1e6), **extra)
     if "mixed" in cases:
@@ -373,15 +427,19 @@ def start_server(system, checkpoint, threads, rows):
     """(process, base URL, model name) of `system`'s OpenAI-compatible server, once it answers."""
     import httpx
 
-    name, *options = system.split(":")
+    name, _, rest = system.partition(":")
     port = free_port()
     if name == "llama_lite":
+        levers = build_options(rest.split(":"))
         cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={checkpoint}", f"--port={port}",
                f"--max_batch_size={rows}", f"--max_seq_len={MAX_SEQ_LEN}", f"--max_queue={4 * rows}"]
-        cmd += [f"--dtype={options[0]}"] if options else []
-        cmd += ["--quantize=int8"] if "int8" in options else []
-        cmd += ["--compile"] if "compile" in options else []
+        cmd += [f"--dtype={levers['dtype']}"] if levers["dtype"] else []
+        cmd += [f"--quantize={levers['quantize']}"] if levers["quantize"] else []
+        cmd += {True: ["--compile"], False: ["--nocompile"], None: []}[levers["compile"]]
         model = Path(checkpoint).stem
+    elif name == "llama_server":  # llama.cpp's own server, continuous batching over 8 slots (as its users run it)
+        cmd = [rest, "-m", checkpoint, "--port", str(port), "-np", "8", "-cb", "-t", str(threads), "-c", str(8 * MAX_SEQ_LEN)]
+        model = checkpoint
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", checkpoint, "--port", str(port), "--n_ctx", str(MAX_SEQ_LEN),
                "--n_threads", str(threads), "--n_threads_batch", str(threads), "--interrupt_requests", "False"]
@@ -389,12 +447,15 @@ def start_server(system, checkpoint, threads, rows):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(3000):
         try:
-            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+            health = httpx.get(url + "/health", timeout=1)
+            # llama_lite's server answers before its compiled step is built: the bench measures what follows
+            if health.status_code == 200 and health.json().get("decode_step") != "compiling":
                 return proc, url, model
-        except httpx.HTTPError:
-            time.sleep(0.2)
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{system}'s server did not start")
 
@@ -455,19 +516,25 @@ def importable(name) -> bool:
 
 
 def table(rows, bandwidth_gbs):
-    """The ratios issue 8 sets targets for, and each batch-1 decode against the bandwidth ceiling."""
+    """The speed table, each batch-1 decode against the bandwidth ceiling, and the targets' ratios."""
     get = {(r["system"], r["case"]): r for r in rows}
-    systems = sorted({r["system"] for r in rows if r["case"] in ("load", "decode_b1", "decode_b8", "mixed")}, key=lambda s: ALL_SYSTEMS.index(s) if s in ALL_SYSTEMS else 99)
-    lines = ["| system | load -> first token (s) | batch-1 tok/s | of ceiling | batch-8 tok/s | mixed: s (rows) | peak RSS b1 (MB) |",
-             "|---|---|---|---|---|---|---|"] if systems else []
+    measured = ("load", "decode_b1", "stream_b1", "decode_b8", "mixed")
+    systems = sorted({r["system"] for r in rows if r["case"] in measured},
+                     key=lambda s: ALL_SYSTEMS.index(s) if s in ALL_SYSTEMS else 99)
+    lines = ["| system | load -> first token (s) | batch-1 tok/s (generate / engine) | of ceiling | batch-8 tok/s | "
+             "mixed: s (rows) | peak RSS b1 (MB) |", "|---|---|---|---|---|---|---|"] if systems else []
     for s in systems:
-        b1, b8, mixed, load = (get.get((s, c), {}) for c in ("decode_b1", "decode_b8", "mixed", "load"))
+        b1, stream, b8, mixed, load = (get.get((s, c), {}) for c in measured[1:] + ("load",))
         of_ceiling = "-"
         if b1:
             ceiling = bandwidth_gbs * 1e9 / (b1["weight_mb"] * 1e6)  # tok/s if every weight byte streams at that rate
             of_ceiling = f"{b1['tok_s'] / ceiling:.0%} of {ceiling:.0f}"
-        lines.append(f"| {s} | {load.get('seconds', '-')} | {b1.get('tok_s', '-')} | {of_ceiling} | {b8.get('tok_s', '-')} | "
-                     f"{mixed.get('seconds', '-')} ({mixed.get('batch', '-')}) | {b1.get('peak_rss_mb', '-')} |")
+        lines.append(f"| {s} | {load.get('seconds', '-')} | {b1.get('tok_s', '-')} / {stream.get('tok_s', '-')} | {of_ceiling} | "
+                     f"{b8.get('tok_s', '-')} | {mixed.get('seconds', '-')} ({mixed.get('batch', '-')}) | {b1.get('peak_rss_mb', '-')} |")
+    for r in rows:
+        if r["case"] == "startup":
+            lines.append(f"{r['system']} startup, {r['cache']} compiler cache: first streamed token after {r['first_token_s']} s, "
+                         f"compiled step running after {r['compiled_after_s']} s (compiled: {r['compiled']})")
 
     def ratio(a, case_a, b, case_b, key="tok_s", inverse=False):
         x, y = get.get((a, case_a), {}).get(key), get.get((b, case_b), {}).get(key)
@@ -498,66 +565,147 @@ def table(rows, bandwidth_gbs):
     lines.append("")
     for lite in (s for s in systems if s.startswith("llama_lite")):
         lines += [
-            f"{lite}: batch-1 vs llama.cpp {ratio(lite, 'decode_b1', 'llama_cpp', 'decode_b1')} (target >= 1.0x), "
+            f"{lite}: batch-1 vs llama.cpp: generate {ratio(lite, 'decode_b1', 'llama_cpp', 'decode_b1')}, engine "
+            f"{ratio(lite, 'stream_b1', 'llama_cpp', 'decode_b1')} (targets: default >= 1.0x, best >= 1.3x), "
             f"vs transformers {ratio(lite, 'decode_b1', 'transformers', 'decode_b1')}",
             f"{lite}: batch-8 vs transformers batch-8 {ratio(lite, 'decode_b8', 'transformers', 'decode_b8')} (target >= 3.5x), "
-            f"vs llama.cpp batch-1 {ratio(lite, 'decode_b8', 'llama_cpp', 'decode_b1')} (target >= 3x)",
-            f"{lite}: mixed prompts vs transformers {ratio(lite, 'mixed', 'transformers', 'mixed', 'seconds', inverse=True)} "
-            f"(target >= 5x), vs llama.cpp {ratio(lite, 'mixed', 'llama_cpp', 'mixed', 'seconds', inverse=True)}",
+            f"vs llama.cpp batch-1 {ratio(lite, 'decode_b8', 'llama_cpp', 'decode_b1')}",
+            f"{lite}: mixed prompts vs transformers {ratio(lite, 'mixed', 'transformers', 'mixed', 'seconds', inverse=True)}, "
+            f"vs llama.cpp {ratio(lite, 'mixed', 'llama_cpp', 'mixed', 'seconds', inverse=True)}",
         ]
     return "\n".join(lines)
 
 
+def machine(device) -> str:
+    """What the figures were measured on: the GPU's name, or the CPU's model and the instruction sets
+    that choose its kernels (AVX2 only, AVX-512, AVX512-BF16, AMX)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    model, flags = "unknown CPU", set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    sets = [name for name in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if name in flags]
+    return f"{len(os.sched_getaffinity(0))} cores of {model}, {' '.join(sets) or 'no AVX2'}"
+
+
+def random_checkpoint(shape, folder: Path) -> str:
+    """A random-weight Hugging Face checkpoint of `shape` (SHAPES), with the project's small
+    SentencePiece tokenizer (fewer tokens than the model: only speed is measured)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rope_theta=10000.0)
+    with torch.device("cpu"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    shutil.copy(ROOT / "tokenizer" / "llama_lite_sp.model", folder / "tokenizer.model")
+    return str(folder)
+
+
+def run_worker(system, checkpoint, threads, cases, rows_in_cache, device, n_prompts, new_tokens, env=()):
+    """One system's cases in a fresh process: its JSON rows."""
+    print(f"running {system}: {', '.join(cases)} ({threads} threads)...", file=sys.stderr)
+    cmd = [sys.executable, __file__, f"--worker_for={system}", f"--checkpoint={checkpoint}", f"--threads={threads}",
+           f"--cases={','.join(cases)}", f"--n_prompts={n_prompts}", f"--new_tokens={new_tokens}",
+           f"--max_batch_size={rows_in_cache}", f"--device={device}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **dict(env)}
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    if done.returncode:
+        print(f"note: {system} failed (exit {done.returncode}); its rows are missing", file=sys.stderr)
+    return rows
+
+
+def startup(system, checkpoint, threads, device):
+    """Two starts of `system`: with an empty compiler cache, then with the one the first filled."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="llama_lite_bench_") as cache:
+        for state in ("cold", "warm"):
+            env = {"TORCHINDUCTOR_CACHE_DIR": cache, "LLAMA_LITE_BENCH_CACHE": state}
+            rows += run_worker(system, checkpoint, threads, ["startup"], 1, device, 1, 8, env)
+    return rows
+
+
 def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=",".join(CASES), n_prompts=256,
-         new_tokens=128, mixed_batch_size=64, bandwidth_gbs=20.0, worker_for=None, max_batch_size=1):
+         new_tokens=128, mixed_batch_size=64, bandwidth_gbs=20.0, worker_for=None, max_batch_size=1, device="cpu",
+         shape=None, llama_server=None):
     """Benchmark SYSTEMS (comma-separated; see ALL_SYSTEMS) and print a JSON line per case and a table.
 
     Each system runs in fresh processes: load and batch-1 decode with a one-row cache (so peak RSS
     is batch 1's), then batch-8 decode and the mixed prompts with --mixed_batch_size rows
     (llama_lite's continuous batching; transformers uses batches of 8), then (llama_lite) the
     constrained case with 8 rows.
+    --shape smollm2|llama1b: a random-weight checkpoint of that shape instead (for --device cuda).
+    --llama_server PATH: llama.cpp's own server for the serving case (else `llama-server` on PATH).
     """
     threads = threads or len(os.sched_getaffinity(0))
     cases = tuple(cases.split(",")) if isinstance(cases, str) else tuple(cases)
-    if checkpoint is None:
-        from llama_lite.download import default_checkpoint
-
-        checkpoint = str(default_checkpoint())
     if worker_for:
-        return worker(worker_for, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_size)
-    systems = systems.split(",") if isinstance(systems, str) else list(systems)
-    phases = [(("load", "decode_b1"), 1), (("decode_b8", "mixed"), max(8, mixed_batch_size)), (PREFIX_CASES, PREFIX_ROWS),
-              (("constrained",), 8)]
+        return worker(worker_for, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_size, device)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llama_lite_shape_") as folder:
+        if shape is not None:
+            checkpoint = random_checkpoint(shape, Path(folder))
+        elif checkpoint is None:
+            from llama_lite.download import default_checkpoint
+
+            checkpoint = str(default_checkpoint())
+        systems = systems.split(",") if isinstance(systems, str) else list(systems)
+        if shape is not None:  # no GGUF for llama.cpp
+            systems = [s for s in systems if not s.startswith("llama_cpp")]
+        rows = run_all(systems, checkpoint, threads, cases, n_prompts, new_tokens, mixed_batch_size, device, llama_server)
+    print(f"\n{machine(device)}; torch threads {threads}\n")
+    print(table(rows, bandwidth_gbs))
+
+
+def run_all(systems, checkpoint, threads, cases, n_prompts, new_tokens, mixed_batch_size, device, llama_server):
+    phases = [(("load", "decode_b1", "stream_b1"), 1), (("decode_b8", "mixed"), max(8, mixed_batch_size)),
+              (PREFIX_CASES, PREFIX_ROWS), (("constrained",), 8)]
     rows = []
     for system in systems:
-        if not importable(system.partition(":")[0]):
+        name = system.partition(":")[0]
+        if not importable(name):
             print(f"note: skipping {system}: its package is not installed", file=sys.stderr)
             continue
         for phase_cases, rows_in_cache in phases:
             wanted = [c for c in phase_cases if c in cases]
-            if phase_cases == PREFIX_CASES and not system.startswith("llama_lite"):
+            if phase_cases == PREFIX_CASES and name != "llama_lite":
                 wanted = []  # the prefix cases measure llama_lite's own cache
-            if not wanted:
-                continue
-            print(f"running {system}: {', '.join(wanted)} ({threads} threads)...", file=sys.stderr)
-            cmd = [sys.executable, __file__, f"--worker_for={system}", f"--checkpoint={checkpoint}", f"--threads={threads}",
-                   f"--cases={','.join(wanted)}", f"--n_prompts={n_prompts}", f"--new_tokens={new_tokens}",
-                   f"--max_batch_size={rows_in_cache}"]
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-            for line in done.stdout.splitlines():
-                if line.startswith("{"):
-                    print(line, flush=True)
-                    rows.append(json.loads(line))
-            if done.returncode:
-                print(f"note: {system} failed (exit {done.returncode}); its rows are missing", file=sys.stderr)
-        if "serving" in cases and system.partition(":")[0] in ("llama_lite", "llama_cpp"):
-            if system.startswith("llama_cpp") and not importable("llama_cpp_server"):
-                print("note: skipping llama_cpp serving: llama-cpp-python[server] is not installed", file=sys.stderr)
-                continue
+            if wanted:
+                rows += run_worker(system, checkpoint, threads, wanted, rows_in_cache, device, n_prompts, new_tokens)
+        if "startup" in cases and name == "llama_lite":
+            rows += startup(system, checkpoint, threads, device)
+        if "serving" in cases and name in ("llama_lite", "llama_cpp"):
+            if name == "llama_cpp":
+                server = llama_server or shutil_which("llama-server")
+                if server is None:
+                    print("note: skipping llama.cpp serving: no llama-server (pass --llama_server PATH)", file=sys.stderr)
+                    continue
+                system = f"llama_server:{server}"
             print(f"running {system}: serving ({threads} threads)...", file=sys.stderr)
             rows += list(serving(system, checkpoint, threads, mixed_batch_size))
-    print(table(rows, bandwidth_gbs))
+    return rows
+
+
+def shutil_which(command):
+    import shutil
+
+    return shutil.which(command)
 
 
 if __name__ == "__main__":

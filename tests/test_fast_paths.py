@@ -1,23 +1,39 @@
-"""The speed levers against the plain path: the compiled decode step (compile=True) and int8
-weight-only quantization (quantize="int8"), on the default model, plus the int8 kernels alone."""
+"""The fast paths against the plain one: the default CPU path (a GGUF's 4-bit blocks kept 4-bit, its
+Q8_0 embedding kept int8, the whole decode step compiled), the compiled step in float32, and int8
+weight-only quantization; plus the kernels alone. Each is compiled once per session."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llama_lite import Llama
-from llama_lite.kernels import Int8Linear, matvec, quantize_int8
+from llama_lite.checkpoint import Int4Values, Int8Values
+from llama_lite.gguf_file import dequantize, kept_values, open_gguf
+from llama_lite.kernels import Int4Linear, Int8Embedding, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
 
 PROMPTS = ["The history of the city of Rome begins", "def is_prime(n):",
            "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
 
 
 def build(path, **kw):
-    return Llama.build(path, max_seq_len=256, max_batch_size=3, dtype="float32", device="cpu", **kw)
+    return Llama.build(path, **{"max_seq_len": 256, "max_batch_size": 4, "device": "cpu", "dtype": "float32", **kw})
+
+
+@pytest.fixture(scope="session")
+def fast(smollm_path):
+    """The default build (no dtype, no levers), its background compile waited for."""
+    llm = Llama.build(smollm_path, max_seq_len=256, max_batch_size=4, device="cpu", seed=0)
+    llm.model.decode_step.wait()
+    return llm
 
 
 @pytest.fixture(scope="module")
-def compiled(smollm_path):
+def fast_eager(smollm_path):
+    return Llama.build(smollm_path, max_seq_len=256, max_batch_size=4, device="cpu", seed=0, compile=False)
+
+
+@pytest.fixture(scope="module")
+def compiled32(smollm_path):
     return build(smollm_path, compile=True)
 
 
@@ -39,44 +55,146 @@ def step_logits(llm, ids, continuation):
     return torch.cat(steps, dim=1)[0]  # (1 + len(continuation), vocab)
 
 
-def test_compiled_decode_equals_eager(llm, compiled):
-    """Same greedy tokens (one by one, batched, continuous) and decode-step logits within 2e-4."""
-    prompts = encode(llm)
-    for ids in prompts:
-        eager, _ = llm.generate([ids], 24, temperature=0)
-        assert compiled.generate([ids], 24, temperature=0)[0] == eager
-        gap = (step_logits(compiled, ids, eager[0]) - step_logits(llm, ids, eager[0])).abs().max().item()
-        assert gap <= 2e-4, gap  # float32 sums in another order; logits reach ~30
-    assert compiled.generate(prompts, 24, temperature=0)[0] == llm.generate(prompts, 24, temperature=0)[0]
-    texts = llm.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0)
-    assert compiled.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0) == texts
-
-
-def test_int8_stays_close_to_the_float_model(llm, int8, capsys):
-    """Teacher-forced on the float32 model's greedy replies, the int8 model picks the same next token
-    at most positions, and its logits stay close (relative to their spread)."""
+def teacher_forced_agreement(reference, other):
+    """On the reference model's greedy replies, fed whole: at how many positions the other model picks
+    the same next token, of how many, and the largest logit gap in standard deviations."""
     agree = total = 0
     worst = 0.0
-    for ids in encode(llm):
-        reply, _ = llm.generate([ids], 32, temperature=0)
-        with torch.inference_mode():  # teacher-forced: one forward over prompt + reply, the logits from the prompt's end
+    for ids in encode(reference):
+        reply, _ = reference.generate([ids], 32, temperature=0)
+        with torch.inference_mode():
             seq = torch.tensor([ids + reply[0]])
-            ref, got = (m.model(seq, 0)[0, len(ids) - 1 :] for m in (llm, int8))
+            ref, got = (m.model(seq, 0)[0, len(ids) - 1 :] for m in (reference, other))
         agree += (ref.argmax(-1) == got.argmax(-1)).sum().item()
         total += ref.shape[0]
         worst = max(worst, ((got - ref).abs().max() / ref.std()).item())
+    return agree, total, worst
+
+
+# --- the default path ---------------------------------------------------------------------------------
+
+def test_default_keeps_the_gguf_blocks_and_compiles(fast):
+    model = fast.model
+    assert model.norm.weight.dtype == torch.bfloat16
+    attention, feed_forward = model.layers[0].attention, model.layers[0].feed_forward
+    assert isinstance(attention.wqkv, Int4Linear) and attention.wq is None  # q, k, v fused into one product
+    assert isinstance(feed_forward.w13, Int4Linear) and isinstance(feed_forward.w2, Int4Linear)
+    assert isinstance(model.tok_embeddings, Int8Embedding) and model.tok_embeddings.group == 32  # Q8_0 as stored
+    assert isinstance(model.output, Int8Linear) and model.output.weight is model.tok_embeddings.weight  # still tied
+    assert model.decode_step.ready and model.decode_step.error is None
+
+
+def test_kept_values_are_the_stored_blocks(smollm_path):
+    """int4 (Q4_1) and int8 (Q8_0) values times their scales (plus offsets) are the dequantized weights."""
+    reader = open_gguf(smollm_path)
+    seen = set()
+    for t in reader.tensors:
+        if t.tensor_type.name in ("Q4_1", "Q8_0") and t.tensor_type.name not in seen:
+            seen.add(t.tensor_type.name)
+            values = kept_values(t)
+            q, scale = values[0].float(), values[1].repeat_interleave(32, dim=1)
+            weight = q * scale + (values[2].repeat_interleave(32, dim=1) if len(values) == 3 else 0)
+            assert torch.equal(weight, dequantize(t)), t.name
+    assert seen == {"Q4_1", "Q8_0"}
+
+
+def test_int4_kernel_computes_the_stored_weights():
+    """Packed for PyTorch's kernel, 4-bit values give x @ (q * scale + offset)^T up to bfloat16 rounding;
+    quantize_int4 rounds each weight to its group's nearest level."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    q, scale, offset = quantize_int4(w)
+    weight = q.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
+    assert ((weight - w).abs() <= scale.repeat_interleave(32, 1) / 2 + 1e-6).all()
+    layer = Int4Linear(64, 96)
+    layer.weight, layer.scales_and_zeros = pack_int4(q, scale, offset)
+    x = torch.randn(5, 64).bfloat16()
+    expected = x.float() @ weight.T
+    assert (layer(x).float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_compiled_default_gives_the_eager_default_tokens(fast, fast_eager):
+    """bfloat16 and 4-bit weights promise no bit-for-bit equality, but the compiled step picks the eager
+    step's greedy tokens on the test prompts, one by one and as a batch on the engine."""
+    prompts = encode(fast)
+    for ids in prompts:
+        assert fast.generate([ids], 24, temperature=0) == fast_eager.generate([ids], 24, temperature=0)
+    texts = fast_eager.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0)
+    assert fast.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0) == texts
+
+
+def test_default_stays_close_to_the_float32_model(llm, fast_eager, capsys):
+    agree, total, worst = teacher_forced_agreement(llm, fast_eager)
     with capsys.disabled():
-        print(f"\nint8 vs float32: next-token agreement {agree}/{total}, max |logit gap| {worst:.2f} std")
+        print(f"\nint4 + bfloat16 vs float32: next-token agreement {agree}/{total}, max |logit gap| {worst:.2f} std")
     assert agree >= 0.9 * total
     assert worst < 1.0
 
 
-def test_int8_compiled_equals_int8_eager(smollm_path, int8):
-    fast = build(smollm_path, quantize="int8", compile=True)
-    for ids in encode(int8):
-        eager, _ = int8.generate([ids], 16, temperature=0)
-        assert fast.generate([ids], 16, temperature=0)[0] == eager
-        assert (step_logits(fast, ids, eager[0]) - step_logits(int8, ids, eager[0])).abs().max().item() <= 1e-3
+def test_a_failed_compile_leaves_the_eager_step(smollm_path, monkeypatch, capsys):
+    from llama_lite import decode_step
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(decode_step.DecodeStep, "_run", broken)
+    llm = Llama.build(smollm_path, max_seq_len=128, max_batch_size=1, device="cpu")
+    llm.model.decode_step.wait()
+    assert not llm.model.decode_step.ready
+    err = capsys.readouterr().err
+    assert "compiling the decode step failed (RuntimeError: no C++ compiler here); decoding stays eager" in err
+    assert len(llm.generate([[1, 2, 3]], 4, temperature=0)[0][0]) == 4
+
+
+def test_quantize_int4_on_a_float_checkpoint(tmp_path):
+    """quantize="int4" computes what float32 computes on the 4-bit weights it made, up to the rounding
+    bfloat16 brings anyway (activations, scales)."""
+    from tests.test_formats import TOKENS, hf_model, save_hf
+
+    model = hf_model()
+    int4 = build(save_hf(model, tmp_path / "float"), max_seq_len=64, quantize="int4", dtype=None, compile=False)
+    assert isinstance(int4.model.layers[0].attention.wqkv, Int4Linear)
+    assert not isinstance(int4.model.output, Int4Linear)  # the head and embedding keep bfloat16
+    with torch.no_grad():  # the same model with every layer matrix replaced by its 4-bit values, in float32
+        for layer in model.model.layers:
+            for linear in (*layer.self_attn.children(), *layer.mlp.children()):
+                if isinstance(linear, torch.nn.Linear):
+                    q, scale, offset = quantize_int4(linear.weight)
+                    linear.weight.copy_(q.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1))
+    folder = save_hf(model, tmp_path / "4-bit values")
+    with torch.inference_mode():
+        exact, rounded = (build(folder, max_seq_len=64, dtype=d).model(TOKENS, 0) for d in ("float32", "bfloat16"))
+        got = int4.model(TOKENS, 0)
+    gap, bfloat16_gap = (((x - exact).abs().max() / exact.std()).item() for x in (got, rounded))
+    assert gap < 1.5 * bfloat16_gap, f"{gap} vs {bfloat16_gap}: more than bfloat16's own rounding"
+    assert (got.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="int4"):
+        build(tmp_path / "float", quantize="int4")  # float32 activations
+
+
+# --- float32 compiled --------------------------------------------------------------------------------
+
+def test_compiled_float32_decode_equals_eager(llm, compiled32):
+    """Same greedy tokens (one by one, batched, continuous) and decode-step logits within 2e-4."""
+    prompts = encode(llm)
+    for ids in prompts:
+        eager, _ = llm.generate([ids], 24, temperature=0)
+        assert compiled32.generate([ids], 24, temperature=0)[0] == eager
+        gap = (step_logits(compiled32, ids, eager[0]) - step_logits(llm, ids, eager[0])).abs().max().item()
+        assert gap <= 2e-4, gap  # float32 sums in another order; logits reach ~30
+    assert compiled32.generate(prompts, 24, temperature=0)[0] == llm.generate(prompts, 24, temperature=0)[0]
+    texts = llm.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0)
+    assert compiled32.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0) == texts
+
+
+# --- int8 ---------------------------------------------------------------------------------------------
+
+def test_int8_stays_close_to_the_float_model(llm, int8, capsys):
+    agree, total, worst = teacher_forced_agreement(llm, int8)
+    with capsys.disabled():
+        print(f"\nint8 vs float32: next-token agreement {agree}/{total}, max |logit gap| {worst:.2f} std")
+    assert agree >= 0.9 * total
+    assert worst < 1.0
 
 
 def test_int8_memory_is_a_quarter(llm, int8):
@@ -91,18 +209,47 @@ def test_int8_kernels():
     torch.manual_seed(0)
     w = torch.randn(300, 96)
     q, scale = quantize_int8(w)
-    assert q.dtype == torch.int8 and scale.shape == (300,)
-    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()  # rounding error only
+    assert q.dtype == torch.int8 and scale.shape == (300, 1)
+    assert ((q.float() * scale - w).abs() <= scale / 2 + 1e-6).all()  # rounding error only
     layer = Int8Linear(96, 300, dtype=torch.float32)
     layer.weight.copy_(q)
     layer.scale.copy_(scale)
     x = torch.randn(4, 96)
-    assert torch.allclose(layer(x), F.linear(x, q.float() * scale[:, None]), atol=1e-4)
-    assert torch.allclose(matvec(x[:1], q, scale), layer(x[:1]), atol=1e-4)  # the compiled path's formula
+    assert torch.allclose(layer(x), F.linear(x, q.float() * scale), atol=1e-4)
+    assert torch.allclose(matvec(x[:1], q.float() * scale), layer(x[:1]), atol=1e-4)  # the compiled path's formula
+    grouped = Int8Linear(96, 300, dtype=torch.float32, group=32)  # a scale per 32 weights, as Q8_0
+    grouped.weight.copy_(q)
+    grouped.scale.copy_(torch.rand(300, 3))
+    assert torch.allclose(grouped(x), F.linear(x, q.float() * grouped.scale.repeat_interleave(32, 1)), atol=1e-4)
 
 
 def test_bad_lever_arguments(smollm_path):
     with pytest.raises(ValueError, match="quantize"):
-        build(smollm_path, quantize="int4")
+        build(smollm_path, quantize="int3")
     with pytest.raises(ValueError, match="compile"):
         build(smollm_path, compile="yes")
+
+
+# --- CUDA (where a GPU is present) --------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+
+
+@cuda
+def test_cuda_compiled_step_matches_transformers_and_eager(tmp_path):
+    """On a GPU the compiled step (CUDA graphs) gives the eager greedy tokens, and float32 logits equal
+    transformers' to 1e-4."""
+    from tests.test_formats import TOKENS, hf_model, reference, save_hf
+
+    model = hf_model()
+    folder = save_hf(model, tmp_path)
+    eager = Llama.build(folder, max_seq_len=64, max_batch_size=2, device="cuda", dtype="float32", compile=False)
+    fast = Llama.build(folder, max_seq_len=64, max_batch_size=2, device="cuda", dtype="float32", compile=True)
+    with torch.inference_mode():
+        ours = eager.model(TOKENS.cuda(), 0).cpu()
+    ref = reference(model)
+    assert (ours - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    prompts = [[1, 5, 900, 42], [1, 77, 78]]
+    assert fast.generate(prompts, 24, temperature=0) == eager.generate(prompts, 24, temperature=0)
+    assert fast.text_completion(["ab", "cd e"], max_gen_len=12, temperature=0) == \
+        eager.text_completion(["ab", "cd e"], max_gen_len=12, temperature=0)

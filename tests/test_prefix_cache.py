@@ -64,13 +64,13 @@ def test_a_positions_kv_depends_only_on_the_tokens_up_to_it_however_prefilled(ll
     model.forward_segments(torch.tensor(other[70:150]), [(1, 70, 80)], torch.tensor([79]))
     model.forward_segments(torch.tensor(other[150:]), [(1, 150, 100)], torch.tensor([99]))
     assert 150 > KEY_BLOCK and 150 % KEY_BLOCK
-    for kv in (cache.k, cache.v):
-        assert torch.equal(kv[:, 0, :, :150], kv[:, 1, :, :150])
-        assert not torch.equal(kv[:, 0, :, 150:151], kv[:, 1, :, 150:151])  # the prompts differ from here on
+    for kv in (*cache.k, *cache.v):  # each layer's (rows, n_kv_heads, positions, head_dim)
+        assert torch.equal(kv[0, :, :150], kv[1, :, :150])
+        assert not torch.equal(kv[0, :, 150:151], kv[1, :, 150:151])  # the prompts differ from here on
     cache.copy_prefix(0, 3, 150)
-    for kv in (cache.k, cache.v):
-        assert torch.equal(kv[:, 3, :, :150], kv[:, 0, :, :150])
-        assert not torch.equal(kv[:, 3, :, 150:151], kv[:, 0, :, 150:151])  # nothing past them
+    for kv in (*cache.k, *cache.v):
+        assert torch.equal(kv[3, :, :150], kv[0, :, :150])
+        assert not torch.equal(kv[3, :, 150:151], kv[0, :, 150:151])  # nothing past them
 
 
 # --- many requests, cache on against off ------------------------------------------------------------

@@ -1,0 +1,192 @@
+"""The decode step compiled whole: embedding, every layer (its K/V written into the cache and attention
+over it) and the output head as one torch.compile region.
+
+At one token per sequence a step reads every weight once and does little arithmetic; run eagerly it
+is ~500 small operators, each paying Python's and the dispatcher's overhead (~45 ms a step for
+SmolLM2 on 2 cores, where its weights stream in ~5 ms). Compiled, the small operators fuse into a few
+loops and the whole step is one call.
+
+Tokens are independent rows: token t writes its K/V at (rows[t], positions[t]) and attends to its
+row's keys up to its position. Decoding feeds one token per sequence; nothing here assumes it (on
+CUDA, padding repeats the first token: the same values written twice to one place).
+
+Shapes stay dynamic (the number of tokens, and the attention width in whole key blocks), so one
+graph serves every batch size and every length; dynamo always compiles a size of one apart, so
+there are two (one token, several). The layer body is traced once and reused for every layer
+(`torch.compiler.nested_compile_region`), which cuts tracing and compiling ~10x for SmolLM2's 30
+layers. Inductor keeps what it compiled under ~/.cache/llama_lite/inductor, so a later start only
+traces (~3 s here). On CUDA the region runs as CUDA graphs ("reduce-overhead"), with the token count
+and width padded to powers of two so few graphs are recorded.
+
+A first run never waits for the compiler: `start(background=True)` builds in a thread while the
+eager step serves, and the model switches over once both graphs are built (`ready`).
+"""
+
+import os
+import sys
+import threading
+import time
+import types
+from types import SimpleNamespace
+
+import torch
+
+from .model import KEY_BLOCK, key_blocks
+
+
+def decode_attention(q, keys, values, visible):
+    """softmax(q k^T) v for one query token per row of keys.
+    q: (tokens, n_kv_heads, n_rep, head_dim), scaled; keys, values: (tokens, n_kv_heads, width, head_dim);
+    visible: (tokens, width) bool. Returns (tokens, n_kv_heads, n_rep, head_dim) in q's dtype."""
+    scores = (q.float()[:, :, :, None, :] * keys.float()[:, :, None]).sum(-1)  # (tokens, n_kv_heads, n_rep, width)
+    probs = torch.softmax(scores.masked_fill(~visible[:, None, None, :], float("-inf")), dim=-1)
+    out = (probs[..., None] * values.float()[:, :, None]).sum(-2)  # (tokens, n_kv_heads, n_rep, head_dim)
+    return out.to(q.dtype)
+
+
+@torch.compiler.nested_compile_region
+def decode_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v):
+    """One transformer block for independent tokens h (tokens, dim); cache_k / cache_v: this layer's
+    cache cut to the attention width, (rows, n_kv_heads, width, head_dim), written in place."""
+    attention = layer.attention
+    q, k, v = layer.project(h, cos, sin)  # (tokens, heads, head_dim) each
+    cache_k[rows, :, positions] = k
+    cache_v[rows, :, positions] = v
+    q = q.view(q.shape[0], attention.n_kv_heads, attention.n_rep, attention.head_dim)  # (tokens, n_kv_heads, n_rep, head_dim)
+    attended = decode_attention(q, cache_k[rows], cache_v[rows], visible)
+    return layer.finish(h, attended.flatten(1))  # (tokens, n_heads * head_dim) -> (tokens, dim)
+
+
+def _step(model, tokens, rows, positions, key_index, cache_k, cache_v):
+    """Logits (float32, (tokens, vocab)) of independent tokens; see decode_layer. cache_k, cache_v:
+    the layers' cache tensors."""
+    width = key_index.shape[0]
+    visible = key_index[None, :] <= positions[:, None]  # (tokens, width)
+    cos = model.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
+    sin = model.rope_sin[positions][:, None]
+    h = model.tok_embeddings(tokens)  # (tokens, dim)
+    for layer, k, v in zip(model.layers, cache_k, cache_v):
+        h = decode_layer(layer, h, cos, sin, rows, positions, visible, k[:, :, :width], v[:, :, :width])
+    return model.head(h)
+
+
+def _int4_as_its_own_call():
+    """Have inductor call PyTorch's CPU int4 kernel as it is. Its own lowering passes the group size as
+    a constant tensor, which a reused layer region hands over as something else ("group size must
+    be a scalar", torch 2.13); a Python operator around the kernel instead costs ~2 ms a step."""
+    from torch._inductor import lowering
+
+    op = torch.ops.aten._weight_int4pack_mm_for_cpu
+    if op.default in lowering.lowerings and not getattr(lowering.lowerings[op.default], "_llama_lite", False):
+        for key in (op, op.default):
+            lowering.lowerings.pop(key, None)
+        lowering.make_fallback(op)
+        lowering.lowerings[op.default]._llama_lite = True
+
+
+def _cache_dir() -> str:
+    from .download import cache_dir
+
+    return str(cache_dir() / "inductor")
+
+
+class DecodeStep:
+    """The model's compiled decode step; call it with a decode-only step's tokens and segments."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = model.rope_cos.device
+        self.cuda = self.device.type == "cuda"
+        self.ready = False
+        self.error = self.seconds = None
+        self._thread = None
+        self.key_index = torch.arange(key_blocks(model.params.max_seq_len), device=self.device)
+        # Inductor's compiled code outlives /tmp: a later start then only traces. A user's own setting wins.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _cache_dir())
+        _int4_as_its_own_call()
+        mode = "reduce-overhead" if self.cuda else None
+        if self.cuda:  # CUDA graphs copy their inputs each call, unless told these stay put
+            for t in (*model.cache.k, *model.cache.v):
+                torch._dynamo.mark_static_address(t)
+        # The weights never change once loaded: no guard needs to check each of them on every call
+        # (~1 ms a step for SmolLM2's ~300 tensors). Without those guards a graph must never meet
+        # another model, and dynamo keeps graphs per code object: so each model gets its own copy.
+        # One compiler thread, no worker pool: a build that is still running when the process ends
+        # then just finishes (the pool refuses new work during shutdown, and would fail it).
+        # No size checks either: a Python call per buffer and step, for shapes fixed by construction.
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "compile_threads": 1,
+                   "size_asserts": False}
+        own_step = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
+        self.compiled = torch.compile(own_step, fullgraph=True, dynamic=False, mode=mode, options=options)
+
+    def __call__(self, tokens, segments, logits_at):
+        n = len(segments)
+        rows = [row for row, _, _ in segments]
+        positions = [start for _, start, _ in segments]
+        width = key_blocks(max(positions) + 1)
+        if self.cuda:  # few shapes, few CUDA graphs: pad the tokens (repeating the first) and width to powers of two
+            n_padded = 1 << (n - 1).bit_length()
+            width = min(KEY_BLOCK << (width // KEY_BLOCK - 1).bit_length(), self.key_index.shape[0])
+            tokens = torch.cat((tokens, tokens[:1].expand(n_padded - n)))
+            rows, positions = rows + rows[:1] * (n_padded - n), positions + positions[:1] * (n_padded - n)
+        rows, positions = (torch.tensor(x, device=self.device) for x in (rows, positions))
+        return self._run(tokens, rows, positions, width, self.model.cache)[logits_at]
+
+    def _run(self, tokens, rows, positions, width, cache):
+        key_index = self.key_index[:width]
+        if tokens.shape[0] > 1:  # one graph for every count of tokens above one (dynamo keeps one apart)
+            for t in (tokens, rows, positions):
+                torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.mark_dynamic(key_index, 0)  # and for every width
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(self.model, tokens, rows, positions, key_index, cache.k, cache.v)
+
+    # --- building ----------------------------------------------------------------------------------
+
+    def start(self, background: bool) -> None:
+        """Build the graphs: now, or in a thread while the eager step serves (`ready` says when done)."""
+        if not background:
+            self._build(background)
+            if self.error is not None:
+                raise self.error
+            return
+        # Not a daemon: a process that ends while the compiler runs would abort in torch's teardown
+        # (SIGABRT, "terminate called without an active exception"); it finishes the build first.
+        self._thread = threading.Thread(target=self._build, args=(background,), name="llama_lite-compile")
+        self._thread.start()
+        threading._register_atexit(self._note_exit_wait)
+
+    def _note_exit_wait(self):
+        if self._thread.is_alive():
+            print("llama_lite: finishing the decode step's compile before exiting (it is cached for the next start)",
+                  file=sys.stderr)
+
+    def wait(self) -> None:
+        """Block until a background build has ended (ready, or failed)."""
+        if self._thread is not None:
+            self._thread.join()
+
+    @torch.inference_mode()
+    def _build(self, background: bool):
+        """Run the step once per graph on throw-away tokens. In the background they write a cache of
+        their own, allocated but never filled (its pages cost no memory), so real steps go on."""
+        started = time.perf_counter()
+        cache = self.model.cache
+        if background:
+            cache = SimpleNamespace(k=[torch.empty_like(t) for t in cache.k], v=[torch.empty_like(t) for t in cache.v])
+        try:
+            for n in sorted({1, min(2, self.model.params.max_batch_size)}):
+                zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+                self._run(zeros, zeros.clone(), zeros.clone(), KEY_BLOCK, cache)
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+        except Exception as e:  # no C++ compiler, an unsupported operator: the eager step stays
+            self.error = e
+            print(f"llama_lite: compiling the decode step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "decoding stays eager", file=sys.stderr)
+            return
+        self.seconds = time.perf_counter() - started
+        self.ready = True
+        if background:
+            print(f"llama_lite: the compiled decode step took over after {self.seconds:.0f} s", file=sys.stderr)
