@@ -27,7 +27,7 @@ from .constraints import Grammars
 from .detokenizer import Detokenizer
 from .prefix_cache import PrefixCache, Reuse
 from .sampling import SamplingParams, chosen_logprobs, penalize, sample, top_logprobs
-from .speculation import MAX_K, Acceptance, Drafter, plan_drafts
+from .speculation import Acceptance, Drafter, plan_drafts
 
 
 @dataclass
@@ -108,8 +108,8 @@ class Engine:
         """`generator` serves requests without a seed. `max_step_tokens`: the tokens one forward call
         may feed (decoding rows first, then prompt chunks); it bounds how long a step takes.
         `prefix_cache`: reuse the K/V of prompt beginnings the cache's rows still hold.
-        `speculative`: "auto" or "ngram" guess tokens by prompt lookup where it pays (speculation.py),
-        "off" never does."""
+        `speculative`: "auto" guesses tokens by prompt lookup where that costs nothing, "ngram" always
+        (speculation.py), "off" never."""
         if isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int) or max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be a whole number >= 1, got {max_step_tokens!r}")
         check_speculative(speculative)
@@ -182,9 +182,8 @@ class Engine:
         budget = self.max_step_tokens
         decoding = [r for r in self.running if r.decoding]
         limits = [r.max_tokens - len(r.output_ids) - 1 for r in decoding]  # a guess never passes max_tokens
-        # "auto" guesses only into what costs nothing extra; "ngram" lets every request guess its k
-        budget_for_guesses = self.model.draft_budget(len(decoding)) if self.speculative == "auto" else len(decoding) * (1 + MAX_K)
-        drafts = plan_drafts([r.drafter for r in decoding], limits, budget_for_guesses)
+        free = self.model.draft_budget(len(decoding)) if self.speculative == "auto" else None  # "ngram": no bound
+        drafts = plan_drafts([r.drafter for r in decoding], limits, free)
         work = [(r, r.output_ids[-1:] + guess) for r, guess in zip(decoding, drafts)]
         budget -= sum(len(ids) for _, ids in work)
         for request in self.running:

@@ -17,12 +17,13 @@ rejected guesses sit past the request's last kept position: no query sees them (
 past a query's position), the next tokens overwrite them, and the prefix cache reuses prompt
 positions only.
 
-k's policy (`Drafter.update`, `draft_budget`): a request starts guessing START_K tokens; k doubles
+k's policy (`Drafter.update`, `plan_drafts`): a request starts guessing START_K tokens; k doubles
 after a fully accepted guess (up to MAX_K), shrinks to what was accepted plus one after a partial one,
-and after a guess with nothing accepted the request stops guessing for a while (2, 4, 8 .. up to
-MAX_PAUSE steps, resetting on the next accepted token). A step guesses only into rows of the decode
-product that cost (almost) nothing extra, `draft_budget`: so with many decoding rows nothing is guessed
-and the step is plain decoding.
+and shrinks by half after a guess with nothing accepted. Where guesses cost nothing ("auto", the
+default: they only fill rows the decode products pad to anyway, Transformer.draft_budget, so with many
+decoding rows nothing is guessed and the step is plain decoding) every request guesses every step.
+Where they cost ("ngram": every request guesses its k) a request that guessed nothing right stops
+guessing for a while: 2, 4, 8 .. up to MAX_PAUSE steps, until a guess is accepted again.
 """
 
 NGRAM_SIZES = (3, 2, 1)  # the suffix lengths looked up, longest first
@@ -51,10 +52,10 @@ class Drafter:
                     self.follow[tuple(self.tokens[end - n : end])] = end
             self.tokens.append(token)
 
-    def propose(self, limit: int) -> list:
+    def propose(self, limit: int, pausing: bool = True) -> list:
         """Up to min(k, limit) guessed next tokens: what followed the newest earlier occurrence of the
-        text's longest indexed suffix; [] when it has none or the request is pausing."""
-        if self.pause:
+        text's longest indexed suffix; [] when it has none, or (`pausing`) while it pauses after misses."""
+        if self.pause and pausing:
             self.pause -= 1
             return []
         k = min(self.k, limit)
@@ -80,14 +81,15 @@ class Drafter:
         self.misses = 0
 
 
-def plan_drafts(drafters, limits, budget: int) -> list:
+def plan_drafts(drafters, limits, budget=None) -> list:
     """Each decoding request's guesses this step ([] for none): `drafters` (None: the request never
-    guesses), `limits` (the most each may guess: its max_tokens left), `budget` (the most tokens the
-    decoding rows may feed in all, see draft_budget). Earlier requests guess first."""
-    spare = budget - len(drafters)
+    guesses), `limits` (the most each may guess: its max_tokens left), `budget`: the most tokens the
+    decoding rows may feed in all, guesses included, where guesses must fit what costs nothing
+    (earlier requests guess first; no pauses); None: every request guesses its k, pausing after misses."""
+    spare = float("inf") if budget is None else budget - len(drafters)
     drafts = []
     for drafter, limit in zip(drafters, limits):
-        guess = drafter.propose(min(limit, spare)) if drafter is not None and spare > 0 else []
+        guess = drafter.propose(min(limit, spare), pausing=budget is None) if drafter is not None and spare > 0 else []
         spare -= len(guess)
         drafts.append(guess)
     return drafts

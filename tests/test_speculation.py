@@ -161,9 +161,11 @@ def test_k_grows_on_full_accepts_and_pauses_after_misses():
     drafter.update(drafter.k, 1)
     assert drafter.k == 2
     drafter.update(2, 0)
-    assert drafter.pause == 2 and drafter.propose(5) == [] and drafter.propose(5) == [] and drafter.propose(5)
-    # the step's budget: rows first, then guesses in order while it lasts
+    assert drafter.pause == 2 and drafter.propose(5, pausing=False)  # where guesses cost nothing it goes on
+    assert drafter.propose(5) == [] and drafter.propose(5) == [] and drafter.propose(5)
+    # a budget: rows first, then guesses in order while it lasts; none: each its k
     assert plan_drafts([Drafter([1, 2, 1, 2, 1, 2]), None, Drafter([1, 2, 1, 2, 1, 2])], [9, 9, 9], 4) == [[1], [], []]
+    assert plan_drafts([Drafter([1, 2, 3, 4, 5, 1, 2]), None, Drafter([1, 2, 3, 4, 5, 1, 2])], [9, 9, 2]) == [[3, 4, 5], [], [3, 4]]
 
 
 def test_bad_speculative_settings_are_refused(smollm_path):
