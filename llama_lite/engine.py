@@ -9,7 +9,9 @@ output (a JSON Schema, regex or grammar) has its row of logits masked by its mat
 sampling (constraints.py: `Grammars`); the others are untouched. Everything else
 (`text_completion`, `chat_completion`, `stream`, the scripts, the server) drives this loop.
 With the prefix cache (prefix_cache.py) a request admitted into a row first reuses the K/V of the
-longest beginning of its prompt that a row still holds, and prefills only the rest.
+longest beginning of its prompt that a row still holds, and prefills only the rest. With speculative
+decoding (speculation.py) a decoding request may feed guesses of its next tokens after its last one
+and keep those its own draws agree with (`_verify`), several tokens in one output.
 
 Batch invariance: in float32 (eager) a request's logits are bit for bit those it gets alone
 (model.py says how), cached prefix or not (prefix_cache.py says why), and a request with a seed
@@ -256,7 +258,7 @@ class Engine:
             next_logits = logits[torch.tensor([at for _, at, _ in samplers], device=device)]  # (n, vocab)
             chosen = self._sample(requests, self.grammars.mask(requests, next_logits))  # logprobs: the model's own
             lps, tops = self._logprobs(requests, next_logits, chosen)
-            for (request, at, guesses), token, lp, top in zip(samplers, chosen.tolist(), lps, tops):  # the one host sync a step
+            for (request, at, guesses), token, lp, top in zip(samplers, chosen.tolist(), lps, tops):  # one host sync (and one per kept guess)
                 output = self._advance(request, token, lp, top)
                 if guesses:
                     output = self._verify(request, output, token, guesses, logits[at + 1 : at + 1 + len(guesses)])
