@@ -9,7 +9,9 @@ Exit codes: 0 done; 2 bad input (one `error: ...` line on stderr, no traceback);
 import inspect
 import json
 import os
+import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -18,8 +20,8 @@ import torch
 from . import parallel
 from .engine import SPECULATIVE
 from .generation import Llama, check_positive_int
-from .prompt_files import FileResults, StdoutResults, read_prompts
-from .sampling import SamplingParams
+from .prompt_files import FileResults, StdoutError, StdoutResults, read_prompts, write_stdout
+from .sampling import SamplingParams, request_seed
 
 # Flags whose value is text as typed: fire would otherwise read "None", "0x10" or "[1]" as Python
 # literals (and spent gigabytes parsing a long unquoted prompt).
@@ -49,6 +51,7 @@ FLAG_HELP = {  # each flag's line in --help (fire reads a docstring's Args); a c
     "no_prefix_cache": "prefill every prompt whole instead of reusing the K/V of a beginning the cache holds (to compare). E.g. --no_prefix_cache",
     "speculative": "auto guesses tokens from the text so far and checks them in one step where that costs nothing "
                    "(the text stays the same); ngram always guesses; off never (to compare). E.g. --speculative off",
+    "threads": "CPU threads; default: the cores this process may use that no other process keeps busy. E.g. --threads 1",
 }
 
 
@@ -87,7 +90,7 @@ def run(command) -> None:
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
         sys.exit(141)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        _fail(str(e))
+        _fail(in_flag_terms(str(e), command))
     except (MemoryError, torch.OutOfMemoryError):
         _fail("out of memory; lower --max_batch_size or --max_seq_len, or pass --dtype bfloat16 or --quantize int8")
     except OSError as e:
@@ -123,6 +126,24 @@ class _Notes:
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
+
+
+def in_flag_terms(message: str, command) -> str:
+    """A library message as the command line says it: device='cpu' is --device cpu, max_seq_len is
+    --max_seq_len, "quantize must be" is "--quantize must be", 'int8' or None is int8 or no flag."""
+    flags = set(inspect.signature(command).parameters)
+
+    def flag(match):
+        return f"--{match.group(1)} {match.group(3)}" if match.group(1) in flags else match.group(0)
+
+    message = re.sub(r"\b(\w+)=(['\"]?)([\w.:-]+)\2", flag, message)
+    for name in flags:
+        if "_" in name:
+            message = re.sub(rf"(?<![-\w]){name}\b", f"--{name}", message)
+    message = re.sub(r"^(unknown )?(\w+)(?= must be| '| is empty)",
+                     lambda m: f"{m.group(1) or ''}--{m.group(2)}" if m.group(2) in flags else m.group(0), message)
+    message = re.sub(r"\bor None for\b", "or leave the flag out for", message)
+    return re.sub(r"'([\w.-]+)' or None", r"\1, or leave the flag out", message)
 
 
 def _fail(message: str) -> None:
@@ -230,14 +251,29 @@ def _read_json_schema(path) -> dict:
 
 
 def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache,
-           chat_template, speculative="auto") -> Llama:
+           chat_template, threads, speculative="auto") -> Llama:
     if not isinstance(no_prefix_cache, bool):
         raise ValueError(f"--no_prefix_cache takes no value (or True/False), got {no_prefix_cache!r}")
     if speculative not in SPECULATIVE:
         raise ValueError(f"--speculative must be {', '.join(SPECULATIVE[:-1])} or {SPECULATIVE[-1]}, got {speculative!r}")
     return Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                        dtype=dtype, seed=seed, quantize=quantize, compile=compile, prefix_cache=not no_prefix_cache,
-                       speculative=speculative, chat_template=chat_template)
+                       speculative=speculative, chat_template=chat_template, threads=threads)
+
+
+def _check_text(name: str, text) -> None:
+    """ValueError naming `name` for text that held bytes which are not UTF-8 (Python hands them over as
+    lone surrogates, which no tokenizer takes)."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = f"byte 0x{ord(text[e.start]) & 0xFF:02x}" if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else repr(text[e.start])
+            raise ValueError(f"{name} is not UTF-8 text ({byte} at character {e.start}); pass UTF-8") from None
+
+
+class _TurnError(ValueError):
+    """One chat turn that cannot run (too long, not UTF-8): said on stderr, and the chat goes on."""
 
 
 # --- chat ----------------------------------------------------------------------------------------
@@ -251,7 +287,7 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
          temperature: float = 0.6, top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0,
          frequency_penalty: float = 0.0, max_gen_len: int = 512, max_seq_len: int = None, device: str = None,
          dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None, no_prefix_cache: bool = False,
-         json_schema: str = None, chat_template: str = None, speculative: str = "auto"):
+         json_schema: str = None, chat_template: str = None, threads: int = None, speculative: str = "auto"):
     """Chat with a checkpoint (default: SmolLM2-135M-Instruct).
 
     Without --prompt: one user turn a line from stdin (a terminal or a pipe); /reset clears the
@@ -263,12 +299,18 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
         raise ValueError("stdin is closed; give chat a terminal or a pipe, or pass --prompt")
     if sys.stdout is None:
         raise ValueError("stdout is closed; give chat a terminal, a pipe or a file to write the replies to")
+    _check_text("--prompt", prompt)
+    _check_text("--system", system)
+    if prompt is None and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not the session
     llm = _build(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache, chat_template,
-                 speculative)
+                 threads, speculative)
+    if not llm.tokenizer.chat_template:
+        raise ValueError("this checkpoint has no chat template, so chat cannot run it; pass --chat_template FILE, or run complete for plain text")
     max_seq_len = llm.model.params.max_seq_len
     start = [{"role": "system", "content": system}] if system is not None else []
     # Keep room for a reply: drop the oldest turns before the history squeezes it below this.
-    reply_room = min(max_gen_len, max(1, max_seq_len // 4))
+    reply_room = min(max_gen_len or max_seq_len, max(1, max_seq_len // 4))
 
     def reply(history):
         """Stream the assistant's answer to stdout and return it (history may lose its oldest turns)."""
@@ -283,18 +325,31 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
         if dropped:
             print("(the conversation outgrew --max_seq_len: dropped its oldest turns)", file=sys.stderr)
         if room < 1:
-            raise ValueError(f"the message is too long for --max_seq_len {max_seq_len}; shorten it or raise --max_seq_len")
-        pieces = []
+            raise _TurnError(f"the message is too long for --max_seq_len {max_seq_len}; shorten it or raise --max_seq_len")
+        limit = min(max_gen_len or room, room)
+        pieces, stream = [], llm.stream(tokens, limit, **sampling)
         try:
-            for piece in llm.stream(tokens, min(max_gen_len, room), **sampling):
-                print(piece, end="", flush=True)
+            while True:
+                try:
+                    piece = next(stream)
+                except StopIteration as end:
+                    reason = end.value
+                    break
+                write_stdout(piece)
                 pieces.append(piece)
         finally:
-            print(flush=True)
+            stream.close()
+            write_stdout("\n")
+        if reason == "length":
+            cause = f"--max_gen_len {max_gen_len}" if limit == max_gen_len else f"the end of --max_seq_len {max_seq_len}"
+            print(f"(the reply was cut at {limit} tokens, {cause}; raise it for longer replies)", file=sys.stderr)
         return "".join(pieces)
 
     if prompt is not None:
-        reply(start + [{"role": "user", "content": prompt}])
+        try:
+            reply(start + [{"role": "user", "content": prompt}])
+        except _TurnError as e:
+            raise ValueError(str(e)) from None
         return
     interactive = sys.stdin.isatty()
     history = list(start)
@@ -305,6 +360,11 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
         if not line or line.strip() == "/exit":
             break
         text = line.rstrip("\n")
+        try:
+            _check_text("the message", text)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
         if text.strip() == "/reset":
             history = list(start)
             print("(history cleared)", file=sys.stderr, flush=True)
@@ -316,9 +376,11 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
             history.append({"role": "assistant", "content": reply(history)})
         except KeyboardInterrupt:  # Ctrl-C during a reply: forget the turn, back to the prompt
             history.pop()
-        except ValueError as e:  # one turn too long for the context: say so, keep chatting
+        except StdoutError:
+            raise
+        except ValueError as e:  # one turn too long for the context or its template: say so, keep chatting
             history.pop()
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {in_flag_terms(str(e), chat)}", file=sys.stderr)
 
 
 def chat_main():
@@ -339,10 +401,11 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
              max_batch_size: int = 8, checkpoint: str = None, tokenizer: str = None, max_seq_len: int = None,
              device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None,
              no_prefix_cache: bool = False, json_schema: str = None, regex: str = None, chat_template: str = None,
-             speculative: str = "auto"):
+             threads: int = None, speculative: str = "auto"):
     """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
     stdout or in --out. With --out, finished lines go to OUT.partial at once; a finished run renames
     it to OUT, and the same command run again after an interruption continues where it stopped.
+    Prompt K samples with seed --seed + K, so a resumed sampled run equals an uninterrupted one.
     """
     sampling = _sampling_flags(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty, max_gen_len=max_gen_len, json_schema=json_schema,
@@ -365,16 +428,24 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
             print(f"continuing {out}.partial: {done} of {len(records)} prompts were done", file=sys.stderr)
         if len(records) > done:
             llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
-                         no_prefix_cache, chat_template, speculative)
-            _write_results(llm, records[done:], results, prompts, chat, max_gen_len, sampling)
+                         no_prefix_cache, chat_template, threads, speculative)
+            if seed is not None:  # prompt K samples with seed + K, however the run was cut
+                sampling["seed"] = request_seed(seed, done)
+            _write_results(llm, records, done, results, prompts, chat, max_gen_len, sampling)
         results.finish()
     finally:
         results.close()
 
 
-def _write_results(llm, todo, results, source, chat, max_gen_len, sampling):
-    """Generate for each (line number, record) of `todo`, writing a result line for each in order."""
-    tokens, limit = [], llm.model.params.max_seq_len
+def _write_results(llm, records, done, results, source, chat, max_gen_len, sampling):
+    """Generate for each (line number, record) of records[done:], writing a result line for each in
+    order. --max_gen_len None: up to the context's end for the longest prompt of all (resumed or not)."""
+    todo, limit = records[done:], llm.model.params.max_seq_len
+    if max_gen_len is None:
+        lengths = [len(_prompt_tokens(llm, record, chat)) for _, record in records]
+        longest = max(range(len(records)), key=lambda i: lengths[i])
+        max_gen_len = max(1, limit - 1 - lengths[longest])
+    tokens = []
     for number, record in todo:  # a prompt that cannot run is reported by its line before any work
         try:
             ids = _prompt_tokens(llm, record, chat)
@@ -420,19 +491,21 @@ def _model_name(checkpoint) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def _check_listen(host, port) -> None:
-    """Fail fast, before loading any weights, when the address cannot be listened on."""
-    import socket
-
+def _listen(host, port) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one), before any weights load; uvicorn listens on it."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"--port must be a whole number in 0..65535, got {port!r}")
+    sock = None
     try:
         infos = socket.getaddrinfo(str(host), port, type=socket.SOCK_STREAM)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(infos[0][4])
-    except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
+        sock = socket.socket(infos[0][0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(infos[0][4])
+    except (OSError, UnicodeError) as e:
+        if sock is not None:
+            sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); pick another --port or --host") from None
+    return sock
 
 
 @_documented(
@@ -440,36 +513,49 @@ def _check_listen(host, port) -> None:
     port="the TCP port. E.g. --port 8080",
     api_key="require 'Authorization: Bearer KEY' on every request. E.g. --api_key s3cret",
     max_queue="requests that may wait for a row; more are answered 429. E.g. --max_queue 256",
+    max_body_mb="the largest request body in MB; larger ones are answered 413 unread. E.g. --max_body_mb 32",
     max_batch_size="requests generated at once (KV-cache rows). E.g. --max_batch_size 32",
     seed="seed the sampling of requests that bring no seed. E.g. --seed 1",
 )
 def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str = None, max_queue: int = 64, max_batch_size: int = 8, max_seq_len: int = None,
-          device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None,
-          no_prefix_cache: bool = False, chat_template: str = None, speculative: str = "auto"):
+          api_key: str = None, max_queue: int = 64, max_body_mb: float = 8, max_batch_size: int = 8,
+          max_seq_len: int = None, device: str = None, dtype: str = None, seed: int = None, quantize: str = None,
+          compile: bool = None, no_prefix_cache: bool = False, chat_template: str = None, threads: int = None,
+          speculative: str = "auto"):
     """Serve a checkpoint over OpenAI's HTTP API (default: SmolLM2-135M-Instruct) on http://HOST:PORT/v1.
 
     Every client shares the engine's batch of --max_batch_size rows; up to --max_queue more requests
     wait for a row, and one more is answered 429. With --api_key, requests must send
-    'Authorization: Bearer KEY'. SIGTERM or Ctrl-C ends the running requests and stops.
+    'Authorization: Bearer KEY'. --port 0 takes a free port (printed). SIGTERM or Ctrl-C ends the
+    running requests and stops (exit 0).
     """
-    _check_listen(host, port)
     check_positive_int("--max_batch_size", max_batch_size)
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
         raise ValueError(f"--max_queue must be a whole number >= 0, got {max_queue!r}")
+    if isinstance(max_body_mb, bool) or not isinstance(max_body_mb, (int, float)) or not 0 < max_body_mb < 1 << 20:
+        raise ValueError(f"--max_body_mb must be a number of megabytes > 0, got {max_body_mb!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("--api_key must be a non-empty string")
     if parallel.world_size() > 1:
         raise ValueError("serve runs in one process; start it without torchrun")
-    llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache,
-                 chat_template, speculative)
-    from .server import serve as run_server
+    sock = _listen(host, port)  # bound before the weights load: a busy port fails at once
+    try:
+        llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
+                     no_prefix_cache, chat_template, threads, speculative)
+        from .server import serve as run_server
 
-    name = _model_name(checkpoint)
-    print(f"serving {name} at http://{host}:{port}/v1 ({max_batch_size} rows); Ctrl-C to stop", file=sys.stderr, flush=True)
-    # uvicorn takes SIGTERM while it runs and raises it again once it has shut down: exit 0 then.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    run_server(llm, name, host=str(host), port=port, api_key=api_key, max_queue=max_queue)
+        name = _model_name(checkpoint)
+        bound = sock.getsockname()[1]
+        where = f"[{host}]" if ":" in str(host) else host
+        print(f"serving {name} at http://{where}:{bound}/v1 ({max_batch_size} rows, {llm.threads} threads); Ctrl-C to stop",
+              file=sys.stderr, flush=True)
+        # uvicorn takes SIGTERM and SIGINT while it runs and raises them again once it has shut down:
+        # a server stopped as asked exits 0.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: None)
+        run_server(llm, name, sock, api_key=api_key, max_queue=max_queue, max_body_mb=max_body_mb)
+    finally:
+        sock.close()
 
 
 def serve_main():

@@ -1,8 +1,19 @@
-"""Where the model runs: the device, the dtype it computes in, and whether a buffer fits in memory.
+"""Where the model runs: the device, the dtype it computes in, the CPU threads, and whether a buffer
+fits in memory.
 
 A KV cache larger than memory must be refused with its size before it is allocated: allocating it
 would fail deep inside torch (or, with overcommit, get the process killed later).
+
+Threads: torch's OpenMP threads wait for each other at the end of every operation, spinning. On a
+core that another process keeps busy, one of them runs only part of the time, and every operation
+waits for it: on 2 cores with one busy, 2 threads decoded at 4.1-4.6 tok/s where 1 thread gave
+15.7-16.2 (README: Threads). So by default the model gets the cores this process may use (its
+affinity and its cgroup's CPU quota) that no other process keeps busy while it is built.
 """
+
+import math
+import os
+import time
 
 import torch
 
@@ -47,6 +58,85 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (v2 cpu.max,
+    v1 cfs_quota_us / cfs_period_us), rounded up."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    quota = period = None
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        quota, period = int(quota), int(period)  # "max 100000": no quota (ValueError below)
+    except (OSError, ValueError):
+        quota = _read_int("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # -1: no quota (None)
+        period = _read_int("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    if quota and period:
+        cores = min(cores, max(1, math.ceil(quota / period)))
+    return max(1, cores)
+
+
+class CpuLoad:
+    """How many of this process's cores other processes keep busy, measured from when it is made to
+    when `busy_elsewhere` is called (from /proc/stat's tick counts, less this process's own)."""
+
+    MIN_WINDOW_S = 0.05  # ticks are 10 ms: at least 5 per core
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        """(time, busy ticks of the CPUs this process may use, ticks this process used), or None."""
+        try:
+            cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+            busy = 0
+            with open("/proc/stat") as f:
+                for line in f:
+                    name, *ticks = line.split()
+                    if name in cpus:  # user nice system idle iowait irq softirq steal ...
+                        user, nice, system, _, _, irq, softirq = map(int, ticks[:7])
+                        busy += user + nice + system + irq + softirq
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            own = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+        except (AttributeError, OSError, ValueError, IndexError):
+            return None
+        return time.monotonic(), busy, own
+
+    def busy_elsewhere(self) -> float:
+        """Cores kept busy by other processes since this was made (0.0 where it cannot be read)."""
+        if self.start is None:
+            return 0.0
+        waited = time.monotonic() - self.start[0]
+        if waited < self.MIN_WINDOW_S:
+            time.sleep(self.MIN_WINDOW_S - waited)
+        end = self._sample()
+        if end is None:
+            return 0.0
+        ticks = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, ticks / (os.sysconf("SC_CLK_TCK") * (end[0] - self.start[0])))
+
+
+def check_threads(threads) -> None:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1, or None for the cores this process may use; got {threads!r}")
+
+
+def default_threads(load: CpuLoad) -> "int | None":
+    """The usable cores no other process keeps busy (at least 1); None (keep torch's) where
+    OMP_NUM_THREADS says (torchrun sets it for each of its processes)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(usable_cores(), cpus - round(load.busy_elsewhere())))
 
 
 def _read_int(path: str):

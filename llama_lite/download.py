@@ -37,6 +37,15 @@ def default_checkpoint() -> Path:
     partial file under the final name. A cached file whose hash is wrong is fetched again.
     """
     folder = cache_dir()
+    try:
+        return _fetch_into(folder)
+    except OSError as e:  # a cache folder that is a file, read-only, full, ...
+        where = "LLAMA_LITE_CACHE" if os.environ.get("LLAMA_LITE_CACHE") else "the default cache"
+        raise CheckpointError(f"cannot use the model cache {folder} ({e.strerror or e}); set LLAMA_LITE_CACHE to a "
+                              f"writable folder (now {where}) or pass a checkpoint path") from None
+
+
+def _fetch_into(folder: Path) -> Path:
     target = folder / Path(DEFAULT_MEMBER).name
     if target.is_file() and sha256_of(target) == DEFAULT_SHA256:
         return target

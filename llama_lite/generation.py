@@ -7,6 +7,7 @@ only ORs, an early stop once every row is finished, and truncation done once on 
 engine (engine.py), so it shares one continuous batch with whatever else runs.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -17,15 +18,19 @@ from tqdm import tqdm
 from . import parallel
 from .chat_template import check_template, render_chat
 from .checkpoint import CheckpointError, Int4Values, Int8Values, read_checkpoint
-from .devices import resolve_device, resolve_dtype
+from .devices import CpuLoad, check_threads, default_threads, resolve_device, resolve_dtype
 from .download import default_checkpoint
 from .engine import Engine, check_speculative
 from .kernels import SKINNY_ROWS, int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
 from .model import KVCache, ModelArgs, Transformer
-from .sampling import SamplingParams, check_sampling, chosen_logprobs, sample
+from .sampling import SamplingParams, check_sampling, chosen_logprobs, draw_seed, request_seed, sample
 from .tokenizer import Tokenizer, gguf_tokenizer
 
 _PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this
+# A generation without a length limit (max_gen_len=None) that has repeated one span of at most
+# LOOP_PERIOD tokens verbatim for its last LOOP_WINDOW tokens has fallen into a loop a small model
+# never leaves (1 in 4 sampled runs of "Hi" on SmolLM2 did, until the context's end): it ends there.
+LOOP_WINDOW, LOOP_PERIOD = 256, 64
 
 
 def check_positive_int(name, value):
@@ -36,9 +41,11 @@ def check_positive_int(name, value):
 
 class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator, prefix_cache=True,
-                 speculative="auto"):
+                 speculative="auto", threads=None):
+        """`threads`: the CPU threads torch computes with (for messages; Llama.build sets them)."""
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
         self.prefix_cache, self.speculative = prefix_cache, speculative
+        self.threads = threads or torch.get_num_threads()
         self.device = next(model.parameters()).device
         self._engine = None
         self._inbox = {}  # request id -> outputs not yet read, for requests these methods run
@@ -53,7 +60,8 @@ class Llama:
 
     @staticmethod
     def build(checkpoint=None, tokenizer=None, max_seq_len=2048, max_batch_size=8, device=None, dtype=None, seed=None,
-              quantize=None, compile=None, prefix_cache=True, speculative="auto", draft=None, chat_template=None) -> "Llama":
+              quantize=None, compile=None, prefix_cache=True, speculative="auto", draft=None, chat_template=None,
+              threads=None) -> "Llama":
         """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator.
 
         max_seq_len=None: 2048, or the model's context where that is shorter.
@@ -72,7 +80,10 @@ class Llama:
         supported yet (None only); prompt lookup needs none.
         chat_template: a jinja2 chat template, or a file holding one, used instead of the
         checkpoint's (one that takes `tools`, say, for tool calls).
+        threads=None: the cores this process may use (affinity, cgroup quota) that no other process
+        keeps busy while it builds (devices.default_threads); set for the whole process.
         """
+        load = CpuLoad()  # other processes' use of the cores, measured while the checkpoint is read
         if quantize not in (None, "int8", "int4"):
             raise ValueError(f"unknown quantize {quantize!r}; use 'int8', 'int4' or None")
         if compile not in (None, True, False):
@@ -85,12 +96,17 @@ class Llama:
         for name, path in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
             if path is not None and not isinstance(path, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a path (str or PathLike) or None, got {path!r}")
+            if path == "":  # Path("") would be the current folder
+                default = "the default model" if name == "checkpoint" else "the checkpoint's own"
+                raise ValueError(f"{name} must be a path, not an empty string; or None for {default}")
         template = read_chat_template(chat_template)
         if max_seq_len is not None:
             check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
             raise ValueError(f"seed must be a whole number (64-bit) or None, got {seed!r}")
+        if threads is not None:
+            check_threads(threads)
         device = resolve_device(device)
 
         ckpt = read_checkpoint(default_checkpoint() if checkpoint is None else checkpoint)
@@ -122,6 +138,9 @@ class Llama:
             tok.chat_template = template
         if tok.n_words > params.vocab_size:
             raise CheckpointError(f"the tokenizer has {tok.n_words} tokens but the model only {params.vocab_size}; pass the model's own tokenizer")
+        n_threads = threads if threads is not None else default_threads(load)
+        if n_threads is not None and device.type == "cpu":
+            torch.set_num_threads(n_threads)
 
         # No throw-away random init: the checkpoint's tensors are assigned. (fairscale's layers
         # cannot be made on the meta device; they get uninitialised memory instead.)
@@ -183,7 +202,7 @@ class Llama:
         if seed is None:
             seed = parallel.broadcast(generator.seed())  # every rank must sample the same tokens
         generator.manual_seed(seed)
-        return Llama(model, tok, generator, prefix_cache=prefix_cache, speculative=speculative)
+        return Llama(model, tok, generator, prefix_cache=prefix_cache, speculative=speculative, threads=n_threads)
 
     # --- Meta's decode loop ---------------------------------------------------------------------------
 
@@ -214,7 +233,7 @@ class Llama:
         before the first stop id; and their log-probabilities if `logprobs`, else None."""
         self._check_prompts(prompt_tokens, max_gen_len)
         check_sampling(temperature, top_p, top_k)
-        if self._engine is not None and self._engine.has_unfinished():
+        if self._engine is not None and self._engine.requests:  # aborted ones hold nothing
             raise ValueError("generate uses KV-cache rows 0..N-1, which the engine's unfinished requests hold; "
                              "finish or abort them first, or add this prompt to the engine")
         bsz, device = len(prompt_tokens), self.device
@@ -229,13 +248,16 @@ class Llama:
         stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), device=device)
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         token_logprobs = torch.zeros(bsz, total_len, device=device) if logprobs else None
+        generators = self._generators(len(prompt_tokens), None) if temperature > 0 else None
+        prompt_lens = [len(p) for p in prompt_tokens]
 
         prev_pos = 0
         for cur_pos in range(min(len(p) for p in prompt_tokens), total_len):
             # The first call is the prefill of every row's shared prompt length; then one token a step.
             # Echoed logprobs need every prompt position's logits, otherwise only the last is computed.
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not (logprobs and echo))
-            next_token = sample(logits[:, -1], temperature, top_p, top_k, self.generator)
+            next_token = _sample_rows(logits[:, -1], [cur_pos >= n for n in prompt_lens], generators, temperature,
+                                      top_p, top_k)
             next_token = torch.where(prompt_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if logprobs:
@@ -259,6 +281,12 @@ class Llama:
                 out_logprobs.append(rows_logprobs[i][start:end])
         return out_tokens, (out_logprobs if logprobs else None)
 
+    def _generators(self, n, seed):
+        """Row i of a job samples from its own generator, seeded request_seed(seed, i); without a
+        seed, the job's seed is drawn from the Llama's generator (Llama.build's seed)."""
+        base = draw_seed(self.generator) if seed is None else seed
+        return [torch.Generator(self.device).manual_seed(request_seed(base, i)) for i in range(n)]
+
     # --- requests on the engine ----------------------------------------------------------------------
 
     def _outputs(self, request_ids):
@@ -270,7 +298,8 @@ class Llama:
             while pending:
                 ready = [out for rid in request_ids if rid in pending for out in self._take(rid)]
                 if not ready:
-                    if not any(rid in self.engine.requests for rid in pending):
+                    waiting = any(rid in self.engine.requests for rid in pending)
+                    if not waiting and not any(out.request_id in pending for out in self.engine.aborted):
                         raise RuntimeError("the engine was stepped directly while these requests ran; their outputs are gone")
                     for out in self.engine.step():
                         if out.request_id in self._inbox:
@@ -291,11 +320,12 @@ class Llama:
         return taken
 
     def _add(self, prompt_tokens, params):
-        """Add each prompt as a request with these params; their ids (nothing added if one is refused)."""
+        """Add each prompt as a request with its SamplingParams (params[i] for prompt i): their ids
+        (nothing added if one is refused)."""
         ids = []
         try:
-            for prompt in prompt_tokens:
-                ids.append(self.engine.add(prompt, params))
+            for prompt, its_params in zip(prompt_tokens, params):
+                ids.append(self.engine.add(prompt, its_params))
                 self._inbox[ids[-1]] = []
         except BaseException:
             for rid in ids:
@@ -310,7 +340,12 @@ class Llama:
         """Run each prompt (token ids) as a request on the engine; yield (its index, its result) as
         each finishes, so a caller can keep finished work while the rest runs. A result: tokens,
         text, logprobs (or None) and finish_reason. `progress` shows a bar on stderr. json_schema,
-        json_object, regex, grammar: structured output, as SamplingParams takes it."""
+        json_object, regex, grammar: structured output, as SamplingParams takes it.
+
+        Prompt i samples from its own generator seeded request_seed(seed, i) (seed drawn from the
+        Llama's generator when None), so its text does not depend on the batch. max_gen_len=None:
+        up to the cache's end, or until the text repeats itself verbatim (LOOP_WINDOW)."""
+        guard_loops = max_gen_len is None
         if max_gen_len is None:  # as Meta's: up to the cache's end for the longest prompt
             self._check_prompts(prompt_tokens, 1, one_batch=False)
             longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
@@ -326,8 +361,9 @@ class Llama:
                                 seed=seed, logprobs=logprobs, echo=echo, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, json_schema=json_schema, json_object=json_object,
                                 regex=regex, grammar=grammar)
-        request_ids = self._add(prompt_tokens, params)
+        request_ids = self._add(prompt_tokens, self._per_prompt(params, len(prompt_tokens)))
         index = {rid: i for i, rid in enumerate(request_ids)}
+        looped = set()
         results = {rid: {"tokens": [], "text": [], "logprobs": [] if logprobs else None} for rid in request_ids}
         bar = tqdm(total=len(request_ids), desc="completing", unit="prompt", file=sys.stderr,
                    disable=not progress or not parallel.is_main())
@@ -340,12 +376,21 @@ class Llama:
                 if logprobs:
                     result["logprobs"] += out.logprobs
                 n_new += len(out.token_ids)
+                if guard_loops and not out.finished and _looping(result["tokens"]):
+                    looped.add(out.request_id)
+                    self.engine.abort(out.request_id)  # its last output comes at the next step
                 if out.finished:
                     bar.set_postfix_str(f"{n_new / (time.perf_counter() - started):.1f} tok/s", refresh=False)
                     bar.update(1)
-                    yield index[out.request_id], {**result, "text": "".join(result["text"]), "finish_reason": out.finish_reason}
+                    reason = "length" if out.request_id in looped else out.finish_reason
+                    yield index[out.request_id], {**result, "text": "".join(result["text"]), "finish_reason": reason}
         finally:
             bar.close()
+
+    def _per_prompt(self, params, n):
+        """params for each of n prompts, prompt i seeded request_seed(seed, i) (see _generators)."""
+        base = draw_seed(self.generator) if params.seed is None else params.seed
+        return [dataclasses.replace(params, seed=request_seed(base, i)) for i in range(n)]
 
     def _complete(self, prompt_tokens, max_gen_len, **sampling):
         """as_completed's results in the prompts' order."""
@@ -358,15 +403,19 @@ class Llama:
         """Yield the reply to one prompt as text pieces while it is generated, as a request in the
         engine's shared batch. No piece holds half a UTF-8 character or text that may still turn out
         to be a stop string; the pieces join to the whole reply (decode() of what generate returns
-        for this prompt with the same seed). Closing the generator early aborts the request."""
+        for this prompt with the same seed). Closing the generator early aborts the request. The
+        generator's return value (StopIteration.value) is the finish reason: "stop" or "length"."""
         self._check_prompts([prompt_tokens], max_gen_len)
         check_sampling(temperature, top_p, top_k)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len, stop=stop, seed=seed,
                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                 json_schema=json_schema, json_object=json_object, regex=regex, grammar=grammar)
-        for out in self._outputs(self._add([prompt_tokens], params)):
+        reason = None
+        for out in self._outputs(self._add([prompt_tokens], self._per_prompt(params, 1))):
             if out.text:
                 yield out.text
+            reason = out.finish_reason
+        return reason
 
     # --- text in, text out -------------------------------------------------------------------------
 
@@ -479,6 +528,25 @@ def read_chat_template(value) -> "str | None":
             raise ValueError(f"chat template file {value} is not a text file; pass a jinja2 template or its file") from None
     check_template(text)
     return text
+
+
+def _sample_rows(logits, due, generators, temperature, top_p, top_k):
+    """The next id of each row of `logits` (bsz, vocab): greedy at temperature 0, else each row due
+    (past its prompt) sampled alone with its own generator, so it draws what it would draw alone; rows
+    still in their prompt draw nothing (0, replaced by their prompt token)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    zero = torch.zeros(1, dtype=torch.long, device=logits.device)
+    return torch.cat([sample(row, temperature, top_p, top_k, generator) if is_due else zero
+                      for row, is_due, generator in zip(logits.split(1), due, generators)])
+
+
+def _looping(tokens) -> bool:
+    """Whether the last LOOP_WINDOW tokens repeat one span of at most LOOP_PERIOD tokens verbatim."""
+    if len(tokens) < LOOP_WINDOW:
+        return False
+    tail = tokens[-LOOP_WINDOW:]
+    return any(tail[-1] == tail[-1 - p] and tail[p:] == tail[:-p] for p in range(1, LOOP_PERIOD + 1))
 
 
 def _with_logprobs(result: dict, done: dict) -> dict:

@@ -24,24 +24,48 @@ def _lines(text: str) -> list:
     return [line.removesuffix("\r") for line in lines]
 
 
+def _utf8(data: bytes, where: str) -> str:
+    """`data` as text (a leading byte-order mark dropped); ValueError naming the line of a bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8") from None
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    """Whether stdin's first non-empty line is a JSON object: then stdin is read as JSON lines."""
+    first = next((line for line in _lines(text) if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
 def read_prompts(source, chat: bool = False) -> list:
     """(line number, record) for each non-empty line of a .txt (a prompt a line), a .jsonl
-    ({"prompt": ...} a line, or {"messages": [...]} with chat) or "-" (stdin, a prompt a line).
-    A record is {"prompt": str, other fields} or, with chat, may be {"messages": [...], ...}."""
+    ({"prompt": ...} a line, or {"messages": [...]} with chat) or "-" (stdin: JSON lines when its
+    first line is a JSON object, else a prompt a line). A record is {"prompt": str, other fields} or,
+    with chat, may be {"messages": [...], ...}."""
     if source == "-":
         if sys.stdin is None:
             raise ValueError("stdin is closed; pipe the prompts in, or pass a .txt or .jsonl file")
-        text, is_jsonl = sys.stdin.read().removeprefix("\ufeff"), False
+        if hasattr(sys.stdin, "buffer"):
+            text = _utf8(sys.stdin.buffer.read(), "stdin")
+        else:  # a text stream without bytes beneath (a notebook, a test's StringIO)
+            text = sys.stdin.read().removeprefix("\ufeff")
+        is_jsonl = _looks_like_jsonl(text)
+        if is_jsonl:
+            print('reading stdin as JSON lines ({"prompt": ...} a line), as its first line is a JSON object', file=sys.stderr)
     else:
         path = Path(str(source))
         if path.is_dir():
             raise ValueError(f"prompt file {path} is a folder; pass a .txt or .jsonl file, or - for stdin")
         if not path.exists():  # a pipe such as <(...) or /dev/stdin is read as a file
             raise FileNotFoundError(f"prompt file {path} does not exist; pass a .txt or .jsonl file, or - for stdin")
-        try:
-            text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not text
-        except UnicodeDecodeError:
-            raise ValueError(f"prompt file {path} is not UTF-8 text; pass a .txt or .jsonl file") from None
+        text = _utf8(path.read_bytes(), f"prompt file {path}")
         is_jsonl = path.suffix.lower() == ".jsonl"
     shape = '{"prompt": ...} or {"messages": [...]}' if chat else '{"prompt": ...}'
     records, empty = [], 0
@@ -88,6 +112,21 @@ def _os_error(e: OSError) -> str:
     return e.strerror or str(e)
 
 
+class StdoutError(ValueError):
+    """stdout cannot be written (a full device): the run cannot go on."""
+
+
+def write_stdout(text: str, fix: str = "free the device or send the output elsewhere") -> None:
+    """`text` to stdout, flushed; a failure (other than the reader going away) as one StdoutError."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise StdoutError(f"cannot write to stdout ({_os_error(e)}); {fix}") from None
+
+
 class StdoutResults:
     """Result lines to stdout as they come, flushed, so a pipe sees each at once."""
 
@@ -100,13 +139,7 @@ class StdoutResults:
         return 0
 
     def write(self, line: str) -> None:
-        try:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise ValueError(f"cannot write to stdout ({_os_error(e)}); pass --out FILE or free the device") from None
+        write_stdout(line, fix="pass --out FILE or free the device")
         self.done += 1
 
     def finish(self) -> None:

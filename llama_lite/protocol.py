@@ -232,6 +232,11 @@ def _messages(messages):
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str) and not (role == "assistant" and content is None and message.get("tool_calls")):
             raise RequestError(f"messages[{i}].content must be a string, got {type(content).__name__}", "messages")
+        try:
+            (content or "").encode("utf-8")
+        except UnicodeEncodeError as e:  # "\ud800" in the JSON: no tokenizer takes it
+            raise RequestError(f"messages[{i}].content holds {content[e.start]!r} at {e.start}, a lone surrogate, which "
+                               "is not text; send valid Unicode", "messages") from None
         out.append({**message, "role": "system" if role == "developer" else role, "content": content})
     return out
 

@@ -118,6 +118,24 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty)
 
 
+SEED_RANGE = 2**64  # torch's generators take seeds in [-2**63, 2**64); -1 and 2**64 - 1 are the same seed
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of the `index`-th request of a job seeded with `seed`: seed + index (mod 2**64), as
+    vLLM seeds the n choices of a request. Each prompt (and each choice) of a job samples from its own
+    generator, so its text depends only on the job's seed and its place in the job, never on the batch
+    size, the other prompts or where a resumed job restarted (a job resumed at prompt K passes
+    request_seed(seed, K) as its seed)."""
+    return (seed + index) % SEED_RANGE
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A fresh seed from `generator` (the Llama's, seeded by Llama.build(seed=...)), for a job that
+    brings none: a seeded Llama's calls repeat in the order they are made."""
+    return int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+
+
 # Top-p first looks among this many likeliest tokens: finding them with topk costs ~0.6 ms for 8 rows of
 # 49k, sorting the whole vocabulary ~14 ms (on 2 cores), and a nucleus rarely reaches past a few hundred.
 TOP_P_CANDIDATES = 256

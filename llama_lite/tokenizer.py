@@ -32,11 +32,12 @@ class Tokenizer:
 
     bos_id: id prepended by encode(bos=True) (None if the vocabulary has none).
     eos_id: end of sequence. pad_id: fills padding; always a valid embedding index.
-    n_words: vocabulary size. stop_ids: ids that end generation (eos and end-of-turn tokens).
+    n_words: vocabulary size. stop_ids: ids that end generation (eos, end-of-turn tokens, and the
+    special tokens the chat template writes around a turn: a reply that opens a new turn has ended).
     add_bos: whether plain-text prompts get a bos, as the checkpoint says.
     chat_template: the checkpoint's jinja2 chat template, or None.
     special_ids: control tokens (bos, eos, <|im_start|>...): whole tokens, never part of plain text.
-    token_bytes(id): the bytes a token stands for (grammars and logprobs work on bytes).
+    token_bytes(id, at_start): the bytes a token stands for (grammars and logprobs work on bytes).
     """
 
     bos_id: "int | None"
@@ -71,15 +72,25 @@ class Tokenizer:
             raise ValueError(f"token ids must lie in [0, {self.n_words}); got {min(ids)}..{max(ids)}")
         return self._decode(ids)
 
-    def token_bytes(self, token_id: int) -> bytes:
+    def token_bytes(self, token_id: int, at_start: bool = False) -> bytes:
         """The bytes token `token_id` stands for: one byte of a character for byte tokens, a
         leading space for SentencePiece's "▁", a special token's own text. The bytes of a text's
-        tokens join to its UTF-8 (SentencePiece: after the dummy space it puts first)."""
+        tokens join to its UTF-8 (SentencePiece: after the dummy space it puts first). `at_start`:
+        as a decoded text's first token, whose leading space SentencePiece drops (logprobs' bytes
+        rebuild the text a reply shows)."""
         if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.n_words:
             raise ValueError(f"token id must be a whole number in [0, {self.n_words}), got {token_id!r}")
         if self._bytes_table is None:  # built once: a Python loop over the vocabulary (~0.1 s for 50k tokens)
             self._bytes_table = [self._token_bytes(i) for i in range(self.n_words)]
-        return self._bytes_table[token_id]
+        raw = self._bytes_table[token_id]
+        if at_start and raw[:1] == b" " and self.decode([token_id]).encode("utf-8") == raw[1:]:
+            return raw[1:]
+        return raw
+
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of n bytes has at least n / this many tokens."""
+        self.token_bytes(0)  # the table, built once
+        return max(map(len, self._bytes_table))
 
     def _encode(self, s: str) -> list:
         raise NotImplementedError
@@ -105,6 +116,24 @@ class Tokenizer:
         self.stop_ids = frozenset({eos_id, *stop_ids})
         self.add_bos = bool(add_bos) and bos_id is not None
         self.chat_template = chat_template if isinstance(chat_template, str) and chat_template else None
+        self.stop_ids |= self._template_specials()
+
+    def _template_specials(self) -> frozenset:
+        """The special tokens the chat template writes around one user message and the reply's
+        opening (<|im_start|>, <|start_header_id|>, ...): a model that writes one has ended its turn.
+        A template that fails to render adds none (chat then reports its error)."""
+        from .chat_template import render_chat
+
+        if not self.chat_template or not self.special_ids:
+            return frozenset()
+        try:
+            text = render_chat(self.chat_template, [{"role": "user", "content": "x"}],
+                               bos_token=self.decode([self.bos_id]) if self.bos_id is not None else "",
+                               eos_token=self.decode([self.eos_id]))
+            ids = self.encode(text, bos=False, eos=False)
+        except ValueError:
+            return frozenset()
+        return frozenset(self.special_ids.intersection(ids))
 
     @staticmethod
     def from_file(path) -> "Tokenizer":

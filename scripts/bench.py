@@ -131,13 +131,10 @@ def build_options(options) -> dict:
 
 class LlamaLite:
     def __init__(self, path, options, threads, max_batch_size, max_seq_len=MAX_SEQ_LEN, device="cpu"):
-        import torch
-
         from llama_lite import Llama
 
-        torch.set_num_threads(threads)
         self.llm = Llama.build(path, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
-                               **build_options(options))
+                               threads=threads, **build_options(options))
         self.stop_ids = self.llm.tokenizer.stop_ids
         self.llm.tokenizer.stop_ids = frozenset({-1})  # no token is -1: end-of-sequence is ignored
         tensors = [*self.llm.model.parameters(), *self.llm.model.buffers()]  # the tied embedding/output counted once:

@@ -2,6 +2,7 @@
 exit 2 (a closed pipe a quiet 141), nothing half-written, no finished work lost, text as typed."""
 
 import inspect
+import io
 import json
 import os
 import re
@@ -16,12 +17,15 @@ import torch
 
 from llama_lite import Llama
 from llama_lite.cli import _as_typed, chat, complete, serve
+from llama_lite.devices import CpuLoad, default_threads
 from llama_lite.model import KVCache, ModelArgs
 from llama_lite.prompt_files import FileResults, read_prompts
 from tests.test_scripts import FLAGS, ROOT, assert_fails, in_process, script
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 
 COMPLETE = [sys.executable, str(ROOT / "scripts" / "complete.py")]
+CHAT = [sys.executable, str(ROOT / "scripts" / "chat.py")]
+MODEL_FLAGS = ["--dtype", "float32", "--device", "cpu"]  # FLAGS without the context and the temperature
 
 
 @pytest.fixture
@@ -45,7 +49,7 @@ def test_out_is_checked_before_any_work(tmp_path, prompts):
 def test_a_kv_cache_larger_than_memory_is_named_before_loading():
     done = in_process("complete.py", "-", "--max_batch_size", "100000", "--max_seq_len", "2048", stdin="hi\n")
     assert_fails(done, "the KV cache of 100000 rows x 2048 positions needs")
-    assert "GiB" in done.stderr and "lower max_batch_size or max_seq_len" in done.stderr
+    assert "GiB" in done.stderr and "lower --max_batch_size or --max_seq_len" in done.stderr  # in flag terms
     huge = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536, max_batch_size=10**12)
     with pytest.raises(ValueError, match="KV cache"):  # past what torch.Size can count
         KVCache.check_fits(huge, torch.float32, torch.device("cpu"))
@@ -308,3 +312,111 @@ def test_out_on_a_full_filesystem_keeps_whole_lines(llm, tmp_path):
     want = llm.text_completion(prompts[: len(kept)], max_gen_len=2, temperature=0)
     assert kept == [json.dumps({"prompt": p, "generation": w["generation"]}) for p, w in zip(prompts, want)]
     assert sorted(p.name for p in after.iterdir()) == ["filler", "out.jsonl.partial"]
+
+
+# --- a second newcomer's run (issue 25) ------------------------------------------------------------
+
+def test_max_gen_len_none_fills_the_context(llm):
+    done = in_process("chat.py", "--prompt", "Hi", "--max_gen_len", "None", *FLAGS)
+    assert done.returncode == 0, done.stderr
+    [want] = llm.chat_completion([[{"role": "user", "content": "Hi"}]], max_gen_len=None, temperature=0)
+    assert done.stdout == want["generation"]["content"] + "\n"
+    prompt = "The capital of France is"
+    done = in_process("complete.py", "-", "--max_gen_len", "None", "--max_seq_len", "24", "--temperature", "0",
+                      *MODEL_FLAGS, stdin=prompt + "\n")
+    assert done.returncode == 0, done.stderr
+    room = 24 - 1 - len(llm.tokenizer.encode(prompt, bos=False, eos=False))
+    [want] = llm.text_completion([prompt], max_gen_len=room, temperature=0)
+    assert json.loads(done.stdout) == {"prompt": prompt, "generation": want["generation"]}
+
+
+def test_a_chat_reply_cut_at_max_gen_len_says_so(llm):
+    cut = in_process("chat.py", "--prompt", "Write a long story about a dragon.", "--max_gen_len", "5", *FLAGS)
+    assert cut.returncode == 0 and "(the reply was cut at 5 tokens, --max_gen_len 5; raise it" in cut.stderr
+    whole = in_process("chat.py", "--prompt", "Say hi.", "--max_gen_len", "64", *FLAGS)
+    assert whole.returncode == 0 and "cut" not in whole.stderr  # it ended by itself
+
+
+def test_a_resumed_sampled_run_equals_an_uninterrupted_one(tmp_path):
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
+    source = tmp_path / "p.txt"
+    source.write_text("".join(f"the {'he ' * n}\n" for n in range(6)))
+    args = [source, "--checkpoint", tiny, "--temperature", "1", "--top_p", "1", "--seed", "3", "--max_gen_len", "8",
+            *MODEL_FLAGS]
+    whole = tmp_path / "whole.jsonl"
+    assert in_process("complete.py", *args, "--out", whole, "--max_batch_size", "4").returncode == 0
+    lines = whole.read_text().splitlines()
+    assert len(set(json.loads(line)["generation"] for line in lines)) == 6
+    resumed = tmp_path / "resumed.jsonl"
+    (tmp_path / "resumed.jsonl.partial").write_text("\n".join(lines[:2]) + "\n")  # as a killed run leaves it
+    done = in_process("complete.py", *args, "--out", resumed, "--max_batch_size", "1")
+    assert done.returncode == 0 and "2 of 6 prompts were done" in done.stderr
+    assert resumed.read_text().splitlines() == lines  # whatever the rows, and resumed at prompt 2
+
+
+def test_json_lines_on_stdin_are_read_as_records():
+    stdin = json.dumps({"prompt": "Hello", "id": 7}) + "\n" + json.dumps({"prompt": "Bye", "id": 8}) + "\n"
+    done = in_process("complete.py", "-", "--max_gen_len", "2", *FLAGS, stdin=stdin)
+    assert done.returncode == 0 and "reading stdin as JSON lines" in done.stderr
+    assert [(r["prompt"], r["id"]) for r in map(json.loads, done.stdout.splitlines())] == [("Hello", 7), ("Bye", 8)]
+
+
+def test_text_that_is_not_utf8_is_named_where_the_user_typed_it(monkeypatch):
+    done = in_process("chat.py", "--prompt", "caf\udce9", *FLAGS)  # how Python hands over the byte 0xe9 of argv
+    assert_fails(done, "--prompt is not UTF-8 text (byte 0xe9 at character 3); pass UTF-8")
+    assert "loading" not in done.stderr
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"fine\n\xff not fine\n"), encoding="utf-8"))
+    with pytest.raises(ValueError, match=re.escape("stdin is not UTF-8 text (byte 0xff on line 2)")):
+        read_prompts("-")
+    chat_run = subprocess.run([*CHAT, "--max_gen_len", "3", *FLAGS], input=b"caf\xe9\nSay hi.\n", capture_output=True,
+                              timeout=300)
+    stderr = chat_run.stderr.decode()
+    assert chat_run.returncode == 0, stderr
+    assert "error: the message is not UTF-8 text (byte 0xe9 at character 3)" in stderr and "Traceback" not in stderr
+    assert chat_run.stdout.decode().count("\n") == 1  # the next line was answered
+
+
+def test_clear_messages_in_the_command_lines_terms(tmp_path, monkeypatch):
+    assert_fails(in_process("chat.py", "--prompt", "hi", "--checkpoint", ""), "--checkpoint must be a path, not an empty string")
+    if not torch.cuda.is_available():
+        assert_fails(in_process("chat.py", "--prompt", "hi", "--device", "cuda"), "use --device cpu")
+    assert_fails(in_process("chat.py", "--prompt", "hi", "--threads", "0"), "--threads must be a whole number >= 1")
+    no_template = in_process("chat.py", "--prompt", "hi", "--tokenizer", SHIPPED_SP_MODEL, *MODEL_FLAGS)
+    assert_fails(no_template, "this checkpoint has no chat template, so chat cannot run it; pass --chat_template FILE")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("LLAMA_LITE_CACHE", str(not_a_folder))
+    assert_fails(in_process("chat.py", "--prompt", "hi"), f"cannot use the model cache {not_a_folder} (")
+    assert_fails(in_process("chat.py", "--prompt", "hi"), "set LLAMA_LITE_CACHE to a writable folder")
+
+
+def test_chat_to_a_full_stdout():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*CHAT, "--prompt", "Say hi.", "--max_gen_len", "4", *FLAGS], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    assert_fails(done, "cannot write to stdout (No space left on device)")
+
+
+def test_threads_flag_and_the_default_on_a_busy_machine(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # it would decide instead
+    before = torch.get_num_threads()
+    try:
+        done = in_process("complete.py", "-", "--threads", "1", "--max_gen_len", "1", *FLAGS, stdin="Hi\n")
+        assert done.returncode == 0, done.stderr
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    cpus = len(os.sched_getaffinity(0))
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # running
+        load = CpuLoad()
+        time.sleep(0.2)
+        assert default_threads(load) <= max(1, cpus - 1)  # never a thread on the busy core
+    finally:
+        hog.kill()
+        hog.wait()
+    pinned = subprocess.run([sys.executable, "-c", "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+                             "from llama_lite.devices import usable_cores; print(usable_cores())"],
+                            capture_output=True, text=True, timeout=120)
+    assert pinned.stdout.strip() == "1", pinned.stderr

@@ -386,3 +386,18 @@ def test_engine_on_cuda_equals_each_request_alone(smollm_path):
     for rid, p, q in zip(rids, prompts, params):
         alone = run_alone(llm.engine, p, q)
         assert together[rid][0] == alone[0]
+
+
+def test_an_unbounded_generation_that_loops_verbatim_ends():
+    """max_gen_len=None runs to the cache's end, but a small model can repeat one phrase for minutes
+    ("Hi" on SmolLM2, 1 sampled run in 4): once its last 256 tokens repeat one span, it ends there."""
+    rng = random.Random(0)
+    varied = [rng.randrange(9, 32) for _ in range(700)]
+    scripts = {20: [9, 10, 11] * 400, 21: varied[:100] + [12, 13] * 400, 22: varied}
+    model = ScriptedModel(scripts, 2, max_seq_len=1024)
+    llm = Llama(model, PieceTokenizer(), torch.Generator())
+    looped, looped_later, never = llm._complete([[20], [21], [22]], None, temperature=0)
+    assert (len(looped["tokens"]), looped["finish_reason"]) == (256, "length")  # not 1022
+    assert (len(looped_later["tokens"]), looped_later["finish_reason"]) == (100 + 256, "length")
+    assert never["tokens"] == varied and never["finish_reason"] == "stop"
+    assert len(llm._complete([[20]], 600, temperature=0)[0]["tokens"]) == 600  # a limit asked for is kept

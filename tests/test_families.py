@@ -39,28 +39,36 @@ MISTRAL_TEMPLATE = (
 )
 
 # name -> transformers class and config, GGUF architecture and pre-tokenizer, special tokens (the
-# vocabulary starts with them), bos / eos / the checkpoint's declared stop tokens, chat template.
+# vocabulary starts with them), bos / eos / the checkpoint's declared stop tokens, chat template and
+# the other special tokens it writes (which stop generation too: a reply that opens a turn has ended).
 FAMILIES = {
     "llama3": dict(
         cls="LlamaForCausalLM", config=dict(rope_theta=10000.0, rope_scaling=LLAMA3_SCALING, rms_norm_eps=1e-5),
         arch="llama", pre="llama-bpe",
         specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        bos="<|begin_of_text|>", eos="<|eot_id|>", stops=["<|end_of_text|>", "<|eot_id|>"], template=LLAMA3_TEMPLATE),
+        bos="<|begin_of_text|>", eos="<|eot_id|>", stops=["<|end_of_text|>", "<|eot_id|>"], template=LLAMA3_TEMPLATE,
+        template_stops=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]),
     "qwen2": dict(
         cls="Qwen2ForCausalLM", config=dict(rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
         arch="qwen2", pre="qwen2",
         specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        bos=None, eos="<|im_end|>", stops=["<|im_end|>", "<|endoftext|>"], template=QWEN2_TEMPLATE),
+        bos=None, eos="<|im_end|>", stops=["<|im_end|>", "<|endoftext|>"], template=QWEN2_TEMPLATE,
+        template_stops=["<|im_start|>"]),
     "mistral": dict(
         cls="MistralForCausalLM", config=dict(rope_theta=1000000.0, rms_norm_eps=1e-5, sliding_window=None),
         arch="llama", pre="gpt-2",
         specials=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
-        bos="<s>", eos="</s>", stops=["</s>"], template=MISTRAL_TEMPLATE),
+        bos="<s>", eos="</s>", stops=["</s>"], template=MISTRAL_TEMPLATE, template_stops=["<s>", "[INST]", "[/INST]"]),
 }
 
 
 def vocabulary(family):
     return FAMILIES[family]["specials"] + byte_alphabet() + ["he", "the"]
+
+
+def stop_ids(family):
+    f = FAMILIES[family]
+    return {vocabulary(family).index(t) for t in f["stops"] + f["template_stops"]}
 
 
 def hf_model(family, seed=0, **overrides):
@@ -224,8 +232,7 @@ def check_family(llm, model, family):
     prompts = [tokens[0].tolist(), prompt(family, n=40, seed=2)[0].tolist()]
     ours, _ = llm.generate(prompts, max_gen_len=12, temperature=0)
     assert ours == [hf_greedy(model, p, 12, llm.tokenizer.stop_ids) for p in prompts]
-    vocab = vocabulary(family)
-    assert llm.tokenizer.stop_ids == {vocab.index(t) for t in FAMILIES[family]["stops"]}
+    assert llm.tokenizer.stop_ids == stop_ids(family)
 
 
 # --- Hugging Face folders and GGUF files, per family ----------------------------------------------------
@@ -289,7 +296,7 @@ def test_chat_template_and_stop_tokens_come_from_the_checkpoint(tmp_path, family
         dialog, add_generation_prompt=True, tokenize=True, return_dict=False)
     for llm in (build(folder), gguf_llm):
         assert llm.chat_prompt_tokens(dialog) == reference
-        assert llm.tokenizer.stop_ids == {vocabulary(family).index(t) for t in FAMILIES[family]["stops"]}
+        assert llm.tokenizer.stop_ids == stop_ids(family)
 
 
 # --- RoPE scaling -------------------------------------------------------------------------------------

@@ -136,6 +136,50 @@ def test_seed_makes_runs_repeat(tmp_path):
     assert runs[0] != runs[2]
 
 
+def test_each_prompt_samples_by_its_index_whatever_the_batch(tmp_path):
+    """A job's prompt i samples from its own generator seeded seed + i: its text does not depend on
+    the batch size, on the other prompts, nor (without seed=) on anything but the Llama's seed."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    prompts = ["he", "the the", "t", "eh he", "h"]
+    kw = dict(max_gen_len=12, temperature=1.0, top_p=1.0)
+    small, big = (Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="float32", seed=11)
+                  for rows in (2, 8))
+    by_llama_seed = [r["tokens"] for r in small.text_completion(prompts, **kw)]
+    assert by_llama_seed == [r["tokens"] for r in big.text_completion(prompts, **kw)]  # 2 rows at a time or 8
+    assert len(set(map(tuple, by_llama_seed))) == len(prompts)
+    seeded = [r["tokens"] for r in small.text_completion(prompts, seed=7, **kw)]
+    for i, prompt in enumerate(prompts):  # alone, or the job resumed at prompt i
+        assert small.text_completion([prompt], seed=7 + i, **kw)[0]["tokens"] == seeded[i]
+        assert big.text_completion(prompts[i:], seed=7 + i, **kw)[0]["tokens"] == seeded[i]
+    ids = [small.tokenizer.encode(p, False, False) for p in prompts]
+    first = small.text_completion([prompts[-1]], seed=7, **kw)[0]["tokens"]
+    assert dict(big.as_completed(ids[::-1], seed=7, **kw))[0]["tokens"] == first  # its seed follows its index
+    rows = small.generate(ids[:2], 12, temperature=1.0, top_p=1.0)[0]  # Meta's loop: row i by its index too
+    small.generator.manual_seed(3)
+    streamed = list(small.stream(ids[1], 12, temperature=1.0, top_p=1.0))
+    small.generator.manual_seed(3)
+    assert "".join(streamed) == small.tokenizer.decode(small.generate([ids[1]], 12, temperature=1.0, top_p=1.0)[0][0])
+    assert rows[0] != rows[1]
+
+
+def test_generate_after_a_closed_stream(llm):
+    ids = llm.tokenizer.encode("Once upon a time", False, False)
+    stream = llm.stream(ids, 20, temperature=0)
+    next(stream)
+    stream.close()  # aborts its request (documented), which must free the engine's rows for generate
+    tokens, _ = llm.generate([ids], 4, temperature=0)
+    assert tokens[0] == llm.text_completion(["Once upon a time"], max_gen_len=4, temperature=0)[0]["tokens"]
+
+
+def test_a_reply_that_opens_a_new_turn_has_ended(llm):
+    """Special-token text never shows in a reply: the chat template's own special tokens
+    (<|im_start|>) stop generation, as its end-of-turn token does."""
+    [done] = llm.text_completion(["<|im_start|>user\nHi<|im_end|>\n"], max_gen_len=8, temperature=0)
+    assert done["generation"] == "" and done["finish_reason"] == "stop"  # it would open the next turn
+    [reply] = llm.chat_completion([[{"role": "user", "content": "Hi"}]], max_gen_len=32, temperature=0)
+    assert "<|" not in reply["generation"]["content"]
+
+
 # --- truncation and early stop, on a scripted model ----------------------------------------------
 
 STOP, PAD = 1, 0

@@ -1,9 +1,12 @@
 """The OpenAI-compatible server, started for real (uvicorn on a socket on 127.0.0.1) and spoken to
 with the official `openai` client and raw HTTP: whole and streamed answers against each other and
 against the engine run in-process, concurrent clients against each request alone, dropped clients,
-bad requests, the queue limit, SIGTERM, and 500 requests with flat memory."""
+bad requests, the queue limit, SIGTERM, and 500 requests with flat memory. Checks of the app's
+plumbing (body limit, failures, where parsing runs) use it in-process through Starlette's TestClient."""
 
+import asyncio
 import json
+import logging
 import re
 import signal
 import socket
@@ -18,9 +21,11 @@ from pathlib import Path
 import pytest
 
 from llama_lite import SamplingParams
+from llama_lite.server import create_app
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
+from starlette.testclient import TestClient  # noqa: E402 (needs httpx)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
@@ -127,6 +132,45 @@ def test_chat_whole_streamed_and_alone_agree(llm, client):
     assert chunks[-1].choices[0].finish_reason == reason
 
 
+def test_streams_carry_no_empty_chunks(llm, client):
+    prompt = "The capital of France is"  # " Paris.\n\nThe answer is: ...": the stop's start is held back, token by token
+    ids = llm.tokenizer.encode(prompt, bos=False, eos=False)
+    want, _, _ = alone(llm, ids, temperature=0, max_tokens=20, stop=["\n\nThe answer"])
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stop=["\n\nThe answer"],
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert all(c.choices[0].text for c in chunks[:-1]) and chunks[-1].choices[0].finish_reason == "stop"
+    chat = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=20,
+                                               temperature=0, stop=["\n\n"], stream=True))
+    assert all(c.choices[0].delta.content for c in chat[1:-1])  # the role chunk first, the finish chunk last
+
+
+def test_logprob_bytes_rebuild_the_text(client):
+    messages = [{"role": "user", "content": "Say hello in Japanese."}]  # characters of three bytes, split over tokens
+    done = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content, text = done.choices[0].logprobs.content, done.choices[0].message.content
+    assert b"".join(bytes(c.bytes) for c in content) == text.encode("utf-8")
+    partial = [c for c in content if not _is_utf8(bytes(c.bytes))]
+    assert partial, "no token held part of a character: the check is void"
+    assert all("\ufffd" not in c.token and c.token == bytes(c.bytes).decode("utf-8", "backslashreplace") for c in partial)
+    assert all(bytes(t.bytes).decode("utf-8", "backslashreplace") == t.token for c in content for t in c.top_logprobs)
+    whole = client.completions.create(model=MODEL, prompt="「こんにちは」は日本語です", max_tokens=1, temperature=0, logprobs=1,
+                                      echo=True)  # the echoed prompt's tokens: some hold part of a character
+    lp, text = whole.choices[0].logprobs, whole.choices[0].text
+    assert any(t.startswith("bytes:\\x") for t in lp.tokens)  # as OpenAI's legacy completions show them
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        assert token.startswith("bytes:") or text[offset : offset + len(token)] == token
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def test_logprobs_echo_n_and_stop(llm, client):
     prompt = "Paris is the capital of"
     ids = llm.tokenizer.encode(prompt, bos=False, eos=False)
@@ -145,8 +189,8 @@ def test_logprobs_echo_n_and_stop(llm, client):
     many = client.completions.create(model=MODEL, prompt=["One, two,", "The sky is"], max_tokens=8, temperature=0.9, seed=5, n=2)
     assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
     want = in_process(llm, [(llm.tokenizer.encode(["One, two,", "The sky is"][i // 2], bos=False, eos=False),
-                              dict(temperature=0.9, top_p=1.0, max_tokens=8, seed=5 + i % 2)) for i in range(4)])
-    assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == [w[0] for w in want]  # choice j: seed + j
+                              dict(temperature=0.9, top_p=1.0, max_tokens=8, seed=5 + i)) for i in range(4)])
+    assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == [w[0] for w in want]  # choice k: seed + k
     text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=20, temperature=0).choices[0].text
     stop = text[text.index(".") - 2 : text.index(".") + 2]  # spans tokens
     cut = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=20, temperature=0, stop=[stop])
@@ -388,6 +432,9 @@ def test_a_repeating_reply_is_guessed_and_metrics_count_it(llm, server, client):
 
 def test_models_health_metrics_and_auth(server, client):
     assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="does not exist here"):
+        client.models.retrieve("gpt-4")
     assert httpx.get(server + "/health").json() == {"status": "ok", "decode_step": "eager"}  # float32: no background compile
     text = httpx.get(server + "/metrics").text
     for name in ("llama_lite_requests_running", "llama_lite_requests_waiting", "llama_lite_kv_cache_rows_in_use",
@@ -417,6 +464,26 @@ def test_a_client_dropped_mid_stream_frees_its_row(server):
     assert metric(server, 'llama_lite_requests_finished_total{finish_reason="abort"}') == before + 1
 
 
+def test_a_client_that_leaves_a_whole_answer_frees_its_row(server):
+    """Not streamed: nothing is written until the end, so the server must notice the disconnect itself
+    (the openai client's timeouts and retries left abandoned requests on rows)."""
+    before = metric(server, 'llama_lite_requests_finished_total{finish_reason="abort"}') or 0
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.time() + 30
+        while metric(server, "llama_lite_kv_cache_rows_in_use") != 1:
+            assert time.time() < deadline
+            time.sleep(0.05)
+    deadline = time.time() + 10  # 400 tokens would take ~20 s here
+    while metric(server, "llama_lite_kv_cache_rows_in_use") != 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "llama_lite_kv_cache_rows_in_use") == 0
+    assert metric(server, 'llama_lite_requests_finished_total{finish_reason="abort"}') == before + 1
+
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
@@ -424,6 +491,9 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city", "unit"], "additionalProperties": False}}}
 BAD_REQUESTS = [
     ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b'{"model": "' + MODEL.encode() + b'", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", 400,
+     "could not be parsed"),
+    ("/v1/completions", b"[" * 100000, 400, "could not be parsed"),
     ("/v1/completions", [1, 2], 400, "must be a JSON object"),
     ("/v1/completions", {"prompt": "hi"}, 400, "'model' is required"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 400, "model 'gpt-4' does not exist here"),
@@ -446,11 +516,19 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "cache_salt": 5}, 400, "'cache_salt' must be a non-empty string"),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 600}, 400, "this model's context is 512 tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 600}, 400, "this model's context is 512 tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["hi"] * 5, "n": 16}, 400, "80 sequences (prompts x n), more than the server ever holds (8 rows + --max_queue 64)"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["hi"] * 80}, 400, "more than the server ever holds"),
+    ("/v1/completions", {"model": MODEL, "prompt": "word " * 9000}, 400, "more tokens than this model's context holds"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a\ud800b"}, 400, "prompt 0: the text holds '\\ud800' at 1, a lone surrogate"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "'messages' must be a non-empty list"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "only text parts"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a\ud800b"}]}, 400,
+     "messages[0].content holds '\\ud800' at 1, a lone surrogate"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}, 400,
+     "the messages hold more tokens than this model's context"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
      400, "'tools[0].function' is required"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER]}, 400,
@@ -490,6 +568,53 @@ def test_bad_requests_get_an_openai_error(server, path, body, status, message):
     assert message in error["message"], error["message"]
 
 
+def test_a_failure_inside_is_a_json_500_without_its_traceback(llm, monkeypatch, caplog):
+    def broken(dialog, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(llm, "chat_prompt_tokens", broken)
+    with TestClient(create_app(llm, MODEL)) as http, caplog.at_level(logging.ERROR, logger="llama_lite.server"):
+        reply = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+    assert "secret internals" not in reply.text and "Traceback" not in reply.text
+    assert "secret internals" in caplog.text  # the log has it
+
+
+def test_large_bodies_are_413_before_parsing_and_prompts_are_tokenized_off_the_event_loop(llm, monkeypatch):
+    seen = []
+    encode = llm.tokenizer.encode
+
+    def watched(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            seen.append("event loop")
+        except RuntimeError:
+            seen.append("worker thread")
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(llm.tokenizer, "encode", watched)
+    monkeypatch.setattr("llama_lite.server.json.loads", _refuse_big(json.loads))
+    with TestClient(create_app(llm, MODEL, max_queue=0, max_body_mb=0.01)) as http:  # 10 KiB
+        big = {"model": MODEL, "prompt": "word " * 4000, "max_tokens": 1}
+        for reply in (http.post("/v1/completions", json=big),  # with a Content-Length
+                      http.post("/v1/completions", content=iter([json.dumps(big).encode()[i : i + 1000] for i in range(0, 20000, 1000)]))):  # chunked
+            assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+        assert http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}).status_code == 200
+        assert seen == ["worker thread"]
+        nine = http.post("/v1/completions", json={"model": MODEL, "prompt": ["Hi"] * 9, "max_tokens": 1})
+        assert nine.status_code == 400 and "(8 rows + --max_queue 0)" in nine.json()["error"]["message"]  # never, not 429
+        missing = http.get("/v1/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def _refuse_big(loads):
+    def checked(raw, *args, **kwargs):
+        assert len(raw) < 10 * 1024 + 1, "a body over the limit was parsed"
+        return loads(raw, *args, **kwargs)
+
+    return checked
+
+
 def test_allowed_defaults_of_unsupported_fields_pass(server):
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "logit_bias": {}, "best_of": 1, "suffix": None, "user": "me"}
     assert httpx.post(server + "/v1/completions", json=body, headers=HEADERS).status_code == 200
@@ -511,6 +636,33 @@ def test_a_full_queue_is_429_and_sigterm_ends_running_requests():
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_port_0_prints_the_port_it_took_and_ctrl_c_exits_0():
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--port", "0", "--dtype", "float32",
+                             "--device", "cpu", "--max_seq_len", "128", "--max_batch_size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server exited before serving"
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert url and url.group(1) != "0", line
+        base = f"http://127.0.0.1:{url.group(1)}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert httpx.get(base + "/health", timeout=1).json()["status"] == "ok"
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C: running requests end, then a clean exit
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:

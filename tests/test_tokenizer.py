@@ -25,7 +25,7 @@ def test_ids_and_flags_from_the_file(llm):
     tok = llm.tokenizer
     assert (tok.bos_id, tok.eos_id, tok.n_words) == (1, 2, 49152)
     assert 0 <= tok.pad_id < tok.n_words
-    assert tok.stop_ids == frozenset({2, 0})  # <|im_end|> (eos) and <|endoftext|>
+    assert tok.stop_ids == frozenset({2, 0, 1})  # <|im_end|> (eos), <|endoftext|>, <|im_start|> (its chat template's)
     assert tok.add_bos is False
     assert tok.encode("hi", bos=True, eos=True) == [1, *tok.encode("hi", False, False), 2]
     assert "<|im_start|>" in tok.chat_template

@@ -194,20 +194,27 @@ def test_override_with_a_vocabulary_too_big_for_the_model(tiny_gguf):
 # --- token bytes (structured output works on bytes) --------------------------------------------------
 
 def test_token_bytes_join_to_the_text_on_every_back_end(llm, smollm_json, sp_gguf, tmp_path):
-    """For each back-end, the bytes of a text's tokens are its UTF-8, special tokens spelled out;
-    SentencePiece vocabularies (tokenizer.model, GGUF "llama", a converted tokenizer.json) put the
-    dummy space first, which decode drops."""
+    """For each back-end, the bytes of a text's tokens are its UTF-8, special tokens spelled out, also
+    where a token holds part of a character (decode() of it alone shows U+FFFD; OpenAI's logprobs give
+    these bytes so that joined they rebuild the text); SentencePiece vocabularies (tokenizer.model, GGUF
+    "llama", a converted tokenizer.json) put the dummy space first, which decode drops."""
     transformers = pytest.importorskip("transformers")
     sp_json = tmp_path / "sp-json"
     transformers.AutoTokenizer.from_pretrained(sp_gguf.parent, gguf_file=sp_gguf.name).save_pretrained(sp_json)
     back_ends = [(llm.tokenizer, False), (Tokenizer.from_file(smollm_json), False), (Tokenizer.from_file(SHIPPED_SP_MODEL), True),
                  (Tokenizer.from_file(sp_gguf), True), (Tokenizer.from_file(sp_json / "tokenizer.json"), True)]
     for tok, dummy_space in back_ends:
+        partial = 0
         for text in TEXTS:
             ids = tok.encode(text, False, False)
             first_is_text = bool(ids) and ids[0] not in tok.special_ids
             want = (b" " if dummy_space and first_is_text else b"") + tok.decode(ids).encode("utf-8")
             assert b"".join(tok.token_bytes(i) for i in ids) == want, (type(tok).__name__, text)
+            # logprobs: the first token at_start drops the dummy space, so the bytes are the decoded text's
+            pieces = [tok.token_bytes(i, at_start=n == 0) for n, i in enumerate(ids)]
+            assert b"".join(pieces) == tok.decode(ids).encode("utf-8"), (type(tok).__name__, text)
+            partial += sum(p.decode("utf-8", "replace") != p.decode("utf-8", "ignore") for p in pieces)
+        assert partial, f"{type(tok).__name__}: no token held part of a character; the check is void"
         assert tok.token_bytes(tok.eos_id) == tok.decode([tok.eos_id]).encode() and tok.eos_id in tok.special_ids
         with pytest.raises(ValueError, match="token id must be"):
             tok.token_bytes(tok.n_words)
