@@ -423,9 +423,9 @@ class Transformer(nn.Module):
     def draft_budget(self, n_decoding: int) -> int:
         """The most tokens `n_decoding` decoding rows may feed in one step, speculative guesses included
         (speculation.py), at about the cost of their own: eagerly, the rows every product pads to anyway
-        (a memory-bound product of 4 rows costs what 1 does). The compiled step has none to spare: its
-        int4 kernel is compute-bound past one row and its fused int8 head reads the weights once per
-        row (SmolLM2, 2-core EPYC: 1 token 8.9 ms, 2: 13.4, 4: 21.7, 8: 39.5)."""
+        (a memory-bound product of 4 rows costs what 1 does). The compiled step has none to spare: each
+        token more costs ~4 ms there (SmolLM2, 2-core EPYC: 1 token 8.9 ms, 2: 13.4, 4: 21.7, 8: 39.5;
+        its int4 kernel is compute-bound past one row)."""
         if self.decode_step is not None and self.decode_step.ready:
             return n_decoding
         return whole_blocks(n_decoding)
