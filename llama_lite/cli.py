@@ -549,7 +549,7 @@ def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1"
         where = f"[{host}]" if ":" in str(host) else host
         print(f"serving {name} at http://{where}:{bound}/v1 ({max_batch_size} rows, {llm.threads} threads); Ctrl-C to stop",
               file=sys.stderr, flush=True)
-        # uvicorn takes SIGTERM and SIGINT while it runs and raises them again once it has shut down:
+        # The server takes SIGTERM and SIGINT while it runs; one more while it shuts down is ignored:
         # a server stopped as asked exits 0.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: None)

@@ -4,6 +4,13 @@ The engine is not thread-safe, so one thread owns it: handlers `submit` requests
 through a queue; the thread adds them between steps, steps while anything is unfinished, and hands
 each output to its request's asyncio queue on the loop that asked. An abort is applied before the
 next step. Metrics (Prometheus) are kept here, where the steps happen.
+
+`scripts/serve.py` steps the engine in the main thread instead (`run`) and serves HTTP from another:
+torch's OpenMP threads run fast only for the one thread that has used them first. Once two threads
+have run parallel work, libgomp manages more threads than there are cores and cuts its spin-waits
+to a few hundred spins, so every parallel operation waits for sleeping threads to wake: the engine
+stepped in a second thread after the model loaded in the first decoded at ~55 instead of ~105
+tok/s (SmolLM2's default path, 2 cores).
 """
 
 import queue
@@ -89,11 +96,13 @@ class EngineThread:
         self.tickets = {}  # engine request id -> Ticket
         self.pending = 0  # submitted, not yet finished (the server's queue limit counts these)
         self.closing = False
+        self.own_thread = True  # False: the caller steps the engine itself (`run`)
         self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="llama_lite-engine", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="llama_lite-engine", daemon=True)
 
     def start(self):
-        self.thread.start()
+        if self.own_thread:
+            self.thread.start()
 
     def submit(self, ticket, prompt_ids, params):
         with self._lock:
@@ -110,11 +119,13 @@ class EngineThread:
 
     def stop(self):
         self.commands.put(("stop",))
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
 
     # --- the thread ---------------------------------------------------------------------------------
 
-    def _run(self):
+    def run(self):
+        """Add, abort and step until `stop`: in the engine's own thread, or in the caller's."""
         while True:
             try:  # wait for work only when there is nothing to step
                 command = self.commands.get_nowait() if self.engine.has_unfinished() else self.commands.get()

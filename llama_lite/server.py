@@ -22,6 +22,8 @@ import codecs
 import json
 import logging
 import math
+import signal
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -479,10 +481,13 @@ def _prompts(prompt, tokenizer, max_chars) -> list:
 
 def serve(llm, model_name: str, sock, api_key=None, max_queue: int = 64, max_body_mb: float = MAX_BODY_MB) -> None:
     """Run the server on `sock` (a bound socket) until SIGTERM or Ctrl-C; running requests then end
-    (finish reason "abort")."""
+    (finish reason "abort"). The engine steps in this thread, where the model was loaded, and HTTP is
+    served from another (engine_thread.py says why)."""
     import uvicorn
 
     app = create_app(llm, model_name, api_key=api_key, max_queue=max_queue, max_body_mb=max_body_mb)
+    worker = app.state.worker
+    worker.own_thread = False
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -490,5 +495,21 @@ def serve(llm, model_name: str, sock, api_key=None, max_queue: int = 64, max_bod
             super().handle_exit(sig, frame)
 
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
-    Server(config).run(sockets=[sock])
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10))
+
+    def serve_http():
+        try:
+            server.run(sockets=[sock])
+        finally:
+            worker.stop()  # the engine's loop below ends with the server, however it ended
+
+    # uvicorn takes signals only in the main thread: here they reach it through this thread.
+    previous = {signum: signal.signal(signum, server.handle_exit) for signum in (signal.SIGTERM, signal.SIGINT)}
+    http = threading.Thread(target=serve_http, name="llama_lite-http")
+    http.start()
+    try:
+        worker.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        http.join()
