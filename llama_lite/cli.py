@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import parallel
+from .engine import SPECULATIVE
 from .generation import Llama, check_positive_int
 from .prompt_files import FileResults, StdoutError, StdoutResults, read_prompts, write_stdout
 from .sampling import SamplingParams, request_seed
@@ -48,6 +49,8 @@ FLAG_HELP = {  # each flag's line in --help (fire reads a docstring's Args); a c
     "json_schema": "a JSON Schema file: every reply is JSON valid under it. E.g. --json_schema person.schema.json",
     "regex": "every generation fully matches this regular expression. E.g. --regex '[0-9]{3}-[0-9]{4}'",
     "no_prefix_cache": "prefill every prompt whole instead of reusing the K/V of a beginning the cache holds (to compare). E.g. --no_prefix_cache",
+    "speculative": "auto guesses tokens from the text so far and checks them in one step where that costs nothing "
+                   "(the text stays the same); ngram always guesses; off never (to compare). E.g. --speculative off",
     "threads": "CPU threads; default: the cores this process may use that no other process keeps busy. E.g. --threads 1",
 }
 
@@ -248,12 +251,14 @@ def _read_json_schema(path) -> dict:
 
 
 def _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache,
-           chat_template, threads) -> Llama:
+           chat_template, threads, speculative="auto") -> Llama:
     if not isinstance(no_prefix_cache, bool):
         raise ValueError(f"--no_prefix_cache takes no value (or True/False), got {no_prefix_cache!r}")
+    if speculative not in SPECULATIVE:
+        raise ValueError(f"--speculative must be {', '.join(SPECULATIVE[:-1])} or {SPECULATIVE[-1]}, got {speculative!r}")
     return Llama.build(checkpoint, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                        dtype=dtype, seed=seed, quantize=quantize, compile=compile, prefix_cache=not no_prefix_cache,
-                       chat_template=chat_template, threads=threads)
+                       speculative=speculative, chat_template=chat_template, threads=threads)
 
 
 def _check_text(name: str, text) -> None:
@@ -282,7 +287,7 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
          temperature: float = 0.6, top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0,
          frequency_penalty: float = 0.0, max_gen_len: int = 512, max_seq_len: int = None, device: str = None,
          dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None, no_prefix_cache: bool = False,
-         json_schema: str = None, chat_template: str = None, threads: int = None):
+         json_schema: str = None, chat_template: str = None, threads: int = None, speculative: str = "auto"):
     """Chat with a checkpoint (default: SmolLM2-135M-Instruct).
 
     Without --prompt: one user turn a line from stdin (a terminal or a pipe); /reset clears the
@@ -299,7 +304,7 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
     if prompt is None and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not the session
     llm = _build(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache, chat_template,
-                 threads)
+                 threads, speculative)
     if not llm.tokenizer.chat_template:
         raise ValueError("this checkpoint has no chat template, so chat cannot run it; pass --chat_template FILE, or run complete for plain text")
     max_seq_len = llm.model.params.max_seq_len
@@ -396,7 +401,7 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
              max_batch_size: int = 8, checkpoint: str = None, tokenizer: str = None, max_seq_len: int = None,
              device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None,
              no_prefix_cache: bool = False, json_schema: str = None, regex: str = None, chat_template: str = None,
-             threads: int = None):
+             threads: int = None, speculative: str = "auto"):
     """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
     stdout or in --out. With --out, finished lines go to OUT.partial at once; a finished run renames
     it to OUT, and the same command run again after an interruption continues where it stopped.
@@ -423,7 +428,7 @@ def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int
             print(f"continuing {out}.partial: {done} of {len(records)} prompts were done", file=sys.stderr)
         if len(records) > done:
             llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
-                         no_prefix_cache, chat_template, threads)
+                         no_prefix_cache, chat_template, threads, speculative)
             if seed is not None:  # prompt K samples with seed + K, however the run was cut
                 sampling["seed"] = request_seed(seed, done)
             _write_results(llm, records, done, results, prompts, chat, max_gen_len, sampling)
@@ -515,7 +520,8 @@ def _listen(host, port) -> socket.socket:
 def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str = None, max_queue: int = 64, max_body_mb: float = 8, max_batch_size: int = 8,
           max_seq_len: int = None, device: str = None, dtype: str = None, seed: int = None, quantize: str = None,
-          compile: bool = None, no_prefix_cache: bool = False, chat_template: str = None, threads: int = None):
+          compile: bool = None, no_prefix_cache: bool = False, chat_template: str = None, threads: int = None,
+          speculative: str = "auto"):
     """Serve a checkpoint over OpenAI's HTTP API (default: SmolLM2-135M-Instruct) on http://HOST:PORT/v1.
 
     Every client shares the engine's batch of --max_batch_size rows; up to --max_queue more requests
@@ -535,7 +541,7 @@ def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1"
     sock = _listen(host, port)  # bound before the weights load: a busy port fails at once
     try:
         llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
-                     no_prefix_cache, chat_template, threads)
+                     no_prefix_cache, chat_template, threads, speculative)
         from .server import serve as run_server
 
         name = _model_name(checkpoint)

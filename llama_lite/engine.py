@@ -9,7 +9,9 @@ output (a JSON Schema, regex or grammar) has its row of logits masked by its mat
 sampling (constraints.py: `Grammars`); the others are untouched. Everything else
 (`text_completion`, `chat_completion`, `stream`, the scripts, the server) drives this loop.
 With the prefix cache (prefix_cache.py) a request admitted into a row first reuses the K/V of the
-longest beginning of its prompt that a row still holds, and prefills only the rest.
+longest beginning of its prompt that a row still holds, and prefills only the rest. With speculative
+decoding (speculation.py) a decoding request may feed guesses of its next tokens after its last one
+and keep those its own draws agree with (`_verify`), several tokens in one output.
 
 Batch invariance: in float32 (eager) a request's logits are bit for bit those it gets alone
 (model.py says how), cached prefix or not (prefix_cache.py says why), and a request with a seed
@@ -27,6 +29,7 @@ from .constraints import Grammars
 from .detokenizer import Detokenizer
 from .prefix_cache import PrefixCache, Reuse
 from .sampling import SamplingParams, chosen_logprobs, penalize, sample, top_logprobs
+from .speculation import Acceptance, Drafter, plan_drafts
 
 
 @dataclass
@@ -55,6 +58,23 @@ def prompt_chunk(remaining: int, budget: int) -> int:
     return n
 
 
+def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One request's two successive outputs of a step as one (several tokens arrive together)."""
+    def join(a, b):
+        return None if a is None else a + b
+    return RequestOutput(first.request_id, first.token_ids + then.token_ids, first.text + then.text, then.finished,
+                         then.finish_reason, join(first.logprobs, then.logprobs), join(first.top_logprobs, then.top_logprobs),
+                         then.cached_tokens)
+
+
+SPECULATIVE = ("auto", "ngram", "off")
+
+
+def check_speculative(value) -> None:
+    if value not in SPECULATIVE:
+        raise ValueError(f"speculative must be one of {', '.join(map(repr, SPECULATIVE))}, got {value!r}")
+
+
 class Request:
     """One request's state from `add` to its last output."""
 
@@ -72,6 +92,7 @@ class Request:
         self.prompt_logprobs = [0.0] if params.echo and params.logprobs else None
         self.prompt_top_logprobs = [[]] if params.echo and params.top_logprobs else None
         self.matcher = None  # its constraint's llguidance matcher (constraints.py), if it has one
+        self.drafter = None  # its prompt-lookup guesses (speculation.py), if it guesses
 
     @property
     def decoding(self) -> bool:
@@ -84,12 +105,18 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, generator: torch.Generator, max_step_tokens: int = 512, prefix_cache=True):
+    def __init__(self, model, tokenizer, generator: torch.Generator, max_step_tokens: int = 512, prefix_cache=True,
+                 speculative="auto"):
         """`generator` serves requests without a seed. `max_step_tokens`: the tokens one forward call
         may feed (decoding rows first, then prompt chunks); it bounds how long a step takes.
-        `prefix_cache`: reuse the K/V of prompt beginnings the cache's rows still hold."""
+        `prefix_cache`: reuse the K/V of prompt beginnings the cache's rows still hold.
+        `speculative`: "auto" guesses tokens by prompt lookup where that costs nothing, "ngram" always
+        (speculation.py), "off" never."""
         if isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int) or max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be a whole number >= 1, got {max_step_tokens!r}")
+        check_speculative(speculative)
+        self.speculative = speculative
+        self.acceptance = Acceptance()  # how many guesses were accepted, for reports
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
         self.max_step_tokens = max_step_tokens
         self.device = next(model.parameters()).device
@@ -127,6 +154,8 @@ class Engine:
         request = Request(request_id, list(prompt_ids), params, params.max_tokens or room, self.tokenizer, p.vocab_size,
                           self.device)
         request.matcher = matcher
+        if self.speculative != "off" and matcher is None:  # (a constrained request's matcher advances one token at a time)
+            request.drafter = Drafter(request.prompt)
         self.requests[request_id] = request
         self.waiting.append(request)
         return request_id
@@ -153,8 +182,12 @@ class Engine:
         if self.prefix:
             self.prefix.drop_if_overwritten()
         budget = self.max_step_tokens
-        work = [(r, r.output_ids[-1:]) for r in self.running if r.decoding]
-        budget -= len(work)
+        decoding = [r for r in self.running if r.decoding]
+        limits = [r.max_tokens - len(r.output_ids) - 1 for r in decoding]  # a guess never passes max_tokens
+        free = self.model.draft_budget(len(decoding)) if self.speculative == "auto" else None  # "ngram": no bound
+        drafts = plan_drafts([r.drafter for r in decoding], limits, free)
+        work = [(r, r.output_ids[-1:] + guess) for r, guess in zip(decoding, drafts)]
+        budget -= sum(len(ids) for _, ids in work)
         for request in self.running:
             n = 0 if request.decoding else prompt_chunk(len(request.prompt) - request.n_cached, budget)
             if n:
@@ -196,15 +229,21 @@ class Engine:
         for request, ids in work:
             first, end = len(tokens), request.n_cached + len(ids)  # end: its cached tokens after this step
             tokens += ids
-            segments.append((request.row, request.n_cached, len(ids)))
-            if request.prompt_logprobs is not None and not request.decoding:  # echo: score the prompt's own tokens
+            if request.decoding:  # its last token and its guesses, each a one-token segment (decoded as alone)
+                segments += [(request.row, request.n_cached + i, 1) for i in range(len(ids))]
+                logits_at += range(first, first + len(ids))
+                samplers.append((request, len(logits_at) - len(ids), ids[1:]))
+            elif request.prompt_logprobs is not None:  # echo: score the prompt's own tokens
+                segments.append((request.row, request.n_cached, len(ids)))
                 scored.append((request, len(logits_at), request.prompt[request.n_cached + 1 : end + 1]))
                 logits_at += range(first, first + len(ids))
                 if end >= len(request.prompt):
-                    samplers.append((request, len(logits_at) - 1))
-            elif end >= len(request.prompt):  # its next token is due
-                logits_at.append(first + len(ids) - 1)
-                samplers.append((request, len(logits_at) - 1))
+                    samplers.append((request, len(logits_at) - 1, []))
+            else:
+                segments.append((request.row, request.n_cached, len(ids)))
+                if end >= len(request.prompt):  # its next token is due
+                    logits_at.append(first + len(ids) - 1)
+                    samplers.append((request, len(logits_at) - 1, []))
         device = self.device
         logits = self.model.forward_segments(torch.tensor(tokens, device=device), segments,
                                              torch.tensor(logits_at, dtype=torch.long, device=device))
@@ -215,13 +254,34 @@ class Engine:
         if self.prefix:
             self.prefix.prefilled([(request.row, request.n_cached) for request, _ in work])
         if samplers:
-            requests = [r for r, _ in samplers]
-            next_logits = logits[torch.tensor([at for _, at in samplers], device=device)]  # (n, vocab)
+            requests = [r for r, _, _ in samplers]
+            next_logits = logits[torch.tensor([at for _, at, _ in samplers], device=device)]  # (n, vocab)
             chosen = self._sample(requests, self.grammars.mask(requests, next_logits))  # logprobs: the model's own
             lps, tops = self._logprobs(requests, next_logits, chosen)
-            for request, token, lp, top in zip(requests, chosen.tolist(), lps, tops):  # the one host sync a step
-                outputs.append(self._advance(request, token, lp, top))
+            for (request, at, guesses), token, lp, top in zip(samplers, chosen.tolist(), lps, tops):  # one host sync (and one per kept guess)
+                output = self._advance(request, token, lp, top)
+                if guesses:
+                    output = self._verify(request, output, token, guesses, logits[at + 1 : at + 1 + len(guesses)])
+                outputs.append(output)
         return outputs
+
+    def _verify(self, request, output, token, guesses, logits) -> RequestOutput:
+        """Keep a request's guesses while each equals the token drawn before it, drawing each next token
+        as plain decoding would from the guess's logits (len(guesses), vocab); `output`, `token`: the
+        step's first. One output for all its new tokens."""
+        accepted = 0
+        for guess, row in zip(guesses, logits.split(1)):
+            if output.finished or token != guess:
+                break
+            accepted += 1
+            chosen = self._sample([request], row)
+            lps, tops = self._logprobs([request], row, chosen)
+            token = chosen.item()
+            output = merge_outputs(output, self._advance(request, token, lps[0], tops[0]))
+        request.n_cached -= len(guesses) - accepted  # rejected guesses' K/V stay behind, never seen, overwritten later
+        request.drafter.update(len(guesses), accepted)
+        self.acceptance.add(len(guesses), accepted)
+        return output
 
     def _sample(self, requests, logits):
         """Each request's next id from its row of logits (n, vocab), with its own settings and generator."""
@@ -272,6 +332,8 @@ class Engine:
         ids, lps, tops = ids + [token], lps + [logprob], tops + [top]
         if request.counts is not None:
             request.counts[token] += 1
+        if request.drafter is not None:
+            request.drafter.extend([token])
         text = request.detokenizer.add([token])
         if request.detokenizer.stopped or self.grammars.advance(request, token):
             return self._finish(request, "stop", ids, text, lps, tops)

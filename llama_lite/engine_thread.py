@@ -41,6 +41,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         r.register(PrefixCacheCounters(engine))
+        r.register(SpeculationCounters(engine))
         self.running = Gauge("llama_lite_requests_running", "Requests holding a KV-cache row", registry=r)
         self.waiting = Gauge("llama_lite_requests_waiting", "Requests waiting for a KV-cache row", registry=r)
         self.rows_in_use = Gauge("llama_lite_kv_cache_rows_in_use", "KV-cache rows held by requests", registry=r)
@@ -68,6 +69,23 @@ class PrefixCacheCounters:
             ("reused_tokens", "Prompt tokens whose K/V were reused instead of prefilled", prefix and prefix.reused_tokens),
         ]:
             yield CounterMetricFamily(f"llama_lite_prefix_cache_{name}", what, value=value or 0)
+
+
+class SpeculationCounters:
+    """Speculative decoding's guessed and accepted tokens, and the decoding steps of requests that
+    guessed (tokens per such step: 1 + accepted / steps), read from the engine when /metrics is asked."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        acceptance = self.engine.acceptance
+        for name, what, value in [
+            ("proposed_tokens", "Tokens guessed by prompt lookup and checked", acceptance.proposed),
+            ("accepted_tokens", "Guessed tokens the model agreed with (kept)", acceptance.accepted),
+            ("steps", "Decoding steps of requests that guessed", acceptance.steps),
+        ]:
+            yield CounterMetricFamily(f"llama_lite_speculative_{name}", what, value=value)
 
 
 class EngineThread:

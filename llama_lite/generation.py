@@ -20,7 +20,7 @@ from .chat_template import check_template, render_chat
 from .checkpoint import CheckpointError, Int4Values, Int8Values, read_checkpoint
 from .devices import CpuLoad, check_threads, default_threads, resolve_device, resolve_dtype
 from .download import default_checkpoint
-from .engine import Engine
+from .engine import Engine, check_speculative
 from .kernels import SKINNY_ROWS, int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
 from .model import KVCache, ModelArgs, Transformer
 from .sampling import SamplingParams, check_sampling, chosen_logprobs, draw_seed, request_seed, sample
@@ -41,10 +41,10 @@ def check_positive_int(name, value):
 
 class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator, prefix_cache=True,
-                 threads=None):
+                 speculative="auto", threads=None):
         """`threads`: the CPU threads torch computes with (for messages; Llama.build sets them)."""
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
-        self.prefix_cache = prefix_cache
+        self.prefix_cache, self.speculative = prefix_cache, speculative
         self.threads = threads or torch.get_num_threads()
         self.device = next(model.parameters()).device
         self._engine = None
@@ -54,12 +54,14 @@ class Llama:
     def engine(self) -> Engine:
         """The engine over this model's KV cache (made on first use)."""
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, self.generator, prefix_cache=self.prefix_cache)
+            self._engine = Engine(self.model, self.tokenizer, self.generator, prefix_cache=self.prefix_cache,
+                                  speculative=self.speculative)
         return self._engine
 
     @staticmethod
     def build(checkpoint=None, tokenizer=None, max_seq_len=2048, max_batch_size=8, device=None, dtype=None, seed=None,
-              quantize=None, compile=None, prefix_cache=True, chat_template=None, threads=None) -> "Llama":
+              quantize=None, compile=None, prefix_cache=True, speculative="auto", draft=None, chat_template=None,
+              threads=None) -> "Llama":
         """Load a checkpoint (None: the default SmolLM2-135M-Instruct GGUF) into a ready generator.
 
         max_seq_len=None: 2048, or the model's context where that is shorter.
@@ -72,6 +74,10 @@ class Llama:
         CPU), replying eagerly meanwhile; True compiles it now (float32 too); False never.
         prefix_cache=True: the engine reuses the K/V of a prompt's beginning that its cache rows still
         hold (prefix_cache.py); False prefills every prompt whole, to compare.
+        speculative: "auto" (or "ngram") lets the engine guess a request's next tokens from its own text
+        and check them in one step where that costs about nothing (speculation.py); the tokens stay
+        exactly those without it. "off" never guesses, to compare. draft: a draft model is not
+        supported yet (None only); prompt lookup needs none.
         chat_template: a jinja2 chat template, or a file holding one, used instead of the
         checkpoint's (one that takes `tools`, say, for tool calls).
         threads=None: the cores this process may use (affinity, cgroup quota) that no other process
@@ -84,6 +90,9 @@ class Llama:
             raise ValueError(f"compile must be True, False or None (the fastest path this machine supports), got {compile!r}")
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
+        check_speculative(speculative)
+        if draft is not None:
+            raise ValueError("draft models are not supported yet; pass draft=None (speculative='ngram' guesses without one)")
         for name, path in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
             if path is not None and not isinstance(path, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a path (str or PathLike) or None, got {path!r}")
@@ -193,7 +202,7 @@ class Llama:
         if seed is None:
             seed = parallel.broadcast(generator.seed())  # every rank must sample the same tokens
         generator.manual_seed(seed)
-        return Llama(model, tok, generator, prefix_cache=prefix_cache, threads=n_threads)
+        return Llama(model, tok, generator, prefix_cache=prefix_cache, speculative=speculative, threads=n_threads)
 
     # --- Meta's decode loop ---------------------------------------------------------------------------
 

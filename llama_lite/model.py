@@ -146,23 +146,30 @@ class Batch:
     A segment (row, start, length) is `length` consecutive tokens of the sequence in cache row `row`,
     at positions start.. . Tokens come segment after segment. Segments of one token (decoding) attend
     together over the cache rows 0..decode_rows-1; longer ones (prompts) attend one at a time.
+    A row may have several one-token segments (speculative decoding verifies its guesses so): each
+    takes a query slot of its row, so every one is computed as it would be decoding alone.
     """
 
     positions: torch.Tensor  # (tokens,)
     write_rows: torch.Tensor  # (tokens,): each token's cache row
     decode_tokens: torch.Tensor  # (d,): which tokens are one-token segments
-    decode_at: torch.Tensor  # (d,): their rows, so row decode_at[i] holds token decode_tokens[i]
+    decode_at: torch.Tensor  # (d,): their rows, so row decode_at[i] ..
+    decode_slot: torch.Tensor  # (d,): .. slot decode_slot[i] holds token decode_tokens[i]
     decode_rows: int  # the decode group spans cache rows 0..decode_rows-1
-    decode_visible: torch.Tensor  # (decode_rows, 1, 1, width): key p is visible to the row's query
+    decode_visible: torch.Tensor  # (decode_rows, 1, slots, 1, width): key p is visible to the slot's query
     prompts: list  # (first token, length, row, width, visible (length, width)) per longer segment
+    chunk: "int | None" = None  # token-wise work (the linear layers) in pieces of at most this many rows
 
     @staticmethod
     def build(segments, device) -> "Batch":
-        positions, rows, decode_tokens, decode_at, decode_pos, prompts = [], [], [], [], [], []
+        positions, rows, decode_tokens, decode_at, decode_slot, decode_pos, prompts = [], [], [], [], [], [], []
+        slots = {}  # row -> its one-token segments so far
         for row, start, length in segments:
             if length == 1:
                 decode_tokens.append(len(positions))
                 decode_at.append(row)
+                decode_slot.append(slots.get(row, 0))
+                slots[row] = decode_slot[-1] + 1
                 decode_pos.append(start)
             else:
                 width = key_blocks(start + length)
@@ -173,19 +180,33 @@ class Batch:
             rows.extend([row] * length)
         decode_rows = max(decode_at, default=-1) + 1
         width = key_blocks(max(decode_pos, default=0) + 1)
-        row_pos = [0] * decode_rows  # rows outside the group see key 0 only (their output is ignored)
-        for row, pos in zip(decode_at, decode_pos):
-            row_pos[row] = pos
-        visible = torch.arange(width, device=device)[None, :] <= torch.tensor(row_pos, device=device)[:, None]
+        # slots outside the group see key 0 only (their output is ignored)
+        slot_pos = torch.zeros(decode_rows, max(slots.values(), default=1), dtype=torch.long)  # (decode_rows, slots)
+        for row, slot, pos in zip(decode_at, decode_slot, decode_pos):
+            slot_pos[row, slot] = pos
+        slot_pos = slot_pos.to(device)
+        visible = torch.arange(width, device=device) <= slot_pos[:, :, None]  # (decode_rows, slots, width)
         return Batch(
             positions=torch.tensor(positions, device=device),
             write_rows=torch.tensor(rows, device=device),
             decode_tokens=torch.tensor(decode_tokens, device=device, dtype=torch.long),
             decode_at=torch.tensor(decode_at, device=device, dtype=torch.long),
+            decode_slot=torch.tensor(decode_slot, device=device, dtype=torch.long),
             decode_rows=decode_rows,
-            decode_visible=visible[:, None, None, :],
+            decode_visible=visible[:, None, :, None, :],
             prompts=prompts,
         )
+
+
+def by_rows(fn, chunk, *xs):
+    """fn(*xs) for token-wise work on xs (each (tokens, ...)), in pieces of at most `chunk` rows
+    (None: at once), joined; fn returns a tensor or a tuple of them."""
+    if chunk is None or xs[0].shape[0] <= chunk:
+        return fn(*xs)
+    parts = [fn(*piece) for piece in zip(*(x.split(chunk) for x in xs))]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(outs) for outs in zip(*parts))
+    return torch.cat(parts)
 
 
 class Attention(nn.Module):
@@ -225,11 +246,16 @@ class Attention(nn.Module):
         # (query head h reads kv head h // n_rep) are n_rep query rows against it.
         q = q.view(-1, self.n_kv_heads, self.n_rep, self.head_dim)  # (tokens, n_kv_heads, n_rep, head_dim)
         if batch.decode_rows:
-            rows, width = batch.decode_rows, batch.decode_visible.shape[-1]
-            q_rows = q.new_zeros(rows, self.n_kv_heads, whole_blocks(self.n_rep), self.head_dim)
-            q_rows[batch.decode_at, :, : self.n_rep] = q[batch.decode_tokens]
-            attended = attention(q_rows, cache_k[:rows, :, :width], cache_v[:rows, :, :width], batch.decode_visible)
-            out[batch.decode_tokens] = attended[batch.decode_at, :, : self.n_rep]
+            # Each row's slots are query rows of whole blocks, so the products always get multiples of
+            # ROW_BLOCK rows: a slot is computed as a one-token decode of its row would be.
+            rows, slots, width = batch.decode_rows, batch.decode_visible.shape[2], batch.decode_visible.shape[-1]
+            per_slot = whole_blocks(self.n_rep)
+            q_rows = q.new_zeros(rows, self.n_kv_heads, slots, per_slot, self.head_dim)
+            q_rows[batch.decode_at, :, batch.decode_slot, : self.n_rep] = q[batch.decode_tokens]  # (d, n_kv_heads, n_rep, head_dim) placed
+            visible = batch.decode_visible.expand(-1, -1, -1, per_slot, -1).flatten(2, 3)  # (rows, 1, slots * per_slot, width)
+            attended = attention(q_rows.flatten(2, 3), cache_k[:rows, :, :width], cache_v[:rows, :, :width], visible)
+            attended = attended.unflatten(2, (slots, per_slot))  # (rows, n_kv_heads, slots, per_slot, head_dim)
+            out[batch.decode_tokens] = attended[batch.decode_at, :, batch.decode_slot, : self.n_rep]
         for first, length, row, width, visible in batch.prompts:
             n = length * self.n_rep  # query rows, ordered (position, rep)
             seg = q[first : first + length].transpose(0, 1).reshape(1, self.n_kv_heads, n, self.head_dim)
@@ -272,8 +298,8 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def forward(self, x, cos, sin, batch, cache_k, cache_v):
-        q, k, v = self.project(x, cos, sin)
-        return self.finish(x, self.attention.attend(q, k, v, batch, cache_k, cache_v))
+        q, k, v = by_rows(self.project, batch.chunk, x, cos, sin)
+        return by_rows(self.finish, batch.chunk, x, self.attention.attend(q, k, v, batch, cache_k, cache_v))
 
 
 class Transformer(nn.Module):
@@ -356,6 +382,8 @@ class Transformer(nn.Module):
 
     def _eager(self, tokens, segments, logits_at):
         batch = Batch.build(segments, tokens.device)
+        if self.skinny_decode and not batch.prompts:  # a decoding pass of any size keeps the thin product
+            batch.chunk = SKINNY_ROWS
         # whole row blocks; with the thin product for decoding, a prompt pass stays above its reach
         least = SKINNY_ROWS + ROW_BLOCK if self.skinny_decode and batch.prompts else 0
         rows, out_rows = (max(least, whole_blocks(len(x))) for x in (tokens, logits_at))
@@ -368,7 +396,7 @@ class Transformer(nn.Module):
         for layer, cache_k, cache_v in zip(self.layers, self.cache.k, self.cache.v):
             h = layer(h, cos, sin, batch, cache_k, cache_v)
         h = h[F.pad(logits_at, (0, out_rows - n_out))]  # (out_rows, dim)
-        return self.head(h)[:n_out]
+        return by_rows(self.head, batch.chunk, h)[:n_out]
 
     def _two_passes(self, tokens, segments, logits_at):
         """forward_segments as one pass over the one-token segments and one over the rest (the
@@ -391,6 +419,16 @@ class Transformer(nn.Module):
                                         torch.tensor([where[wanted[k]] for k in mine], dtype=torch.long, device=tokens.device))
             logits[mine] = out
         return logits
+
+    def draft_budget(self, n_decoding: int) -> int:
+        """The most tokens `n_decoding` decoding rows may feed in one step, speculative guesses included
+        (speculation.py), at about the cost of their own: eagerly, the rows every product pads to anyway
+        (a memory-bound product of 4 rows costs what 1 does). The compiled step has none to spare: each
+        token more costs ~4 ms there (SmolLM2, 2-core EPYC: 1 token 8.9 ms, 2: 13.4, 4: 21.7, 8: 39.5;
+        its int4 kernel is compute-bound past one row)."""
+        if self.decode_step is not None and self.decode_step.ready:
+            return n_decoding
+        return whole_blocks(n_decoding)
 
     def use_skinny_decode(self, enabled: bool) -> None:
         """Decode through the thin product (kernels.py; float32 on a CPU, a cache of at most

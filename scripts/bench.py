@@ -19,7 +19,9 @@ with --interrupt_requests False, or llama.cpp's own llama-server; aggregate toke
 streams cut short), and constrained (llama_lite only; structured output over tests/schemas.json: each
 schema's compile time, the per-token mask cost p50/p99 replaying sampled outputs, and batch-1 /
 batch-8 tok/s of a JSON Schema that cannot end within --new_tokens against the same requests
-unconstrained).
+unconstrained), and spec_grounded / spec_chat / spec_mixed (llama_lite only; speculative decoding off
+against "auto" and "ngram" on one model, batch 1 and 8: copying a ~500-token document, free chat
+questions, and the 256 mixed prompts on 8 rows: decoding tok/s, speedup, tokens a guessing step).
 llama_lite systems are named llama_lite[:DTYPE][:int8|int4][:compile|nocompile]: plain `llama_lite` is
 the default configuration (what chat.py and serve.py run without flags). stream_b1 is batch 1 through
 the engine (`Llama.stream`, what chat.py and one server client use); startup times a first start
@@ -51,7 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # quantized), the levers; plain llama_lite is the default configuration.
 ALL_SYSTEMS = ("llama_lite", "llama_lite:nocompile", "llama_lite:float32", "llama_lite:float32:compile",
                "llama_lite:float32:int8:compile", "transformers", "llama_cpp")
-CASES = ("load", "decode_b1", "stream_b1", "decode_b8", "mixed", "serving", "startup", "prefix_chat", "prefix_shared", "constrained")
+CASES = ("load", "decode_b1", "stream_b1", "decode_b8", "mixed", "serving", "startup", "prefix_chat", "prefix_shared", "constrained",
+         "spec_grounded", "spec_chat", "spec_mixed")
 DTYPES = ("float32", "bfloat16", "float16")
 SHAPES = {  # random-weight checkpoints for --device cuda (transformers' LlamaConfig fields)
     "smollm2": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -60,6 +63,36 @@ SHAPES = {  # random-weight checkpoints for --device cuda (transformers' LlamaCo
                     intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
 }
 PREFIX_CASES, PREFIX_ROWS, PREFIX_SEQ_LEN = ("prefix_chat", "prefix_shared"), 16, 2048
+SPEC_CASES, SPEC_ROWS = ("spec_grounded", "spec_chat", "spec_mixed"), 8
+GROUNDED_DOCUMENT = (  # ~500 tokens, and tasks over it whose answers repeat it
+    "The Riverside Cooperative: annual report\n\n"
+    "The Riverside Cooperative ran three projects this year. The first, a community garden on Elm Street, opened in "
+    "March with forty plots, a shared tool shed and a rain barrel on every corner. By August every plot was taken, and "
+    "twelve families were on the waiting list. The garden gave away about three hundred kilograms of vegetables to the "
+    "food bank on Harbor Road, mostly tomatoes, beans and squash.\n\n"
+    "The second project, a repair café, met every second Saturday in the basement of the public library. Volunteers "
+    "fixed over two hundred items, mostly lamps, bicycles, toasters and small kitchen appliances, and taught visitors "
+    "how to replace a fuse, patch a tire and sew on a button. The café kept a notebook of every repair; about four in "
+    "five items left the basement working again.\n\n"
+    "The third project, a bulk-buying club for dried goods, now serves sixty households. Members order rice, lentils, "
+    "oats, flour and coffee once a month, and the club buys them by the sack from two farms in the valley. Members "
+    "saved about a fifth on their grocery bills, and the club's delivery van made one trip a month instead of sixty.\n\n"
+    "The board thanks the volunteers who made this possible, especially Maria Gonzalez, who coordinated the garden, "
+    "Tom Becker, who ran the repair café, and Aisha Rahman, who kept the accounts of the buying club. Next year the "
+    "cooperative plans to add a seed library, to open the repair café on Wednesday evenings as well, and to start a "
+    "tool lending shelf in the garden shed. The budget for next year is twelve thousand dollars, of which five thousand "
+    "go to the garden, four thousand to the café and three thousand to the buying club.\n\n"
+    "Members can vote on the budget at the general meeting on the first Monday of June, at seven in the evening, in the "
+    "library's main hall. Members who cannot attend may vote by mail; ballots must arrive by the last Friday of May."
+)
+GROUNDED_TASKS = ("Repeat the following text exactly, word for word:", "Copy the paragraph about the repair café from this report:",
+         "Rewrite this report in the present tense:", "Copy the last two paragraphs of this report:",
+         "Fix any spelling mistakes in this report and return the whole text:", "Quote the sentences of this report that mention money:",
+         "Copy the paragraph about the garden from this report:", "Return this report with every paragraph shortened a little:")
+CHAT_QUESTIONS = ("Write a short story about a dragon who learns to cook.", "Why is the sky blue?",
+                  "Give me three tips for learning a new language.", "What is the difference between a virus and a bacterium?",
+                  "Describe a perfect weekend in the mountains.", "How do I make a good cup of tea?",
+                  "Explain how a bicycle stays upright.", "Write a poem about the sea.")
 SERVING_CLIENTS = (1, 8, 32)
 MAX_SEQ_LEN = 384  # the longest mixed prompt (300) + 64 new tokens fits
 
@@ -288,7 +321,7 @@ def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_
         emit("startup", first_token_s=round(first_token_s, 2), compiled_after_s=round(time.perf_counter() - started, 1),
              cache=os.environ.get("LLAMA_LITE_BENCH_CACHE", "as it is"), **compiled)
         return
-    long_context = {"max_seq_len": PREFIX_SEQ_LEN} if set(cases) & set(PREFIX_CASES) else {}
+    long_context = {"max_seq_len": PREFIX_SEQ_LEN} if set(cases) & {*PREFIX_CASES, *SPEC_CASES} else {}
     runner = SYSTEMS[name](checkpoint, options, threads, max_batch_size, device=device, **long_context)
     prompt = runner.encode("The history of the city of Rome begins")
     first = runner.generate([prompt], 1)
@@ -326,6 +359,8 @@ def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_
     if "constrained" in cases and name == "llama_lite":
         chat = runner.llm.chat_prompt_tokens([{"role": "user", "content": "List people as JSON."}])
         emit("constrained", **constrained(runner, chat, new_tokens))
+    for case in (c for c in SPEC_CASES if c in cases):
+        emit(case, **speculation(runner.llm, case, n_prompts, new_tokens))
 
 
 # --- prefix caching: the cache on against off, on one model -----------------------------------------
@@ -411,6 +446,54 @@ def prefix_shared(llm, n=64, prefix_tokens=1000, tail_tokens=50, new_tokens=16):
             figures.update(cache_figures(engine.prefix, prompts))
     return {**figures, "speedup": round(figures["seconds_off"] / figures["seconds_on"], 1), "rows": llm.model.params.max_batch_size,
             "same_tokens": results[True] == results[False]}
+
+
+# --- speculative decoding: on ("auto") against off, on one model --------------------------------------
+
+def speculation(llm, case, n_prompts, new_tokens):
+    """Batch 1 and batch 8 of a task, speculation off, "auto" (the default) and "ngram" (every request
+    guesses): decoding tok/s (new tokens after each batch's first, over the seconds after it: the
+    prefill is the same either way), the speedups, the tokens a guessing request got per step,
+    whether the tokens came out the same. spec_grounded: copy, rewrite or quote a ~500-token report (input-grounded);
+    spec_chat: free chat questions (both: the modes take turns twice, each keeping its best);
+    spec_mixed: the n_prompts mixed prompts on SPEC_ROWS rows, 64 new tokens each (off and auto, once)."""
+    from llama_lite.engine import Engine
+    from llama_lite.speculation import Acceptance
+
+    def encode(text):
+        return llm.tokenizer.encode(text, bos=False, eos=False)
+
+    def chat(text):
+        return llm.chat_prompt_tokens([{"role": "user", "content": text}])
+
+    if case == "spec_grounded":
+        prompts = [chat(task + "\n\n" + GROUNDED_DOCUMENT) for task in GROUNDED_TASKS]
+        batches = {1: prompts[:1], 8: prompts}
+    elif case == "spec_chat":
+        prompts = [chat(q) for q in CHAT_QUESTIONS]
+        batches = {1: prompts[:1], 8: prompts}
+    else:
+        batches, new_tokens = {SPEC_ROWS: mixed_prompts(encode, n_prompts)}, 64
+    modes = ("off", "auto") if case == "spec_mixed" else ("off", "auto", "ngram")
+    engines = {mode: Engine(llm.model, llm.tokenizer, llm.generator, speculative=mode) for mode in modes}
+    finish(engines["off"], [chat("Hi")], 4)  # warm up
+    figures = {}
+    rounds = 1 if case == "spec_mixed" else 2  # the modes take turns; each keeps its best round
+    for bsz, prompts in batches.items():
+        tokens = {}
+        for mode, engine in [*engines.items()] * rounds:
+            engine.acceptance = Acceptance()
+            started = time.perf_counter()
+            results = finish(engine, prompts, new_tokens)
+            after_first = time.perf_counter() - started - min(first for _, first in results)
+            tokens[mode] = [ids for ids, _ in results]
+            tok_s = round((sum(map(len, tokens[mode])) - len(prompts)) / after_first, 1)
+            figures[f"b{bsz}_{mode}_tok_s"] = max(tok_s, figures.get(f"b{bsz}_{mode}_tok_s", 0))
+            if mode != "off":
+                figures[f"b{bsz}_{mode}_speedup"] = round(figures[f"b{bsz}_{mode}_tok_s"] / figures[f"b{bsz}_off_tok_s"], 2)
+                figures[f"b{bsz}_{mode}_tokens_per_step"] = round(engine.acceptance.tokens_per_step, 2)
+        figures[f"b{bsz}_same_tokens"] = all(tokens[mode] == tokens["off"] for mode in modes)
+    return figures
 
 
 # --- serving: a server in a subprocess, streaming clients in threads -------------------------------
@@ -551,6 +634,12 @@ def table(rows, bandwidth_gbs):
         if r["case"] == "prefix_shared":
             lines.append(f"{r['system']} prefix_shared: {r['seconds_on']} s with the cache, {r['seconds_off']} s without: "
                          f"{r['speedup']}x (target >= 4x); hit rate {r['hit_rate']}, same tokens {r['same_tokens']}")
+    for r in (r for r in rows if r["case"] in SPEC_CASES):
+        for b in sorted({int(k[1:].split("_")[0]) for k in r if k.endswith("_same_tokens")}):
+            modes = [m for m in ("auto", "ngram") if f"b{b}_{m}_tok_s" in r]
+            lines.append(f"{r['system']} {r['case']} batch {b}: off {r[f'b{b}_off_tok_s']} tok/s; " + "; ".join(
+                f"{m} {r[f'b{b}_{m}_tok_s']} ({r[f'b{b}_{m}_speedup']}x, {r[f'b{b}_{m}_tokens_per_step']} tokens a guessing step)"
+                for m in modes) + f"; same tokens {r[f'b{b}_same_tokens']}")
     for r in (r for r in rows if r["case"] == "constrained"):
         lines.append(f"{r['system']} constrained: batch-1 {r['b1_json_tok_s']} vs {r['b1_free_tok_s']} tok/s free "
                      f"({r['b1_json_tok_s'] / r['b1_free_tok_s']:.2f}x), batch-8 {r['b8_json_tok_s']} vs {r['b8_free_tok_s']} "
@@ -675,7 +764,7 @@ def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=","
 
 def run_all(systems, checkpoint, threads, cases, n_prompts, new_tokens, mixed_batch_size, device, llama_server):
     phases = [(("load", "decode_b1", "stream_b1"), 1), (("decode_b8", "mixed"), max(8, mixed_batch_size)),
-              (PREFIX_CASES, PREFIX_ROWS), (("constrained",), 8)]
+              (PREFIX_CASES, PREFIX_ROWS), (("constrained",), 8), (SPEC_CASES, SPEC_ROWS)]
     rows = []
     for system in systems:
         name = system.partition(":")[0]
@@ -684,8 +773,8 @@ def run_all(systems, checkpoint, threads, cases, n_prompts, new_tokens, mixed_ba
             continue
         for phase_cases, rows_in_cache in phases:
             wanted = [c for c in phase_cases if c in cases]
-            if phase_cases == PREFIX_CASES and name != "llama_lite":
-                wanted = []  # the prefix cases measure llama_lite's own cache
+            if phase_cases in (PREFIX_CASES, SPEC_CASES) and name != "llama_lite":
+                wanted = []  # the prefix and speculation cases measure llama_lite's own levers
             if wanted:
                 rows += run_worker(system, checkpoint, threads, wanted, rows_in_cache, device, n_prompts, new_tokens)
         if "startup" in cases and name == "llama_lite":

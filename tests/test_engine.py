@@ -247,6 +247,9 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
         self.scripts, self.row_script, self.calls = scripts, {}, []
 
+    def draft_budget(self, n_decoding):
+        return n_decoding  # no speculative guesses: the calls are exactly as scripted
+
     def forward_segments(self, tokens, segments, logits_at):
         self.calls.append(list(segments))
         where, first = [], 0

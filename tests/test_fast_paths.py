@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_lite import Llama
+from llama_lite import Llama, SamplingParams
 from llama_lite.checkpoint import Int4Values, Int8Values
 from llama_lite.gguf_file import dequantize, kept_values, open_gguf
 from llama_lite.kernels import Int4Linear, Int8Embedding, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
@@ -121,6 +121,21 @@ def test_compiled_default_gives_the_eager_default_tokens(fast, fast_eager):
         assert fast.generate([ids], 24, temperature=0) == fast_eager.generate([ids], 24, temperature=0)
     texts = fast_eager.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0)
     assert fast.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0) == texts
+
+
+def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
+    """bfloat16 promises no bits (a verified token runs in the several-token graph, not the one-token
+    one), but with every request guessing ("ngram") the greedy tokens on the test prompts and on a
+    repeating one are those without speculation, and guesses were accepted."""
+    from llama_lite.engine import Engine
+    from tests.test_prefix_cache import run
+
+    repeating = fast.tokenizer.encode("one two three four five six, one two three four five six, one two", False, False)
+    schedule = [(0, ids, SamplingParams(temperature=0, max_tokens=24)) for ids in encode(fast) + [repeating]]
+    off, _ = run(Engine(fast.model, fast.tokenizer, fast.generator, speculative="off"), schedule)
+    speculating = Engine(fast.model, fast.tokenizer, fast.generator, speculative="ngram")
+    assert run(speculating, schedule)[0] == off
+    assert speculating.acceptance.accepted > 0
 
 
 def assert_close_to_float32(llm, other, label, capsys):

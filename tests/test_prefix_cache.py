@@ -141,10 +141,16 @@ def test_n_copies_of_a_prompt_prefill_it_once(llm, monkeypatch):
     [prompt] = corpus_prompts(llm.tokenizer, [90], seed=2)
     schedule = [(0, prompt, SamplingParams(temperature=0.8, seed=j, max_tokens=5, logprobs=True)) for j in range(4)]
     on, off = engines(llm)
-    steps, schedule_step = [], on._schedule
-    monkeypatch.setattr(on, "_schedule", lambda: steps.append(schedule_step()) or steps[-1])
+    prompt_chunks, schedule_step = [], on._schedule
+
+    def recording_schedule():
+        work = schedule_step()
+        prompt_chunks.extend(ids for request, ids in work if not request.decoding)
+        return work
+
+    monkeypatch.setattr(on, "_schedule", recording_schedule)
     with_cache, cached = run(on, schedule)
-    prompt_fed = sum(len(ids) for work in steps for _, ids in work if len(ids) > 1)
+    prompt_fed = sum(map(len, prompt_chunks))
     assert cached == [0, 88, 88, 88] and prompt_fed == 90 + 3 * 2
     assert with_cache == run(off, schedule)[0]
 

@@ -409,6 +409,25 @@ def test_llama31_json_tool_calls_from_the_checkpoints_own_template(tmp_path):
     assert "tools" not in FAMILIES["llama3"]["template"]  # the family's plain template (test_families) takes none
 
 
+def test_a_repeating_reply_is_guessed_and_metrics_count_it(llm, server, client):
+    """A prompt whose continuation repeats it: the server (speculation "auto", float32) answers what an
+    engine without speculation gives, and /metrics counts the guessed and accepted tokens."""
+    from llama_lite.engine import Engine
+
+    prompt = "one two three four five six seven, one two three four five six seven, one two three four five six seven, one"
+    ids = llm.tokenizer.encode(prompt, bos=llm.tokenizer.add_bos, eos=False)
+    off = Engine(llm.model, llm.tokenizer, llm.generator, speculative="off")
+    off.add(ids, SamplingParams(temperature=0, max_tokens=24))
+    want = ""
+    while off.has_unfinished():
+        want += "".join(out.text for out in off.step())
+    names = [f"llama_lite_speculative_{name}_total" for name in ("proposed_tokens", "accepted_tokens", "steps")]
+    before = [metric(server, name) for name in names]
+    assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0).choices[0].text == want
+    proposed, accepted, steps = (metric(server, name) - b for name, b in zip(names, before))
+    assert proposed >= accepted > 0 and steps > 0
+
+
 # --- the service ---------------------------------------------------------------------------------
 
 def test_models_health_metrics_and_auth(server, client):

@@ -1,0 +1,112 @@
+"""Speculative decoding by prompt lookup: guess a request's next tokens from its own text, check them all
+in one forward call, keep what the model agrees with.
+
+Drafting (`Drafter`): where the last 3 (else 2, else 1) tokens of a request's prompt-plus-output occurred
+before, the tokens that followed their newest earlier occurrence are the guess (n-gram / prompt lookup:
+summaries, extraction, code edits and quoting chats repeat their input). An index of n-grams, kept up
+to date token by token, finds it in constant time.
+
+Verification (the engine): the request's last token and its k guesses go into the step as k + 1
+one-token segments of its row, each computed as its own one-token decode would be (model.py: query
+slots), so position i's logits are those plain decoding would see after the guesses before it. Each
+position's token is then drawn exactly as plain decoding draws it (the same logits processing, the
+request's own generator, one draw per position) until a drawn token differs from the guess: the guesses
+before it and that drawn token are kept. So a request's tokens, logprobs and random draws are bit for
+bit those without speculation (float32, eager); only how many arrive per step changes. K/V written for
+rejected guesses sit past the request's last kept position: no query sees them (attention hides keys
+past a query's position), the next tokens overwrite them, and the prefix cache reuses prompt
+positions only.
+
+k's policy (`Drafter.update`, `plan_drafts`): a request starts guessing START_K tokens; k doubles
+after a fully accepted guess (up to MAX_K), shrinks to what was accepted plus one after a partial one,
+and shrinks by half after a guess with nothing accepted. Where guesses cost nothing ("auto", the
+default: they only fill rows the decode products pad to anyway, Transformer.draft_budget, so with many
+decoding rows nothing is guessed and the step is plain decoding) every request guesses every step.
+Where they cost ("ngram": every request guesses its k) a request that guessed nothing right stops
+guessing for a while: 2, 4, 8 .. up to MAX_PAUSE steps, until a guess is accepted again.
+"""
+
+NGRAM_SIZES = (3, 2, 1)  # the suffix lengths looked up, longest first
+START_K = 3  # guesses a request starts with
+MAX_K = 7  # guesses at most per request and step
+MAX_PAUSE = 16  # steps a request that keeps missing waits, at most, before guessing again
+
+
+class Drafter:
+    """One request's n-gram index over its prompt and output, and how many tokens it guesses next."""
+
+    def __init__(self, prompt):
+        self.tokens = []
+        self.follow = {}  # n-gram (tuple) -> where the token after its newest occurrence is in self.tokens
+        self.k = START_K
+        self.pause = 0  # steps left without guessing
+        self.misses = 0  # guesses in a row with nothing accepted
+        self.extend(prompt)
+
+    def extend(self, ids) -> None:
+        """Append ids to the text, indexing the n-grams each one follows."""
+        for token in ids:
+            end = len(self.tokens)
+            for n in NGRAM_SIZES:
+                if end >= n:
+                    self.follow[tuple(self.tokens[end - n : end])] = end
+            self.tokens.append(token)
+
+    def propose(self, limit: int, pausing: bool = True) -> list:
+        """Up to min(k, limit) guessed next tokens: what followed the newest earlier occurrence of the
+        text's longest indexed suffix; [] when it has none, or (`pausing`) while it pauses after misses."""
+        if self.pause and pausing:
+            self.pause -= 1
+            return []
+        k = min(self.k, limit)
+        if k <= 0:
+            return []
+        for n in NGRAM_SIZES:
+            at = self.follow.get(tuple(self.tokens[-n:]))
+            if at is not None:
+                return self.tokens[at : at + k]
+        return []
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """Adapt k (and the pause) to how many of `proposed` guesses were accepted."""
+        if accepted == proposed:
+            self.k = min(2 * self.k, MAX_K)
+        elif accepted:
+            self.k = accepted + 1
+        else:
+            self.misses += 1
+            self.k = max(1, self.k // 2)
+            self.pause = min(2**self.misses, MAX_PAUSE)
+            return
+        self.misses = 0
+
+
+def plan_drafts(drafters, limits, budget=None) -> list:
+    """Each decoding request's guesses this step ([] for none): `drafters` (None: the request never
+    guesses), `limits` (the most each may guess: its max_tokens left), `budget`: the most tokens the
+    decoding rows may feed in all, guesses included, where guesses must fit what costs nothing
+    (earlier requests guess first; no pauses); None: every request guesses its k, pausing after misses."""
+    spare = float("inf") if budget is None else budget - len(drafters)
+    drafts = []
+    for drafter, limit in zip(drafters, limits):
+        guess = drafter.propose(min(limit, spare), pausing=budget is None) if drafter is not None and spare > 0 else []
+        spare -= len(guess)
+        drafts.append(guess)
+    return drafts
+
+
+class Acceptance:
+    """Counts for reports: guessed and accepted tokens, and decoding steps of requests that guessed."""
+
+    def __init__(self):
+        self.proposed = self.accepted = self.steps = 0
+
+    def add(self, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
+        self.steps += 1
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a guessing request got per step (1 + accepted guesses), averaged."""
+        return 1 + self.accepted / self.steps if self.steps else 1.0
