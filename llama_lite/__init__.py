@@ -1,11 +1,11 @@
 """llama_lite: a small, readable Llama-style batched text generator."""
 
+from .engine.engine import Engine, RequestOutput
+from .engine.sampling import SamplingParams
 from .errors import CheckpointError
-from .engine import Engine, RequestOutput
 from .generation import Llama
-from .model import ModelArgs, Transformer
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .model.transformer import ModelArgs, Transformer
+from .text.tokenizer import Tokenizer
 
 __all__ = ["Llama", "Tokenizer", "CheckpointError", "Transformer", "ModelArgs", "SamplingParams", "Engine", "RequestOutput"]
 __version__ = "0.1.0"

@@ -15,16 +15,16 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import parallel
-from .chat_template import check_template, render_chat
-from .checkpoint import CheckpointError, Int4Values, Int8Values, read_checkpoint
-from .devices import CpuLoad, check_threads, default_threads, resolve_device, resolve_dtype
-from .download import default_checkpoint
-from .engine import Engine, check_speculative
-from .kernels import SKINNY_ROWS, int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
-from .model import KVCache, ModelArgs, Transformer
-from .sampling import SamplingParams, check_sampling, chosen_logprobs, draw_seed, request_seed, sample
-from .tokenizer import Tokenizer, gguf_tokenizer
+from .engine.engine import Engine, check_speculative
+from .engine.sampling import SamplingParams, check_sampling, chosen_logprobs, draw_seed, request_seed, sample
+from .loading.checkpoint import CheckpointError, Int4Values, Int8Values, read_checkpoint
+from .loading.download import default_checkpoint
+from .model import parallel
+from .model.devices import CpuLoad, check_threads, default_threads, resolve_device, resolve_dtype
+from .model.kernels import SKINNY_ROWS, int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
+from .model.transformer import KVCache, ModelArgs, Transformer
+from .text.chat_template import check_template, render_chat
+from .text.tokenizer import Tokenizer, gguf_tokenizer
 
 _PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this
 # A generation without a length limit (max_gen_len=None) that has repeated one span of at most
@@ -190,7 +190,7 @@ class Llama:
         else:
             background = False
         if compile:
-            from .decode_step import DecodeStep  # imports the compiler (~70 MB): only when it is used
+            from .model.decode_step import DecodeStep  # imports the compiler (~70 MB): only when it is used
 
             model.decode_step = DecodeStep(model)
             if background and parallel.is_main():

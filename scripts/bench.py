@@ -367,7 +367,7 @@ def worker(system, checkpoint, threads, cases, n_prompts, new_tokens, max_batch_
 
 def engines(llm):
     """{True: an engine with the prefix cache, False: one without}, over llm's model and KV cache."""
-    from llama_lite.engine import Engine
+    from llama_lite.engine.engine import Engine
 
     return {on: Engine(llm.model, llm.tokenizer, llm.generator, prefix_cache=on) for on in (True, False)}
 
@@ -457,8 +457,8 @@ def speculation(llm, case, n_prompts, new_tokens):
     whether the tokens came out the same. spec_grounded: copy, rewrite or quote a ~500-token report (input-grounded);
     spec_chat: free chat questions (both: the modes take turns twice, each keeping its best);
     spec_mixed: the n_prompts mixed prompts on SPEC_ROWS rows, 64 new tokens each (off and auto, once)."""
-    from llama_lite.engine import Engine
-    from llama_lite.speculation import Acceptance
+    from llama_lite.engine.engine import Engine
+    from llama_lite.engine.speculation import Acceptance
 
     def encode(text):
         return llm.tokenizer.encode(text, bos=False, eos=False)
@@ -751,7 +751,7 @@ def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=","
         if shape is not None:
             checkpoint = random_checkpoint(shape, Path(folder))
         elif checkpoint is None:
-            from llama_lite.download import default_checkpoint
+            from llama_lite.loading.download import default_checkpoint
 
             checkpoint = str(default_checkpoint())
         systems = systems.split(",") if isinstance(systems, str) else list(systems)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama_lite import Llama
-from llama_lite.download import default_checkpoint
+from llama_lite.loading.download import default_checkpoint
 from tests.tiny_gguf import write_tiny_gguf
 
 

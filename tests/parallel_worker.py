@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from llama_lite import Llama, parallel
+from llama_lite import Llama
+from llama_lite.model import parallel
 from tests.memory import peak_rss_mb
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from llama_lite.chat_template import render_chat
+from llama_lite.text.chat_template import render_chat
 from tests.tiny_gguf import CHATML
 
 DIALOG = [{"role": "user", "content": "Hi"}]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama_lite import CheckpointError, Llama
-from llama_lite import download as ckpt
+from llama_lite.loading import download as ckpt
 from tests.tiny_gguf import write_tiny_gguf
 
 
@@ -139,7 +139,7 @@ def test_two_processes_fetching_at_once_end_with_one_good_file(tmp_path):
     import os
     import sys
 
-    code = "from llama_lite.download import default_checkpoint; print(default_checkpoint())"
+    code = "from llama_lite.loading.download import default_checkpoint; print(default_checkpoint())"
     env = {**os.environ, "LLAMA_LITE_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -157,7 +157,7 @@ def test_torch_dequantize_equals_gguf_py(type_name):
     import gguf
     from gguf.quants import dequantize as reference
 
-    from llama_lite.gguf_file import GGUFTensor, dequantize
+    from llama_lite.loading.gguf_file import GGUFTensor, dequantize
     from tests.tiny_gguf import random_blocks
 
     qtype = gguf.GGMLQuantizationType[type_name]

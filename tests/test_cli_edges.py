@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from llama_lite import Llama
-from llama_lite.cli import _as_typed, chat, complete, serve
-from llama_lite.devices import CpuLoad, default_threads
-from llama_lite.model import KVCache, ModelArgs
-from llama_lite.prompt_files import FileResults, read_prompts
+from llama_lite.cli.commands import _as_typed, chat, complete, serve
+from llama_lite.cli.prompt_files import FileResults, read_prompts
+from llama_lite.model.devices import CpuLoad, default_threads
+from llama_lite.model.transformer import KVCache, ModelArgs
 from tests.test_scripts import FLAGS, ROOT, assert_fails, in_process, script
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 
@@ -417,6 +417,6 @@ def test_threads_flag_and_the_default_on_a_busy_machine(monkeypatch):
         hog.kill()
         hog.wait()
     pinned = subprocess.run([sys.executable, "-c", "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-                             "from llama_lite.devices import usable_cores; print(usable_cores())"],
+                             "from llama_lite.model.devices import usable_cores; print(usable_cores())"],
                             capture_output=True, text=True, timeout=120)
     assert pinned.stdout.strip() == "1", pinned.stderr

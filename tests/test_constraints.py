@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama_lite import SamplingParams
-from llama_lite.constraints import Grammars
+from llama_lite.engine.constraints import Grammars
 from tests.test_engine import collect, corpus_prompts, run_alone
 
 jsonschema = pytest.importorskip("jsonschema")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from llama_lite import Llama, ModelArgs, SamplingParams, Tokenizer
-from llama_lite.detokenizer import Detokenizer
+from llama_lite.text.detokenizer import Detokenizer
 
 CORPUS = Path(__file__).resolve().parent.parent / "tokenizer" / "corpus.txt"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama_lite import CheckpointError, Llama
-from llama_lite.rope import RopeScaling, inverse_frequencies
+from llama_lite.model.rope import RopeScaling, inverse_frequencies
 from tests.tiny_gguf import byte_alphabet
 
 transformers = pytest.importorskip("transformers")
@@ -274,7 +274,7 @@ def test_sharded_qwen2_folder_matches_transformers(tmp_path):
 
 
 def test_int8_qwen2_keeps_its_biases_unquantized(tmp_path):
-    from llama_lite.checkpoint import hf_to_meta_rows
+    from llama_lite.loading.checkpoint import hf_to_meta_rows
 
     model = hf_model("qwen2")
     llm = build(save_hf(model, "qwen2", tmp_path), quantize="int8")
@@ -324,7 +324,7 @@ def test_linear_rope_scaling_matches_transformers(tmp_path):
 
 
 def test_meta_use_scaled_rope_is_llama3_scaling(tmp_path):
-    from llama_lite.checkpoint import read_checkpoint
+    from llama_lite.loading.checkpoint import read_checkpoint
 
     folder = tmp_path / "meta"
     folder.mkdir()

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from llama_lite import Llama, SamplingParams
-from llama_lite.checkpoint import Int4Values, Int8Values
-from llama_lite.gguf_file import dequantize, kept_values, open_gguf
-from llama_lite.kernels import Int4Linear, Int8Embedding, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
+from llama_lite.loading.checkpoint import Int4Values, Int8Values
+from llama_lite.loading.gguf_file import dequantize, kept_values, open_gguf
+from llama_lite.model.kernels import Int4Linear, Int8Embedding, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
 
 PROMPTS = ["The history of the city of Rome begins", "def is_prime(n):",
            "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
@@ -127,7 +127,7 @@ def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
     """bfloat16 promises no bits (a verified token runs in the several-token graph, not the one-token
     one), but with every request guessing ("ngram") the greedy tokens on the test prompts and on a
     repeating one are those without speculation, and guesses were accepted."""
-    from llama_lite.engine import Engine
+    from llama_lite.engine.engine import Engine
     from tests.test_prefix_cache import run
 
     repeating = fast.tokenizer.encode("one two three four five six, one two three four five six, one two", False, False)
@@ -153,7 +153,7 @@ def test_default_stays_close_to_the_float32_model(llm, fast_eager, capsys):
 
 
 def test_a_failed_compile_leaves_the_eager_step(smollm_path, monkeypatch, capsys):
-    from llama_lite import decode_step
+    from llama_lite.model import decode_step
 
     def broken(*args):
         raise RuntimeError("no C++ compiler here")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_lite import Llama, parallel
+from llama_lite import Llama
+from llama_lite.model import parallel
 from tests.tiny_gguf import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from llama_lite import Llama, SamplingParams
-from llama_lite.engine import Engine
-from llama_lite.model import KEY_BLOCK
-from llama_lite.prefix_cache import PrefixTree
+from llama_lite.engine.engine import Engine
+from llama_lite.engine.prefix_cache import PrefixTree
+from llama_lite.model.transformer import KEY_BLOCK
 from tests.test_engine import PieceTokenizer, ScriptedModel, corpus_prompts, greedy, mixed_params
 
 

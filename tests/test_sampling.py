@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llama_lite.sampling import check_sampling, sample
+from llama_lite.engine.sampling import check_sampling, sample
 
 
 def draws(logits, n=4000, seed=0, **kw):
@@ -89,7 +89,7 @@ def nucleus_frequencies(logits, temperature, top_p):
 
 @pytest.mark.parametrize("scale", [4.0, 0.05])  # a peaked row (nucleus in the candidates) and a flat one (beyond them)
 def test_top_p_candidates_match_a_full_sort(scale):
-    from llama_lite.sampling import TOP_P_CANDIDATES
+    from llama_lite.engine.sampling import TOP_P_CANDIDATES
 
     logits = torch.randn(1, 3000, generator=torch.Generator().manual_seed(3)) * scale
     want = nucleus_frequencies(logits, 0.8, 0.9)

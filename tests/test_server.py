@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from llama_lite import SamplingParams
-from llama_lite.server import create_app
+from llama_lite.server.app import create_app
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -320,7 +320,7 @@ def tools_client():
 
 def hermes_reply(llm, messages, tools, **params):
     """(text, finish reason) of the chat rendered with tests/templates/chatml_tools.jinja, in process."""
-    from llama_lite.chat_template import render_chat
+    from llama_lite.text.chat_template import render_chat
 
     dialog = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
                                    for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
@@ -334,7 +334,7 @@ def test_tool_calls_required_named_auto_and_none(llm, tools_client):
     arguments validate (the text the constrained request writes in process); streamed, the call comes
     as deltas; "auto" finds the call the model writes after four examples, and plain text stays
     content; "none" leaves the tools out."""
-    from llama_lite.tool_calls import call_grammar
+    from llama_lite.server.tool_calls import call_grammar
 
     jsonschema = pytest.importorskip("jsonschema")
     clock = {"type": "function", "function": {"name": "get_time", "parameters": {
@@ -412,7 +412,7 @@ def test_llama31_json_tool_calls_from_the_checkpoints_own_template(tmp_path):
 def test_a_repeating_reply_is_guessed_and_metrics_count_it(llm, server, client):
     """A prompt whose continuation repeats it: the server (speculation "auto", float32) answers what an
     engine without speculation gives, and /metrics counts the guessed and accepted tokens."""
-    from llama_lite.engine import Engine
+    from llama_lite.engine.engine import Engine
 
     prompt = "one two three four five six seven, one two three four five six seven, one two three four five six seven, one"
     ids = llm.tokenizer.encode(prompt, bos=llm.tokenizer.add_bos, eos=False)
@@ -573,7 +573,7 @@ def test_a_failure_inside_is_a_json_500_without_its_traceback(llm, monkeypatch, 
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(llm, "chat_prompt_tokens", broken)
-    with TestClient(create_app(llm, MODEL)) as http, caplog.at_level(logging.ERROR, logger="llama_lite.server"):
+    with TestClient(create_app(llm, MODEL)) as http, caplog.at_level(logging.ERROR, logger="llama_lite.server.app"):
         reply = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
     assert "secret internals" not in reply.text and "Traceback" not in reply.text
@@ -593,7 +593,7 @@ def test_large_bodies_are_413_before_parsing_and_prompts_are_tokenized_off_the_e
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(llm.tokenizer, "encode", watched)
-    monkeypatch.setattr("llama_lite.server.json.loads", _refuse_big(json.loads))
+    monkeypatch.setattr("llama_lite.server.app.json.loads", _refuse_big(json.loads))
     with TestClient(create_app(llm, MODEL, max_queue=0, max_body_mb=0.01)) as http:  # 10 KiB
         big = {"model": MODEL, "prompt": "word " * 4000, "max_tokens": 1}
         for reply in (http.post("/v1/completions", json=big),  # with a Content-Length

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from llama_lite import Llama, SamplingParams
-from llama_lite.engine import Engine
-from llama_lite.speculation import Drafter, plan_drafts
+from llama_lite.engine.engine import Engine
+from llama_lite.engine.speculation import Drafter, plan_drafts
 from tests.test_engine import corpus_prompts, mixed_params
 from tests.test_prefix_cache import run
 

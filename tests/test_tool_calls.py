@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from llama_lite.chat_template import render_chat, takes_tools
-from llama_lite.constraints import Grammars
-from llama_lite.sampling import SamplingParams
-from llama_lite.tool_calls import HERMES, JSON, CallParser, call_format, call_grammar
+from llama_lite.engine.constraints import Grammars
+from llama_lite.engine.sampling import SamplingParams
+from llama_lite.server.tool_calls import HERMES, JSON, CallParser, call_format, call_grammar
+from llama_lite.text.chat_template import render_chat, takes_tools
 
 TEMPLATES = Path(__file__).parent / "templates"
 WEATHER = {"name": "get_weather", "description": "The weather in a city", "parameters": {

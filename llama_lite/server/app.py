@@ -34,11 +34,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException
 
-from .chat_template import takes_tools
-from .constraints import KINDS
-from .engine_thread import EngineThread, Ticket
+from ..engine.constraints import KINDS
+from ..engine.engine_thread import EngineThread, Ticket
+from ..engine.sampling import SamplingParams, draw_seed, request_seed
+from ..text.chat_template import takes_tools
 from .protocol import ChatRequest, CompletionRequest, error_of
-from .sampling import SamplingParams, draw_seed, request_seed
 from .tool_calls import CallParser, call_format, call_grammar, check_parameters
 
 log = logging.getLogger("llama_lite.server")

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from . import parallel
-from .engine import SPECULATIVE
-from .generation import Llama, check_positive_int
+from ..engine.engine import SPECULATIVE
+from ..engine.sampling import SamplingParams, request_seed
+from ..generation import Llama, check_positive_int
+from ..model import parallel
 from .prompt_files import FileResults, StdoutError, StdoutResults, read_prompts, write_stdout
-from .sampling import SamplingParams, request_seed
 
 # Flags whose value is text as typed: fire would otherwise read "None", "0x10" or "[1]" as Python
 # literals (and spent gigabytes parsing a long unquoted prompt).
@@ -542,7 +542,7 @@ def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1"
     try:
         llm = _build(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
                      no_prefix_cache, chat_template, threads, speculative)
-        from .server import serve as run_server
+        from ..server.app import serve as run_server
 
         name = _model_name(checkpoint)
         bound = sock.getsockname()[1]

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .chat_template import check_dialog
+from ..text.chat_template import check_dialog
 
 
 def _lines(text: str) -> list:

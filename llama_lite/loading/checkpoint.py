@@ -19,10 +19,10 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-from . import parallel
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..model import parallel
+from ..model.rope import RopeScaling
 from .gguf_file import KEPT_TYPES, REQUIRED, dequantize, gguf_field, kept_values, open_gguf
-from .rope import RopeScaling
 
 # --- GGUF ----------------------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ import json
 import re
 from pathlib import Path
 
-from .errors import CheckpointError
-from .gguf_file import gguf_field, open_gguf
+from ..errors import CheckpointError
+from ..loading.gguf_file import gguf_field, open_gguf
 
 # Text of tokens that end a turn or a document. Like llama.cpp, a vocabulary's control tokens with
 # these names stop generation even when its metadata names only one eos id.

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..text.detokenizer import Detokenizer
 from .constraints import Grammars
-from .detokenizer import Detokenizer
 from .prefix_cache import PrefixCache, Reuse
 from .sampling import SamplingParams, chosen_logprobs, penalize, sample, top_logprobs
 from .speculation import Acceptance, Drafter, plan_drafts

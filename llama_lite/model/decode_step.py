@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .model import KEY_BLOCK, key_blocks
+from .transformer import KEY_BLOCK, key_blocks
 
 
 def decode_attention(q, keys, values, visible):
@@ -85,7 +85,7 @@ def _int4_as_its_own_call():
 
 
 def _cache_dir() -> str:
-    from .download import cache_dir
+    from ..loading.download import cache_dir
 
     return str(cache_dir() / "inductor")
 

@@ -16,7 +16,7 @@ well-formed call to a known function stays content.
 import json
 import re
 
-from .constraints import JSON_DEFAULTS, compile_constraint
+from ..engine.constraints import JSON_DEFAULTS, compile_constraint
 
 HERMES, JSON = "hermes", "json"
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
