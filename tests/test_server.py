@@ -573,7 +573,7 @@ def test_a_failure_inside_is_a_json_500_without_its_traceback(llm, monkeypatch, 
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(llm, "chat_prompt_tokens", broken)
-    with TestClient(create_app(llm, MODEL)) as http, caplog.at_level(logging.ERROR, logger="llama_lite.server.app"):
+    with TestClient(create_app(llm, MODEL)) as http, caplog.at_level(logging.ERROR, logger="llama_lite.server"):
         reply = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
     assert "secret internals" not in reply.text and "Traceback" not in reply.text
