@@ -15,8 +15,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from .engine.engine import Engine, check_speculative
+from .engine.engine import Engine
 from .engine.sampling import SamplingParams, check_sampling, chosen_logprobs, draw_seed, request_seed, sample
+from .engine.speculation import check_speculative
 from .loading.checkpoint import CheckpointError, Int4Values, Int8Values, read_checkpoint
 from .loading.download import default_checkpoint
 from .model import parallel

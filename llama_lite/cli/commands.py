@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..engine.engine import SPECULATIVE
 from ..engine.sampling import SamplingParams, request_seed
+from ..engine.speculation import SPECULATIVE
 from ..generation import Llama, check_positive_int
 from ..model import parallel
 from .prompt_files import FileResults, StdoutError, StdoutResults, read_prompts, write_stdout

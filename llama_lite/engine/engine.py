@@ -29,7 +29,7 @@ from ..text.detokenizer import Detokenizer
 from .constraints import Grammars
 from .prefix_cache import PrefixCache, Reuse
 from .sampling import SamplingParams, chosen_logprobs, penalize, sample, top_logprobs
-from .speculation import Acceptance, Drafter, plan_drafts
+from .speculation import Acceptance, Drafter, check_speculative, plan_drafts
 
 
 @dataclass
@@ -65,14 +65,6 @@ def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
     return RequestOutput(first.request_id, first.token_ids + then.token_ids, first.text + then.text, then.finished,
                          then.finish_reason, join(first.logprobs, then.logprobs), join(first.top_logprobs, then.top_logprobs),
                          then.cached_tokens)
-
-
-SPECULATIVE = ("auto", "ngram", "off")
-
-
-def check_speculative(value) -> None:
-    if value not in SPECULATIVE:
-        raise ValueError(f"speculative must be one of {', '.join(map(repr, SPECULATIVE))}, got {value!r}")
 
 
 class Request:

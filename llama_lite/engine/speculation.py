@@ -31,6 +31,13 @@ START_K = 3  # guesses a request starts with
 MAX_K = 7  # guesses at most per request and step
 MAX_PAUSE = 16  # steps a request that keeps missing waits, at most, before guessing again
 
+SPECULATIVE = ("auto", "ngram", "off")
+
+
+def check_speculative(value) -> None:
+    if value not in SPECULATIVE:
+        raise ValueError(f"speculative must be one of {', '.join(map(repr, SPECULATIVE))}, got {value!r}")
+
 
 class Drafter:
     """One request's n-gram index over its prompt and output, and how many tokens it guesses next."""

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from ..checks import check_whole
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -123,8 +125,7 @@ class CpuLoad:
 
 
 def check_threads(threads) -> None:
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a whole number >= 1, or None for the cores this process may use; got {threads!r}")
+    check_whole("threads", threads, 1, hint=", or None for the cores this process may use;")
 
 
 def default_threads(load: CpuLoad) -> "int | None":
