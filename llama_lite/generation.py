@@ -22,7 +22,7 @@ from .loading.checkpoint import CheckpointError, Int4Values, Int8Values, read_ch
 from .loading.download import default_checkpoint
 from .model import parallel
 from .model.devices import CpuLoad, check_threads, default_threads, resolve_device, resolve_dtype
-from .model.kernels import SKINNY_ROWS, int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
+from .model.kernels import THIN_ROWS, int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
 from .model.transformer import KVCache, ModelArgs, Transformer
 from .text.chat_template import check_template, render_chat
 from .text.tokenizer import Tokenizer, gguf_tokenizer
@@ -181,10 +181,10 @@ class Llama:
             detail = " ".join(str(e).split())
             raise CheckpointError(f"{ckpt.path}: its tensors do not match its metadata ({detail[:300]})") from None
         model.setup_cache()
-        model.n_decodable = tok.n_words  # a smaller tokenizer than the model's: its missing ids are never sampled
+        model.tokenizer_vocab_size = tok.n_words  # a smaller tokenizer than the model's: its missing ids are never sampled
         model.eval()
-        model.use_skinny_decode(device.type == "cpu" and dtype == torch.float32 and not (quantize or compile) and world == 1
-                                and max_batch_size <= SKINNY_ROWS)
+        model.use_thin_decode(device.type == "cpu" and dtype == torch.float32 and not (quantize or compile) and world == 1
+                                and max_batch_size <= THIN_ROWS)
         if compile is None:  # where it is fast and keeps every promise (float32 stays eager, bit for bit)
             compile = device.type == "cpu" and dtype != torch.float32 and world == 1
             background = True

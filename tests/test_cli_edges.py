@@ -189,7 +189,7 @@ def test_ids_a_smaller_tokenizer_cannot_decode_are_never_picked(smollm_path):
     [done] = llm.text_completion(["Once upon a time"], max_gen_len=12, temperature=0)
     ids = prompt + done["tokens"]
     assert done["tokens"] and max(ids) < n_words
-    llm.model.n_decodable = llm.model.params.vocab_size  # the model alone, unmasked
+    llm.model.tokenizer_vocab_size = llm.model.params.vocab_size  # the model alone, unmasked
     logits = llm.model.forward(torch.tensor([ids]), 0)[0, len(prompt) - 1 : -1]  # teacher-forced
     assert done["tokens"] == logits[:, :n_words].argmax(-1).tolist()
     assert (logits.argmax(-1) >= n_words).any()  # the model alone would have picked an undecodable id

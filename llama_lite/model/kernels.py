@@ -9,8 +9,8 @@ that path; several rows (prefill, batches) keep `F.linear`, whose GEMM reuses ea
 Eager float32 decoding of a few rows is memory-bound too, and there MKL's GEMM is slow the usual
 way round: x @ W^T for 4 rows streams the weights at well under half the speed of W @ x^T, which
 MKL runs as a thin product (measured on a 2-core AVX-512 CPU: 82 against 37 ms for SmolLM2's
-weights, and a one-row GEMV takes 62 ms). `Linear.skinny` takes that way for inputs of up to
-SKINNY_ROWS rows; Transformer.use_skinny_decode says when it may, without breaking batch invariance.
+weights, and a one-row GEMV takes 62 ms). `Linear.thin` takes that way for inputs of up to
+THIN_ROWS rows; Transformer.use_thin_decode says when it may, without breaking batch invariance.
 
 `Int8Linear` / `Int8Embedding` hold weight-only int8 weights, one scale per output row (or per 32
 weights: GGUF's Q8_0 blocks as they are): a quarter of float32's bytes to stream, and with the
@@ -38,7 +38,7 @@ def _compiled_matvec(x, max_rows: int) -> bool:
     return torch.compiler.is_compiling() and x.numel() <= max_rows * x.shape[-1]
 
 
-SKINNY_ROWS = 8  # inputs of up to this many rows may take the thin product (W @ x^T)
+THIN_ROWS = 8  # inputs of up to this many rows may take the thin product (W @ x^T)
 
 
 def add_bias(out, bias):
@@ -47,9 +47,9 @@ def add_bias(out, bias):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (no bias unless asked), with the one-row path when compiled and the thin one when `skinny`."""
+    """nn.Linear (no bias unless asked), with the one-row path when compiled and the thin one when `thin`."""
 
-    skinny = False  # set by Transformer.use_skinny_decode
+    thin = False  # set by Transformer.use_thin_decode
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
@@ -60,7 +60,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         if _compiled_matvec(x, max_rows=1):
             out = matvec(x, self.weight)
-        elif self.skinny and x.shape[0] <= SKINNY_ROWS:
+        elif self.thin and x.shape[0] <= THIN_ROWS:
             out = (self.weight @ x.T).T.contiguous()  # (out, rows) -> (rows, out)
         else:
             out = F.linear(x, self.weight)

@@ -8,7 +8,7 @@ Batch invariance (float32, eager): a token's logits do not depend on what else s
 Three things make that hold on CPU:
 - MKL computes rows in blocks of four and takes other kernels for one to three left-over rows
   (GEMV for a single row), which round differently: every product gets a multiple of ROW_BLOCK rows.
-  (With the thin product for decoding, see use_skinny_decode, decoding and prompt tokens never share
+  (With the thin product for decoding, see use_thin_decode, decoding and prompt tokens never share
   a product, and each kind always gets its own kernel.)
 - Attention is written out (scores, softmax, weighted sum) instead of calling
   `scaled_dot_product_attention`, whose kernel blocks its sums by how many keys and queries share
@@ -28,7 +28,7 @@ from torch import nn
 
 from . import parallel
 from .devices import check_fits
-from .kernels import SKINNY_ROWS, Linear
+from .kernels import THIN_ROWS, Linear
 from .rope import RopeScaling, apply_rope, rope_tables
 
 ROW_BLOCK = 4  # every matrix product gets a multiple of this many rows (see the module docstring)
@@ -322,8 +322,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
         self.decode_step = None  # the compiled one-token step, once built (decode_step.py)
-        self.skinny_decode = False
-        self.n_decodable = params.vocab_size  # logits of ids from here on are -inf (see Llama.build)
+        self.thin_decode = False
+        self.tokenizer_vocab_size = params.vocab_size  # logits of ids from here on are -inf (see Llama.build)
         self.setup_cache()
 
     def setup_cache(self):
@@ -372,20 +372,20 @@ class Transformer(nn.Module):
         compiled = self.decode_step is not None and self.decode_step.ready
         if kinds == {True} and compiled:
             logits = self.decode_step(tokens, segments, logits_at)
-        elif (self.skinny_decode or compiled) and len(kinds) == 2:  # decoding tokens get a pass of their own
+        elif (self.thin_decode or compiled) and len(kinds) == 2:  # decoding tokens get a pass of their own
             return self._two_passes(tokens, segments, logits_at)
         else:
             logits = self._eager(tokens, segments, logits_at)
-        if self.n_decodable < p.vocab_size:  # ids the tokenizer cannot turn into text are never picked
-            logits[:, self.n_decodable :] = float("-inf")
+        if self.tokenizer_vocab_size < p.vocab_size:  # ids the tokenizer cannot turn into text are never picked
+            logits[:, self.tokenizer_vocab_size :] = float("-inf")
         return logits
 
     def _eager(self, tokens, segments, logits_at):
         batch = Batch.build(segments, tokens.device)
-        if self.skinny_decode and not batch.prompts:  # a decoding pass of any size keeps the thin product
-            batch.chunk = SKINNY_ROWS
+        if self.thin_decode and not batch.prompts:  # a decoding pass of any size keeps the thin product
+            batch.chunk = THIN_ROWS
         # whole row blocks; with the thin product for decoding, a prompt pass stays above its reach
-        least = SKINNY_ROWS + ROW_BLOCK if self.skinny_decode and batch.prompts else 0
+        least = THIN_ROWS + ROW_BLOCK if self.thin_decode and batch.prompts else 0
         rows, out_rows = (max(least, whole_blocks(len(x))) for x in (tokens, logits_at))
         n_out = len(logits_at)
         tokens = F.pad(tokens, (0, rows - len(tokens)))  # padding tokens: id 0 at position 0, in no segment
@@ -430,15 +430,15 @@ class Transformer(nn.Module):
             return n_decoding
         return whole_blocks(n_decoding)
 
-    def use_skinny_decode(self, enabled: bool) -> None:
+    def use_thin_decode(self, enabled: bool) -> None:
         """Decode through the thin product (kernels.py; float32 on a CPU, a cache of at most
-        SKINNY_ROWS rows, so a decoding pass never outgrows it and every decoding token is computed
+        THIN_ROWS rows, so a decoding pass never outgrows it and every decoding token is computed
         the same way): decoding tokens then get a pass of their own, and prompt passes enough rows
         to take the usual product."""
-        self.skinny_decode = enabled
+        self.thin_decode = enabled
         for module in self.modules():
             if isinstance(module, Linear):
-                module.skinny = enabled
+                module.thin = enabled
 
     def head(self, h):
         return self.output(self.norm(h)).float()
