@@ -28,9 +28,9 @@ setup(
     ],
     entry_points={
         "console_scripts": [
-            "llama-lite-chat=llama_lite.cli.commands:chat_main",
-            "llama-lite-complete=llama_lite.cli.commands:complete_main",
-            "llama-lite-serve=llama_lite.cli.commands:serve_main",
+            "llama-lite-chat=llama_lite.cli:chat_main",
+            "llama-lite-complete=llama_lite.cli:complete_main",
+            "llama-lite-serve=llama_lite.cli:serve_main",
         ]
     },
     extras_require={"test": ["pytest", "transformers>=4.46", "accelerate", "hypothesis", "openai", "httpx", "jsonschema"]},

@@ -1,6 +1,7 @@
 """llama_lite: a small, readable Llama-style batched text generator."""
 
-from .engine.engine import Engine, RequestOutput
+from .engine.engine import Engine
+from .engine.request import RequestOutput
 from .engine.sampling import SamplingParams
 from .errors import CheckpointError
 from .generation import Llama

@@ -396,7 +396,7 @@ def cache_figures(prefix, prompts):
         node = nodes.pop()
         index += sum(system.getsizeof(x) for x in (node, node.ids, node.children, node.rows))
         nodes += node.children.values()
-    index += sum(system.getsizeof(prompt) for _, prompt in prefix.held.values())
+    index += sum(system.getsizeof(prompt) for _, prompt in prefix.prompt_of.values())
     return {"hit_rate": round(prefix.hits / max(1, prefix.hits + prefix.misses), 3),
             "reused_of_prompt_tokens": round(prefix.reused_tokens / sum(map(len, prompts)), 3), "index_kb": round(index / 1024)}
 

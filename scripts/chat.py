@@ -3,7 +3,7 @@
 import sys
 
 try:  # importing torch takes seconds: Ctrl-C then is an exit, not a traceback
-    from llama_lite.cli.commands import chat_main
+    from llama_lite.cli import chat_main
 except KeyboardInterrupt:
     sys.exit(130)
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from llama_lite import CheckpointError, Llama, Tokenizer
 from llama_lite.loading.checkpoint import read_checkpoint
-from llama_lite.text.tokenizer import gguf_tokenizer
+from llama_lite.text.gguf_vocab import gguf_tokenizer
 from tests.memory import peak_rss_mb
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 

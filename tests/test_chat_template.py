@@ -63,7 +63,7 @@ def test_the_real_template_still_renders_fast(llm):
 
 
 def test_a_chat_template_override_is_text_or_a_file(tmp_path):
-    from llama_lite.generation import read_chat_template
+    from llama_lite.text.chat_template import read_chat_template
 
     text = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     path = tmp_path / "t.jinja"

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from llama_lite import Llama
-from llama_lite.cli.commands import _as_typed, chat, complete, serve
+from llama_lite.cli import chat, complete, serve
 from llama_lite.cli.prompt_files import FileResults, read_prompts
+from llama_lite.cli.runner import _as_typed
 from llama_lite.model.devices import CpuLoad, default_threads
 from llama_lite.model.transformer import KVCache, ModelArgs
 from tests.test_scripts import FLAGS, ROOT, assert_fails, in_process, script

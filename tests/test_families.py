@@ -274,7 +274,7 @@ def test_sharded_qwen2_folder_matches_transformers(tmp_path):
 
 
 def test_int8_qwen2_keeps_its_biases_unquantized(tmp_path):
-    from llama_lite.loading.checkpoint import hf_to_meta_rows
+    from llama_lite.loading.meta_names import hf_to_meta_rows
 
     model = hf_model("qwen2")
     llm = build(save_hf(model, "qwen2", tmp_path), quantize="int8")

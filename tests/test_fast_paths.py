@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_lite import Llama, SamplingParams
-from llama_lite.loading.checkpoint import Int4Values, Int8Values
+from llama_lite.loading.checkpoint_types import Int4Values, Int8Values
 from llama_lite.loading.gguf_file import dequantize, kept_values, open_gguf
 from llama_lite.model.kernels import Int4Linear, Int8Embedding, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama_lite import CheckpointError, Llama
-from llama_lite.loading.checkpoint import meta_hidden_dim
+from llama_lite.loading.meta_folder import meta_hidden_dim
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")

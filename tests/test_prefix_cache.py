@@ -15,7 +15,7 @@ import torch
 from llama_lite import Llama, SamplingParams
 from llama_lite.engine.engine import Engine
 from llama_lite.engine.prefix_cache import PrefixTree
-from llama_lite.model.transformer import KEY_BLOCK
+from llama_lite.model.kv_cache import KEY_BLOCK
 from tests.test_engine import PieceTokenizer, ScriptedModel, corpus_prompts, greedy, mixed_params
 
 
@@ -278,7 +278,7 @@ def test_rows_are_evicted_least_recently_used_and_running_rows_are_copied_never_
     engine.step()
 
     def holding():  # row -> the first id of the prompt whose K/V it holds
-        return {row: prompt[0] for row, (_, prompt) in engine.prefix.held.items()}
+        return {row: prompt[0] for row, (_, prompt) in engine.prefix.prompt_of.items()}
 
     for first in (20, 21, 23, 24):  # each in row 1, the lowest free; what row 1 held moves to the row to evict
         assert finish(engine, [first, 4, 4, 4])[1] == 0

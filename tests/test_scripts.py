@@ -26,7 +26,7 @@ def script(name, *args, stdin=""):
 def in_process(name, *args, stdin=""):
     """`script` run inside this process through the same `cli.run` (argv, stdin, stdout, stderr and
     the exit code swapped in): no interpreter and torch start-up, for checks that end before work."""
-    from llama_lite.cli import commands as cli
+    from llama_lite import cli
 
     command = {"chat.py": cli.chat, "complete.py": cli.complete, "serve.py": cli.serve}[name]
     out, err = io.StringIO(), io.StringIO()

@@ -593,7 +593,7 @@ def test_large_bodies_are_413_before_parsing_and_prompts_are_tokenized_off_the_e
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(llm.tokenizer, "encode", watched)
-    monkeypatch.setattr("llama_lite.server.app.json.loads", _refuse_big(json.loads))
+    monkeypatch.setattr("llama_lite.server.protocol.json.loads", _refuse_big(json.loads))
     with TestClient(create_app(llm, MODEL, max_queue=0, max_body_mb=0.01)) as http:  # 10 KiB
         big = {"model": MODEL, "prompt": "word " * 4000, "max_tokens": 1}
         for reply in (http.post("/v1/completions", json=big),  # with a Content-Length

@@ -7,7 +7,9 @@ import shutil
 import pytest
 
 from llama_lite import CheckpointError, Llama, Tokenizer
-from llama_lite.text.tokenizer import GGUF_PRE_TOKENIZERS, HFTokenizer, SentencePieceTokenizer
+from llama_lite.text.gguf_vocab import GGUF_PRE_TOKENIZERS
+from llama_lite.text.hf_backend import HFTokenizer
+from llama_lite.text.sentencepiece_backend import SentencePieceTokenizer
 from tests.corpus import CORPUS, EXTRA
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 

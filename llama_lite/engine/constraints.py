@@ -122,7 +122,7 @@ class Grammars:
             if compiled is not None:
                 self._compiled.move_to_end(grammar)
                 return compiled.deep_copy()
-            lltokenizer = self._tokenizer()
+            lltokenizer = self._llguidance_tokenizer()
         from llguidance import LLMatcher
 
         compiled = LLMatcher(lltokenizer, grammar, log_level=0)
@@ -134,12 +134,13 @@ class Grammars:
                 self._compiled.popitem(last=False)
         return compiled.deep_copy()
 
-    def _tokenizer(self):
+    def _llguidance_tokenizer(self):
         if self._lltokenizer is None:
             import llguidance
 
             wrapper = llguidance.TokenizerWrapper(_Vocabulary(self.tokenizer, self.vocab_size))
-            self._lltokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self.vocab_size, eos_token=sorted(self.tokenizer.stop_ids))
+            self._lltokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self.vocab_size,
+                                                       eos_token=sorted(self.tokenizer.stop_ids))
         return self._lltokenizer
 
     def mask(self, requests, logits: torch.Tensor) -> torch.Tensor:

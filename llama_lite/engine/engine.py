@@ -21,29 +21,17 @@ which row it holds.
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
-from ..text.detokenizer import Detokenizer
+from ..checks import check_whole
 from .constraints import Grammars
 from .prefix_cache import PrefixCache, Reuse
-from .sampling import SamplingParams, chosen_logprobs, penalize, sample, top_logprobs
+from .prompts import check_prompt
+from .request import Request, RequestOutput, merge_outputs
+from .request_sampling import requests_logprobs, sample_requests
+from .sampling import SamplingParams
 from .speculation import Acceptance, Drafter, check_speculative, plan_drafts
-
-
-@dataclass
-class RequestOutput:
-    """What one step did for one request: its new ids and text (the prompt's first, with echo)."""
-
-    request_id: int
-    token_ids: list
-    text: str
-    finished: bool
-    finish_reason: "str | None" = None  # "stop" (a stop id or string), "length" (max_tokens), "abort"
-    logprobs: "list | None" = None  # per id of token_ids, when asked (the first prompt id: 0.0)
-    top_logprobs: "list | None" = None  # per id: [(id, logprob), ...] likeliest first, when asked
-    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache instead of a prefill
 
 
 def prompt_chunk(remaining: int, budget: int) -> int:
@@ -58,44 +46,6 @@ def prompt_chunk(remaining: int, budget: int) -> int:
     return n
 
 
-def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """One request's two successive outputs of a step as one (several tokens arrive together)."""
-    def join(a, b):
-        return None if a is None else a + b
-    return RequestOutput(first.request_id, first.token_ids + then.token_ids, first.text + then.text, then.finished,
-                         then.finish_reason, join(first.logprobs, then.logprobs), join(first.top_logprobs, then.top_logprobs),
-                         then.cached_tokens)
-
-
-class Request:
-    """One request's state from `add` to its last output."""
-
-    def __init__(self, request_id: int, prompt: list, params: SamplingParams, max_tokens: int, tokenizer, vocab_size, device):
-        self.id, self.prompt, self.params, self.max_tokens = request_id, prompt, params, max_tokens
-        self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
-        self.output_ids = []
-        self.row = None  # its KV-cache row once admitted
-        self.n_cached = 0  # how many of its tokens have their K/V in the cache
-        self.cached_tokens = 0  # how many of those the prefix cache gave it
-        self.detokenizer = Detokenizer(tokenizer, params.stop, prompt if params.echo else ())
-        # (vocab,): how often each id was generated, for the penalties
-        self.counts = torch.zeros(vocab_size, device=device) if params.penalized else None
-        # With echo and logprobs the prompt's own scores go out with the first new token (the first has none).
-        self.prompt_logprobs = [0.0] if params.echo and params.logprobs else None
-        self.prompt_top_logprobs = [[]] if params.echo and params.top_logprobs else None
-        self.matcher = None  # its constraint's llguidance matcher (constraints.py), if it has one
-        self.drafter = None  # its prompt-lookup guesses (speculation.py), if it guesses
-
-    @property
-    def decoding(self) -> bool:
-        return self.n_cached >= len(self.prompt)
-
-    @property
-    def scores_prompt(self) -> bool:
-        """Echo with logprobs: every prompt position's logits are needed, so none may be reused."""
-        return self.prompt_logprobs is not None
-
-
 class Engine:
     def __init__(self, model, tokenizer, generator: torch.Generator, max_step_tokens: int = 512, prefix_cache=True,
                  speculative="auto"):
@@ -104,8 +54,7 @@ class Engine:
         `prefix_cache`: reuse the K/V of prompt beginnings the cache's rows still hold.
         `speculative`: "auto" guesses tokens by prompt lookup where that costs nothing, "ngram" always
         (speculation.py), "off" never."""
-        if isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int) or max_step_tokens < 1:
-            raise ValueError(f"max_step_tokens must be a whole number >= 1, got {max_step_tokens!r}")
+        check_whole("max_step_tokens", max_step_tokens, 1)
         check_speculative(speculative)
         self.speculative = speculative
         self.acceptance = Acceptance()  # how many guesses were accepted, for reports
@@ -131,26 +80,16 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         p = self.model.params
-        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-            raise ValueError("a prompt must be a non-empty list of token ids")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < p.vocab_size for t in prompt_ids):
-            raise ValueError(f"the prompt holds a token id outside [0, {p.vocab_size})")
-        room = p.max_seq_len - len(prompt_ids)
-        if room < 1 or (params.max_tokens or 0) > room:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; with max_tokens {params.max_tokens} it does not fit "
-                f"max_seq_len {p.max_seq_len}; shorten it, lower max_tokens or build with a larger max_seq_len"
-            )
+        check_prompt(prompt_ids, p, max(params.max_tokens or 0, 1), ("max_tokens", params.max_tokens))
         matcher = self.grammars.matcher(params)
-        request_id = next(self._ids)
-        request = Request(request_id, list(prompt_ids), params, params.max_tokens or room, self.tokenizer, p.vocab_size,
-                          self.device)
+        max_tokens = params.max_tokens or p.max_seq_len - len(prompt_ids)  # None: up to the cache's end
+        request = Request(next(self._ids), list(prompt_ids), params, max_tokens, self.tokenizer, p.vocab_size, self.device)
         request.matcher = matcher
         if self.speculative != "off" and matcher is None:  # (a constrained request's matcher advances one token at a time)
             request.drafter = Drafter(request.prompt)
-        self.requests[request_id] = request
+        self.requests[request.id] = request
         self.waiting.append(request)
-        return request_id
+        return request.id
 
     def abort(self, request_id: int) -> None:
         """End a request (finish reason "abort", reported by the next step); its row is free at once.
@@ -240,7 +179,7 @@ class Engine:
         logits = self.model.forward_segments(torch.tensor(tokens, device=device), segments,
                                              torch.tensor(logits_at, dtype=torch.long, device=device))
         for request, at, targets in scored:
-            self._score_prompt(request, logits[at : at + len(targets)], targets)
+            request.score_prompt(logits[at : at + len(targets)], targets)
         for request, ids in work:
             request.n_cached += len(ids)
         if self.prefix:
@@ -248,9 +187,9 @@ class Engine:
         if samplers:
             requests = [r for r, _, _ in samplers]
             next_logits = logits[torch.tensor([at for _, at, _ in samplers], device=device)]  # (n, vocab)
-            chosen = self._sample(requests, self.grammars.mask(requests, next_logits))  # logprobs: the model's own
-            lps, tops = self._logprobs(requests, next_logits, chosen)
-            for (request, at, guesses), token, lp, top in zip(samplers, chosen.tolist(), lps, tops):  # one host sync (and one per kept guess)
+            chosen = sample_requests(requests, self.grammars.mask(requests, next_logits), self.generator)
+            lps, tops = requests_logprobs(requests, next_logits, chosen)  # logprobs: the model's own
+            for (request, at, guesses), token, lp, top in zip(samplers, chosen.tolist(), lps, tops):  # one host sync
                 output = self._advance(request, token, lp, top)
                 if guesses:
                     output = self._verify(request, output, token, guesses, logits[at + 1 : at + 1 + len(guesses)])
@@ -266,50 +205,14 @@ class Engine:
             if output.finished or token != guess:
                 break
             accepted += 1
-            chosen = self._sample([request], row)
-            lps, tops = self._logprobs([request], row, chosen)
-            token = chosen.item()
+            chosen = sample_requests([request], row, self.generator)
+            lps, tops = requests_logprobs([request], row, chosen)
+            token = chosen.item()  # a host sync per kept guess
             output = merge_outputs(output, self._advance(request, token, lps[0], tops[0]))
         request.n_cached -= len(guesses) - accepted  # rejected guesses' K/V stay behind, never seen, overwritten later
         request.drafter.update(len(guesses), accepted)
         self.acceptance.add(len(guesses), accepted)
         return output
-
-    def _sample(self, requests, logits):
-        """Each request's next id from its row of logits (n, vocab), with its own settings and generator."""
-        if all(r.params.temperature == 0 and not r.params.penalized for r in requests):
-            return logits.argmax(dim=-1)
-        chosen = []
-        for request, row in zip(requests, logits.split(1)):
-            p = request.params
-            if p.penalized:
-                row = penalize(row, request.counts, p.presence_penalty, p.frequency_penalty)
-            chosen.append(sample(row, p.temperature, p.top_p, p.top_k, request.generator or self.generator))
-        return torch.cat(chosen)
-
-    def _logprobs(self, requests, logits, chosen):
-        """Per request: the chosen id's log-probability and its top alternatives, if asked (else None)."""
-        lps, tops = [None] * len(requests), [None] * len(requests)
-        asked = [i for i, r in enumerate(requests) if r.params.logprobs]
-        if asked:
-            index = torch.tensor(asked, device=logits.device)
-            for i, lp in zip(asked, chosen_logprobs(logits[index], chosen[index]).tolist()):
-                lps[i] = lp
-            for i in asked:
-                if requests[i].params.top_logprobs:
-                    ids, values = top_logprobs(logits[i], requests[i].params.top_logprobs)
-                    tops[i] = list(zip(ids.tolist(), values.tolist()))
-        return lps, tops
-
-    def _score_prompt(self, request, logits, targets):
-        """Echoed prompt logprobs: the logits at position p score the prompt token at p + 1."""
-        if not targets:
-            return
-        targets_t = torch.tensor(targets, device=logits.device)
-        request.prompt_logprobs += chosen_logprobs(logits, targets_t).tolist()
-        if request.prompt_top_logprobs is not None:
-            ids, values = top_logprobs(logits, request.params.top_logprobs)
-            request.prompt_top_logprobs += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
     def _advance(self, request, token: int, logprob, top) -> RequestOutput:
         """Record a request's new token; finish it on a stop id, a stop string, a complete constrained
@@ -331,7 +234,7 @@ class Engine:
             return self._finish(request, "stop", ids, text, lps, tops)
         if len(request.output_ids) >= request.max_tokens:
             return self._finish(request, "length", ids, text, lps, tops)
-        return RequestOutput(request.id, ids, text, False, None, *self._asked(request, lps, tops), request.cached_tokens)
+        return RequestOutput(request.id, ids, text, False, None, *request.asked(lps, tops), request.cached_tokens)
 
     def _finish(self, request, reason, ids, text, lps=(), tops=()) -> RequestOutput:
         """Take a request out (its row back to the free rows); its last output."""
@@ -343,10 +246,5 @@ class Engine:
                 self.prefix.release(request.row)
             request.row = None
         text += request.detokenizer.finish()
-        return RequestOutput(request.id, ids, text, True, reason, *self._asked(request, list(lps), list(tops)),
+        return RequestOutput(request.id, ids, text, True, reason, *request.asked(list(lps), list(tops)),
                              request.cached_tokens)
-
-    @staticmethod
-    def _asked(request, lps, tops):
-        p = request.params
-        return (lps if p.logprobs else None), (tops if p.top_logprobs else None)

@@ -106,13 +106,13 @@ class PrefixTree:
 @dataclass
 class Reuse:
     """Where a request being admitted goes: the free row it takes; the positions 0..length-1 of row
-    `source` whose K/V it reuses (source == row: in place; length 0: none); and the row `keep_in`
-    that what `row` held moves to first (None: nothing worth keeping, or nowhere to keep it)."""
+    `source` whose K/V it reuses (source == row: in place; length 0: none); and the row `move_old_to`
+    that the K/V `row` held move to first (None: nothing worth keeping, or nowhere to keep them)."""
 
     row: int
     source: int
     length: int
-    keep_in: "int | None" = None
+    move_old_to: "int | None" = None
 
 
 class PrefixCache:
@@ -124,8 +124,8 @@ class PrefixCache:
     def __init__(self, kv_cache):
         self.kv = kv_cache
         self.trees = {}  # cache_salt -> PrefixTree of the prompts rows hold
-        self.held = {}  # row -> (cache_salt, prompt): the row holds K/V of the prompt from position 0 ..
-        self.valid = {}  # .. up to (not including) this position, all written by prefill
+        self.prompt_of = {}  # row -> (cache_salt, prompt) whose K/V it holds, from position 0 ..
+        self.n_prefilled = {}  # row -> .. up to this position (not included), all written by prefill
         self.last_used = {}  # free row -> when it was last used (a tick), for least-recently-used eviction
         self.clock = itertools.count()
         self.writes_seen = kv_cache.writes
@@ -143,29 +143,30 @@ class PrefixCache:
         limit = reusable(prompt, may_reuse)
         tree = self.trees.get(salt)
         shared = tree.shared(prompt) if tree and limit > 0 else {}
-        usable = {row: min(n, self.valid[row], limit) for row, n in shared.items()}
+        usable = {row: min(n, self.n_prefilled[row], limit) for row, n in shared.items()}
         length = max(usable.values(), default=0)
-        coming = max((min(n, len(self.held[row][1]), limit) for row, n in shared.items() if row not in free_rows), default=0)
+        coming = max((min(n, len(self.prompt_of[row][1]), limit) for row, n in shared.items() if row not in free_rows), default=0)
         if 2 * (coming - length) >= len(prompt):
             return None
         row = min(free_rows)
         candidates = [r for r, n in usable.items() if n == length > 0]
         source = row if row in candidates or not candidates else candidates[0]
         others = [r for r in free_rows if r not in (row, source)]
-        if not others or self.valid.get(row, 0) <= shared.get(row, 0):  # nowhere to keep it, or nothing is lost
+        if not others or self.n_prefilled.get(row, 0) <= shared.get(row, 0):  # nowhere to keep it, or nothing is lost
             return Reuse(row, source, length)
-        return Reuse(row, source, length, min(others, key=lambda r: (self.valid.get(r, 0) > 0, self.last_used.get(r, -1), r)))
+        evict = min(others, key=lambda r: (self.n_prefilled.get(r, 0) > 0, self.last_used.get(r, -1), r))
+        return Reuse(row, source, length, evict)
 
     def take(self, reuse: Reuse, prompt, salt, may_reuse=True) -> None:
         """A request with this prompt now holds reuse.row: what the row held moves out (if asked), and
         the row gets the reused K/V (a copy unless in place). A one-token prompt is decoded, so its
         row holds nothing. Each step forgets before it copies, so an interruption leaves no lie."""
-        if reuse.keep_in is not None:
-            self._forget(reuse.keep_in)
-            (salt_held, prompt_held), n = self.held[reuse.row], self.valid[reuse.row]
-            self.kv.copy_prefix(reuse.row, reuse.keep_in, n)
-            self._hold(reuse.keep_in, salt_held, prompt_held, n)
-            self.last_used[reuse.keep_in] = self.last_used.get(reuse.row, -1)
+        if reuse.move_old_to is not None:
+            self._forget(reuse.move_old_to)
+            (old_salt, old_prompt), n = self.prompt_of[reuse.row], self.n_prefilled[reuse.row]
+            self.kv.copy_prefix(reuse.row, reuse.move_old_to, n)
+            self._hold(reuse.move_old_to, old_salt, old_prompt, n)
+            self.last_used[reuse.move_old_to] = self.last_used.get(reuse.row, -1)
         self._forget(reuse.row)
         if reuse.source != reuse.row and reuse.length:
             self.kv.copy_prefix(reuse.source, reuse.row, reuse.length)
@@ -180,11 +181,11 @@ class PrefixCache:
 
     def prefilled(self, rows_written) -> None:
         """After a forward call of the engine: (row, its request's tokens with K/V written) pairs; the
-        prompt positions among them are valid (generated tokens' K/V are decoding's, never reused)."""
+        prompt positions among them count as prefilled (generated tokens' K/V are decoding's, never reused)."""
         self.writes_seen = self.kv.writes
         for row, n in rows_written:
-            if row in self.held:
-                self.valid[row] = min(n, len(self.held[row][1]))
+            if row in self.prompt_of:
+                self.n_prefilled[row] = min(n, len(self.prompt_of[row][1]))
 
     def release(self, row: int) -> None:
         """The row's request ended: the row keeps its K/V until it is needed again."""
@@ -194,19 +195,19 @@ class PrefixCache:
         """Forget every row's K/V if anything but the engine wrote the cache since (`generate`, a direct
         model call): they may no longer be what the index says."""
         if self.kv.writes != self.writes_seen:
-            for row in list(self.held):
+            for row in list(self.prompt_of):
                 self._forget(row)
             self.writes_seen = self.kv.writes
 
-    def _hold(self, row: int, salt, prompt: tuple, valid: int) -> None:
-        self.held[row] = (salt, prompt)
-        self.valid[row] = valid
+    def _hold(self, row: int, salt, prompt: tuple, n_prefilled: int) -> None:
+        self.prompt_of[row] = (salt, prompt)
+        self.n_prefilled[row] = n_prefilled
         self.trees.setdefault(salt, PrefixTree()).insert(row, prompt)
 
     def _forget(self, row: int) -> None:
-        if row in self.held:
-            salt, prompt = self.held.pop(row)
-            del self.valid[row]
+        if row in self.prompt_of:
+            salt, prompt = self.prompt_of.pop(row)
+            del self.n_prefilled[row]
             self.trees[salt].remove(row, prompt)
             if not self.trees[salt]:
                 del self.trees[salt]

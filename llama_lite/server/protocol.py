@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from ..checks import is_whole
+
 MAX_STOPS = 4  # as OpenAI
 MAX_TOKENS = 1 << 30
 
@@ -34,14 +36,10 @@ def _rule(check):
     return BeforeValidator(validate)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def Whole(low, high=None):
+def WholeNumber(low, high=None):
     """An optional whole-number field in low..high (high None: no bound above)."""
     allowed = f"in {low}..{high}" if high is not None else f">= {low}"
-    ok = lambda x: _is_int(x) and low <= x and (high is None or x <= high)  # noqa: E731
+    ok = lambda x: is_whole(x) and low <= x and (high is None or x <= high)  # noqa: E731
     return Annotated[Optional[int], _rule(lambda x: None if ok(x) else f"must be a whole number {allowed}"),
                      Field(ge=low, le=high)]
 
@@ -56,7 +54,11 @@ def Number(low, high):
     return Annotated[Optional[float], _rule(check), Field(ge=low, le=high)]
 
 
-Flag = Annotated[Optional[bool], _rule(lambda x: None if isinstance(x, bool) else "must be true or false")]  # JSON true/false only
+# JSON true/false only
+Flag = Annotated[Optional[bool], _rule(lambda x: None if isinstance(x, bool) else "must be true or false")]
+
+
+NonEmptyText = Annotated[Optional[str], _rule(lambda x: None if isinstance(x, str) and x else "must be a non-empty string")]
 
 
 def Unsupported(default=None):
@@ -73,7 +75,8 @@ def Unsupported(default=None):
 
 def _stop(value):
     stop = [value] if isinstance(value, str) else value
-    if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop)):
+    well_formed = isinstance(stop, list) and len(stop) <= MAX_STOPS and all(isinstance(s, str) and s for s in stop)
+    if stop is not None and not well_formed:
         raise RequestError(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them, got {value!r}", "stop")
     return stop
 
@@ -116,20 +119,20 @@ class _Request(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[StrictStr] = None
-    max_tokens: Whole(1, MAX_TOKENS) = None
+    max_tokens: WholeNumber(1, MAX_TOKENS) = None
     temperature: Number(0, 2) = None
     top_p: Number(0, 1) = None
-    top_k: Whole(1) = Field(None, description="an extension: sample from the k likeliest tokens")
+    top_k: WholeNumber(1) = Field(None, description="an extension: sample from the k likeliest tokens")
     stop: Annotated[Union[str, list[str], None], BeforeValidator(_stop)] = None
-    seed: Whole(-(2**63), 2**63 - 1) = None
-    n: Whole(1, 16) = None
+    seed: WholeNumber(-(2**63), 2**63 - 1) = None
+    n: WholeNumber(1, 16) = None
     presence_penalty: Number(-2, 2) = None
     frequency_penalty: Number(-2, 2) = None
     stream: Flag = None
     stream_options: Optional[StreamOptions] = None
     user: Any = Field(None, description="accepted and ignored")
     response_format: Optional[ResponseFormat] = None
-    cache_salt: Annotated[Optional[str], _rule(lambda x: None if isinstance(x, str) and x else "must be a non-empty string")] = Field(
+    cache_salt: NonEmptyText = Field(
         None, description="an extension: prompt K/V are shared only between requests of the same salt")
     logit_bias: Unsupported() = None
     suffix: Unsupported() = None
@@ -155,7 +158,9 @@ class _Request(BaseModel):
             except ValueError as e:
                 raise RequestError(f"the request body is not valid JSON ({e}); send a JSON object") from None
         options = body.get("stream_options") if isinstance(body, dict) else None
-        if options is not None and (body.get("stream") is not True or not isinstance(options, dict) or set(options) - {"include_usage"}):
+        well_formed = options is None or (body.get("stream") is True and isinstance(options, dict)
+                                          and not set(options) - {"include_usage"})
+        if not well_formed:
             raise RequestError("stream_options must be {\"include_usage\": bool}, and only with stream: true", "stream_options")
         return body
 
@@ -177,9 +182,9 @@ class _Request(BaseModel):
 def _prompt(value):
     if not isinstance(value, (str, list)) or isinstance(value, list) and not value:
         raise RequestError("'prompt' is required: a string, a list of strings, or token ids", "prompt")
-    if isinstance(value, list) and not all(_is_int(t) for t in value):
+    if isinstance(value, list) and not all(is_whole(t) for t in value):
         for i, p in enumerate(value):
-            if not isinstance(p, str) and not (isinstance(p, list) and all(_is_int(t) for t in p)):
+            if not isinstance(p, str) and not (isinstance(p, list) and all(is_whole(t) for t in p)):
                 raise RequestError(f"prompt {i} must be a non-empty string or a list of token ids, got {p!r}", "prompt")
     return value
 
@@ -187,7 +192,7 @@ def _prompt(value):
 class CompletionRequest(_Request):
     prompt: Annotated[Union[str, list[Union[StrictStr, StrictInt, list[StrictInt]]]], BeforeValidator(_prompt)]
     echo: Flag = None
-    logprobs: Whole(0, 5) = Field(None, description="the chosen token's log-probability and this many alternatives")
+    logprobs: WholeNumber(0, 5) = Field(None, description="the chosen token's log-probability and this many alternatives")
     tools: Unsupported() = None
     tool_choice: Unsupported() = None
     parallel_tool_calls: Unsupported() = None
@@ -272,14 +277,16 @@ def _tool_choice(value):
     return value
 
 
+ToolChoice = Annotated[Union[Literal["none", "auto", "required"], NamedToolChoice, None], BeforeValidator(_tool_choice)]
+
+
 class ChatRequest(_Request):
     messages: Annotated[list[ChatMessage], BeforeValidator(_messages)]
     logprobs: Flag = None
-    top_logprobs: Whole(0, 20) = None
-    max_completion_tokens: Whole(1, MAX_TOKENS) = None
+    top_logprobs: WholeNumber(0, 20) = None
+    max_completion_tokens: WholeNumber(1, MAX_TOKENS) = None
     tools: Optional[list[Tool]] = None
-    tool_choice: Annotated[Union[Literal["none", "auto", "required"], NamedToolChoice, None], BeforeValidator(_tool_choice)] = Field(
-        None, description="default 'auto' when tools are given")
+    tool_choice: ToolChoice = Field(None, description="default 'auto' when tools are given")
     parallel_tool_calls: Flag = Field(None, description="accepted; a constrained reply holds one call")
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ a time bound, so a template can neither exhaust memory nor loop forever.
 """
 
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -117,3 +118,21 @@ def render_chat(template: str, dialog: list, *, bos_token: str = "", eos_token: 
         return _within(TIME_LIMIT_S, render)
     except Exception as e:  # SecurityError from the sandbox, syntax errors, the time bound, a template's own TypeError...
         raise ValueError(f"the checkpoint's chat template failed: {type(e).__name__}: {e}") from None
+
+
+def read_chat_template(value) -> "str | None":
+    """A chat template given as its text or as a file holding it (None: none given)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"chat_template must be a jinja2 template or a file holding one, got {value!r}")
+    text = str(value)
+    if not isinstance(value, str) or ("{{" not in text and "{%" not in text):  # a path
+        try:
+            text = open(value, encoding="utf-8").read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"chat template file {value} does not exist; pass a jinja2 template or its file") from None
+        except (IsADirectoryError, UnicodeDecodeError):
+            raise ValueError(f"chat template file {value} is not a text file; pass a jinja2 template or its file") from None
+    check_template(text)
+    return text

@@ -16,7 +16,7 @@ class Detokenizer:
         """`prompt_ids`: ids whose text comes first (echo); stop strings are looked for after them."""
         self.tokenizer, self.stop = tokenizer, tuple(stop)
         self.ids = []
-        self.start = self.read = 0  # ids[start:read] decode to text already taken; ids[read:] are new
+        self.window_start = self.first_new = 0  # ids[window_start:first_new]: text already taken; ids[first_new:] are new
         self.held = ""  # taken text not yet released: it may begin a stop string
         self.stopped = False  # a stop string was found: nothing more comes
         self.echo = ""
@@ -24,7 +24,7 @@ class Detokenizer:
             self.ids = list(prompt_ids)
             self.echo = self.tokenizer.decode(self.ids)
             # The window keeps a few prompt ids as context, so the first new piece keeps its space.
-            self.start, self.read = max(0, len(self.ids) - 4), len(self.ids)
+            self.window_start, self.first_new = max(0, len(self.ids) - 4), len(self.ids)
 
     def add(self, ids) -> str:
         """Take new ids; the text that is now certain (maybe empty)."""
@@ -38,11 +38,11 @@ class Detokenizer:
     def _new_text(self, final: bool) -> str:
         if self.stopped:
             return ""
-        before = self.tokenizer.decode(self.ids[self.start : self.read])
-        after = self.tokenizer.decode(self.ids[self.start :])
+        before = self.tokenizer.decode(self.ids[self.window_start : self.first_new])
+        after = self.tokenizer.decode(self.ids[self.window_start :])
         if len(after) <= len(before) or (after.endswith(REPLACEMENT) and not final):
             return ""  # nothing yet, or the next ids should complete a character
-        self.start, self.read = self.read, len(self.ids)
+        self.window_start, self.first_new = self.first_new, len(self.ids)
         return after[len(before) :]
 
     def _release(self, text: str, final: bool) -> str:

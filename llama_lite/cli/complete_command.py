@@ -1,0 +1,105 @@
+"""`complete`: a file of prompts run in batches, one JSON line each, in input order; a run that is
+cut short continues where it stopped (the files' side is prompt_files.py)."""
+
+import json
+import sys
+
+from ..checks import check_whole
+from ..engine.sampling import request_seed
+from .flags import build_llama, documented, sampling_flags
+from .prompt_files import FileResults, StdoutResults, read_prompts
+from .runner import on_main, run
+
+
+@documented(
+    prompts='a .txt file (a prompt a line), a .jsonl file ({"prompt": ...} a line) or - for stdin. E.g. prompts.txt',
+    out="write the results to this file instead of stdout. E.g. --out results.jsonl",
+    chat="run each prompt as a one-turn chat through the checkpoint's chat template (instruct models); "
+         'a .jsonl line may then hold "messages". E.g. --chat',
+    max_gen_len="the most new tokens per prompt. E.g. --max_gen_len 128",
+    max_batch_size="prompts run at once (KV-cache rows). E.g. --max_batch_size 32",
+)
+def complete(prompts: str, out: str = None, chat: bool = False, max_gen_len: int = 64, temperature: float = 0.0,
+             top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             max_batch_size: int = 8, checkpoint: str = None, tokenizer: str = None, max_seq_len: int = None,
+             device: str = None, dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None,
+             no_prefix_cache: bool = False, json_schema: str = None, regex: str = None, chat_template: str = None,
+             threads: int = None, speculative: str = "auto"):
+    """Complete PROMPTS (.txt, .jsonl or - for stdin) to one JSON line each, in input order, on
+    stdout or in --out. With --out, finished lines go to OUT.partial at once; a finished run renames
+    it to OUT, and the same command run again after an interruption continues where it stopped.
+    Prompt K samples with seed --seed + K, so a resumed sampled run equals an uninterrupted one.
+    """
+    sampling = sampling_flags(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, max_gen_len=max_gen_len, json_schema=json_schema,
+                              regex=regex)
+    check_whole("--max_batch_size", max_batch_size, 1)
+    if not isinstance(chat, bool):
+        raise ValueError(f"--chat takes no value (or True/False), got {chat!r}")
+    results = StdoutResults()  # other ranks' stdout is /dev/null
+
+    def open_results():
+        nonlocal results
+        if out is not None and out != "-":  # "-": stdout, as for the prompts
+            results = FileResults(out, prompts)
+
+    on_main(open_results)  # --out checked before any work
+    try:
+        records = on_main(lambda: read_prompts(prompts, chat))
+        done = on_main(lambda: results.resume(records))  # what an earlier run of this command finished
+        if done:
+            print(f"continuing {out}.partial: {done} of {len(records)} prompts were done", file=sys.stderr)
+        if len(records) > done:
+            llm = build_llama(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
+                              no_prefix_cache, chat_template, threads, speculative)
+            if seed is not None:  # prompt K samples with seed + K, however the run was cut
+                sampling["seed"] = request_seed(seed, done)
+            _write_results(llm, records, done, results, prompts, chat, max_gen_len, sampling)
+        results.finish()
+    finally:
+        results.close()
+
+
+def complete_main():
+    run(complete)
+
+
+def _write_results(llm, records, done, results, source, chat, max_gen_len, sampling):
+    """Generate for each (line number, record) of records[done:], writing a result line for each in
+    order. --max_gen_len None: up to the context's end for the longest prompt of all (resumed or not)."""
+    todo, limit = records[done:], llm.model.params.max_seq_len
+    if max_gen_len is None:
+        lengths = [len(_prompt_tokens(llm, record, chat)) for _, record in records]
+        longest = max(range(len(records)), key=lambda i: lengths[i])
+        max_gen_len = max(1, limit - 1 - lengths[longest])
+    tokens = []
+    for number, record in todo:  # a prompt that cannot run is reported by its line before any work
+        try:
+            ids = _prompt_tokens(llm, record, chat)
+        except ValueError as e:
+            raise ValueError(f"{source} line {number}: {e}") from None
+        if not ids:
+            raise ValueError(f"{source} line {number}: the prompt encodes to no tokens; give it some text")
+        if len(ids) + max_gen_len > limit:
+            raise ValueError(f"{source} line {number}: the prompt has {len(ids)} tokens, and with --max_gen_len "
+                             f"{max_gen_len} it exceeds --max_seq_len {limit}; shorten it or raise --max_seq_len")
+        tokens.append(ids)
+    finished, written, empty = {}, 0, 0
+    for i, result in llm.as_completed(tokens, max_gen_len, progress=True, **sampling):
+        finished[i] = result["text"]
+        while written in finished:  # in input order: each line once all before it are written
+            text = finished.pop(written)
+            results.write(json.dumps({**todo[written][1], "generation": text}, ensure_ascii=False) + "\n")
+            empty += not text.strip()
+            written += 1
+    if not chat and llm.tokenizer.chat_template and 2 * empty >= len(todo):
+        print(f"note: {empty} of {len(todo)} generations are empty; an instruct model often ends at once without its "
+              "chat template: pass --chat", file=sys.stderr)
+
+
+def _prompt_tokens(llm, record, chat) -> list:
+    if not chat:
+        return llm.tokenizer.encode(record["prompt"], bos=llm.tokenizer.add_bos, eos=False)
+    if not llm.tokenizer.chat_template:
+        raise ValueError("this checkpoint has no chat template; run without --chat")
+    return llm.chat_prompt_tokens(record.get("messages") or [{"role": "user", "content": record["prompt"]}])

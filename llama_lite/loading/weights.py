@@ -1,0 +1,115 @@
+"""A checkpoint's tensors into a `Transformer`: which weights stay quantized, and how each one is placed.
+
+The model is built on the meta device (no throw-away random init) with int8 and int4 layers where
+weights are held quantized; then one tensor at a time is read (dequantized, merged or un-permuted),
+cut to this rank's part, converted and assigned.
+"""
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from ..errors import CheckpointError
+from ..model import parallel
+from ..model.devices import resolve_dtype
+from ..model.kernels import int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
+from ..model.transformer import Transformer
+from .checkpoint import Int4Values, Int8Values
+
+PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this
+LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def quantized_weights(ckpt, quantize, dtype, device, world):
+    """({Meta name: "int4" or "int8"} of the weights held quantized, the activations' dtype).
+
+    4-bit weights run through PyTorch's CPU kernel with bfloat16 activations: the fastest path
+    measured here on both kinds of x86 CPU (AVX512-BF16 and AVX2-only). So unless another dtype is
+    asked for, a GGUF's Q4_0 / Q4_1 layers stay 4-bit, and a Q8_0 embedding and output head stay
+    int8 with their scale per 32 (read once per token, they are a third of SmolLM2's bytes); both as
+    stored, nothing rounded but the 4-bit blocks' scales (to bfloat16). quantize="int4" also
+    quantizes the layers of float checkpoints."""
+    asked_bf16 = dtype is None or dtype in ("bfloat16", torch.bfloat16)
+    if quantize == "int4" and (device.type != "cpu" or not asked_bf16):
+        raise ValueError("quantize='int4' runs on a CPU with bfloat16 activations; pass device='cpu' and dtype "
+                         "'bfloat16' (or none), or quantize=None")
+    if quantize == "int8" or not (quantize == "int4" or (ckpt.stored and device.type == "cpu" and asked_bf16 and world == 1)):
+        return {}, resolve_dtype(dtype, device)
+    ends = ("tok_embeddings.weight", "output.weight")  # looked up, or multiplied for one token a sequence
+    quantized = {name: kind for name, kind in ckpt.stored.items() if (kind == "int4") != (name in ends)}
+    if quantize == "int4":
+        quantized.update({f"layers.{i}.{m}.weight": "int4" for i in range(ckpt.args["n_layers"]) for m in LAYER_MATRICES})
+    return quantized, torch.bfloat16
+
+
+def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer_vocab_size: int) -> Transformer:
+    """The model of `params` holding the checkpoint's tensors, on `device` in `dtype` (the weights in
+    `quantized`, from quantized_weights, held as int4 or int8), its KV cache allocated, in eval mode.
+    Ids from `tokenizer_vocab_size` on are never sampled (a tokenizer smaller than the model's
+    vocabulary cannot write them)."""
+    world = parallel.world_size()
+    # fairscale's layers cannot be made on the meta device; they get uninitialised memory instead.
+    with torch.device("meta" if world == 1 else device):
+        model = Transformer(params)
+        if quantize == "int8":
+            quantize_modules(model, dtype)
+        modules = {kind: {name.removesuffix(".weight") for name, its_kind in quantized.items() if its_kind == kind}
+                   for kind in ("int4", "int8")}
+        if ckpt.tied and "tok_embeddings" in modules["int8"]:
+            modules["int8"].add("output")  # the embedding's own int8 rows and scales
+        quantize_modules(model, dtype, modules["int8"], group=32)
+        int4_layers = int4_modules(model, dtype, modules["int4"])
+    state = _read_state(ckpt, quantized, model, int4_layers, dtype, device)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"{ckpt.path}: its tensors do not match its metadata ({detail[:300]})") from None
+    model.setup_cache()
+    model.tokenizer_vocab_size = tokenizer_vocab_size
+    return model.eval()
+
+
+def _read_state(ckpt, quantized, model, int4_layers, dtype, device) -> dict:
+    """The state dict to assign: one tensor at a time read (dequantized, merged or un-permuted), cut
+    to this rank's part, converted, placed; a tied output head shares the embedding's tensors."""
+    local_shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    state, int4_parts = {}, {}
+    progress = tqdm(ckpt.tensors(frozenset(quantized) & ckpt.stored.keys()), total=ckpt.n_tensors, desc="loading",
+                    unit="tensor", leave=False, file=sys.stderr, disable=ckpt.size < PROGRESS_BYTES or not parallel.is_main())
+    for name, tensor in progress:
+        module, _, kind = name.rpartition(".")
+        if module in int4_layers:  # 4-bit values as stored, or quantized now; packed once a fused matrix is whole
+            _add_int4_part(state, int4_parts, int4_layers[module], name, tensor, dtype)
+            continue
+        if not isinstance(tensor, Int8Values):  # (values held quantized only ever load in one process)
+            tensor = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape))
+        if kind == "weight" and module + ".scale" in local_shapes:  # an int8 layer: as stored (Q8_0), or quantized as read
+            state[name], state[module + ".scale"] = tensor if isinstance(tensor, Int8Values) else quantize_int8(tensor.to(device))
+        else:
+            state[name] = tensor.to(device=device, dtype=dtype)
+    if ckpt.tied and "tok_embeddings.weight" in state:
+        for part in ("weight", "scale") if "output.scale" in local_shapes else ("weight",):  # the same tensors, not copies
+            state[f"output.{part}"] = state[f"tok_embeddings.{part}"]
+    return state
+
+
+def _add_int4_part(state, parts, target, name, tensor, dtype):
+    """Keep one weight (or bias) of an int4 layer; once every part of its matrix is in, pack it into
+    `state` (the parts' rows one after another, as kernels.FUSED_INT4 orders them)."""
+    (fused, members), kind = target, name.rpartition(".")[2]
+    if kind == "weight" and not isinstance(tensor, Int4Values):
+        tensor = Int4Values(*quantize_int4(tensor))
+    got = parts.setdefault((fused, kind), {})
+    got[name.rpartition(".")[0]] = tensor
+    if len(got) < len(members):
+        return
+    ordered = [got[m] for m in members]
+    del parts[(fused, kind)]
+    if kind == "weight":
+        q, scale, offset = (torch.cat(x) for x in zip(*ordered))
+        state[fused + ".weight"], state[fused + ".scales_and_zeros"] = pack_int4(q, scale, offset, dtype=dtype)
+    else:
+        state[fused + "." + kind] = torch.cat(ordered).to(dtype)
