@@ -20,7 +20,8 @@ from llama_lite.cli import chat, complete, serve
 from llama_lite.cli.prompt_files import FileResults, read_prompts
 from llama_lite.cli.runner import _as_typed
 from llama_lite.model.devices import CpuLoad, default_threads
-from llama_lite.model.transformer import KVCache, ModelArgs
+from llama_lite.model.kv_cache import KVCache
+from llama_lite.model.transformer import ModelArgs
 from tests.test_scripts import FLAGS, ROOT, assert_fails, in_process, script
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 

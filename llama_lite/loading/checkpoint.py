@@ -15,14 +15,10 @@ Python tools know, no hand-written dequantizer), hf_folder.py (`safetensors`) an
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .checkpoint_types import Checkpoint, Int4Values, Int8Values
-from .gguf_tensors import GGUF_ARCHITECTURES, gguf_checkpoint
-from .hf_folder import HF_MODEL_TYPES, hf_folder
-from .meta_folder import meta_folder, meta_hidden_dim
-from .meta_names import hf_to_meta_rows
-
-__all__ = ["Checkpoint", "CheckpointError", "GGUF_ARCHITECTURES", "HF_MODEL_TYPES", "Int4Values", "Int8Values", "LAYOUTS",
-           "hf_to_meta_rows", "meta_hidden_dim", "read_checkpoint"]
+from .checkpoint_types import Checkpoint
+from .gguf_tensors import gguf_checkpoint
+from .hf_folder import hf_folder
+from .meta_folder import meta_folder
 
 LAYOUTS = ("a .gguf file, a Hugging Face folder (config.json + *.safetensors) "
            "or a Meta folder (params.json + consolidated.*.pth)")

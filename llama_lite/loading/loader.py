@@ -14,10 +14,12 @@ from ..errors import CheckpointError
 from ..model import parallel
 from ..model.devices import CpuLoad, default_threads, resolve_device
 from ..model.kernels import THIN_ROWS
-from ..model.transformer import KVCache, ModelArgs, Transformer
+from ..model.kv_cache import KVCache
+from ..model.transformer import ModelArgs, Transformer
 from ..settings import BuildSettings
 from ..text.chat_template import read_chat_template
-from ..text.tokenizer import Tokenizer, gguf_tokenizer
+from ..text.gguf_vocab import gguf_tokenizer
+from ..text.tokenizer import Tokenizer
 from .checkpoint import read_checkpoint
 from .download import default_checkpoint
 from .weights import load_model, quantized_weights

@@ -15,7 +15,7 @@ from ..model import parallel
 from ..model.devices import resolve_dtype
 from ..model.kernels import int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
 from ..model.transformer import Transformer
-from .checkpoint import Int4Values, Int8Values
+from .checkpoint_types import Int4Values, Int8Values
 
 PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this
 LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -47,12 +47,11 @@ def quantized_weights(ckpt, quantize, dtype, device, world):
 def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer_vocab_size: int) -> Transformer:
     """The model of `params` holding the checkpoint's tensors, on `device` in `dtype` (the weights in
     `quantized`, from quantized_weights, held as int4 or int8), its KV cache allocated, in eval mode.
-    Ids from `tokenizer_vocab_size` on are never sampled (a tokenizer smaller than the model's
-    vocabulary cannot write them)."""
+    Ids from `tokenizer_vocab_size` on are never sampled (see Transformer)."""
     world = parallel.world_size()
     # fairscale's layers cannot be made on the meta device; they get uninitialised memory instead.
     with torch.device("meta" if world == 1 else device):
-        model = Transformer(params)
+        model = Transformer(params, tokenizer_vocab_size)
         if quantize == "int8":
             quantize_modules(model, dtype)
         modules = {kind: {name.removesuffix(".weight") for name, its_kind in quantized.items() if its_kind == kind}
@@ -68,7 +67,6 @@ def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer
         detail = " ".join(str(e).split())
         raise CheckpointError(f"{ckpt.path}: its tensors do not match its metadata ({detail[:300]})") from None
     model.setup_cache()
-    model.tokenizer_vocab_size = tokenizer_vocab_size
     return model.eval()
 
 

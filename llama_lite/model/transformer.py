@@ -18,11 +18,8 @@ from torch import nn
 from . import parallel
 from .attention import ROW_BLOCK, Attention, Batch, whole_blocks
 from .kernels import THIN_ROWS, Linear
-from .kv_cache import KEY_BLOCK, KVCache, key_blocks
+from .kv_cache import KVCache
 from .rope import RopeScaling, rope_tables
-
-# KVCache, KEY_BLOCK, key_blocks and ROW_BLOCK are imported from here too, as before the split.
-__all__ = ["KEY_BLOCK", "ROW_BLOCK", "KVCache", "ModelArgs", "Transformer", "key_blocks"]
 
 
 @dataclass
@@ -106,7 +103,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, params: ModelArgs):
+    def __init__(self, params: ModelArgs, tokenizer_vocab_size: "int | None" = None):
+        """`tokenizer_vocab_size`: ids from here on get -inf logits, so they are never picked (a
+        tokenizer smaller than the model's vocabulary cannot write them); None: every id."""
         super().__init__()
         if params.dim % params.n_heads or params.n_heads % params.n_kv_heads:
             raise ValueError(
@@ -126,7 +125,7 @@ class Transformer(nn.Module):
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
         self.decode_step = None  # the compiled one-token step, once built (decode_step.py)
         self.thin_decode = False
-        self.tokenizer_vocab_size = params.vocab_size  # logits of ids from here on are -inf (see Llama.build)
+        self.tokenizer_vocab_size = tokenizer_vocab_size or params.vocab_size
         self.setup_cache()
 
     def setup_cache(self):

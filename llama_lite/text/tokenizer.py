@@ -11,7 +11,6 @@ A GGUF's vocabulary becomes one or the other (gguf_vocab.py). `Tokenizer.from_fi
 file's content, never by a model's name. Back-end libraries are imported only when used.
 """
 
-import importlib
 from pathlib import Path
 
 from ..checks import is_whole
@@ -159,14 +158,3 @@ class Tokenizer:
                     return sentencepiece_file(proto, path)
         raise CheckpointError(f"{path} is not a tokenizer file llama_lite can read; pass {SUPPORTED_FILES}")
 
-
-# Names of the back-end modules, importable from here as they were before the split (imported when
-# first asked for: the back-ends subclass Tokenizer, so this module cannot import them first).
-_MOVED = {"SentencePieceTokenizer": "sentencepiece_backend", "HFTokenizer": "hf_backend", "json_tokenizer": "hf_backend",
-          "gguf_tokenizer": "gguf_vocab", "GGUF_PRE_TOKENIZERS": "gguf_vocab"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
