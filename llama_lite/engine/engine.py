@@ -8,15 +8,11 @@ changed; `abort` ends a request and frees its row for the next step. A request w
 output (a JSON Schema, regex or grammar) has its row of logits masked by its matcher before
 sampling (constraints.py: `Grammars`); the others are untouched. Everything else
 (`text_completion`, `chat_completion`, `stream`, the scripts, the server) drives this loop.
-With the prefix cache (prefix_cache.py) a request admitted into a row first reuses the K/V of the
-longest beginning of its prompt that a row still holds, and prefills only the rest. With speculative
-decoding (speculation.py) a decoding request may feed guesses of its next tokens after its last one
-and keep those its own draws agree with (`_verify`), several tokens in one output.
-
-Batch invariance: in float32 (eager) a request's logits are bit for bit those it gets alone
-(model.py says how), cached prefix or not (prefix_cache.py says why), and a request with a seed
-samples from its own generator, so its tokens never depend on what else runs, when it arrived, or
-which row it holds.
+With the prefix cache (prefix_cache.py) an admitted request first reuses the K/V of the longest
+beginning of its prompt that a row holds; with speculative decoding (speculation.py) a decoding
+request may feed guesses after its last token and keep those its own draws agree with (`_verify`).
+In float32 (eager) a request's tokens never depend on what else runs, when it arrived, or which row
+it holds: docs/design/batch-invariance.md.
 """
 
 import itertools

@@ -4,13 +4,8 @@ The engine is not thread-safe, so one thread owns it: handlers `submit` requests
 through a queue; the thread adds them between steps, steps while anything is unfinished, and hands
 each output to its request's asyncio queue on the loop that asked. An abort is applied before the
 next step. The server's metrics (server/metrics.py) are counted here, where the steps happen.
-
-`scripts/serve.py` steps the engine in the main thread instead (`run`) and serves HTTP from another:
-torch's OpenMP threads run fast only for the one thread that has used them first. Once two threads
-have run parallel work, libgomp manages more threads than there are cores and cuts its spin-waits
-to a few hundred spins, so every parallel operation waits for sleeping threads to wake: the engine
-stepped in a second thread after the model loaded in the first decoded at ~55 instead of ~105
-tok/s (SmolLM2's default path, 2 cores).
+`scripts/serve.py` runs this in the main thread (`run`) and serves HTTP from another: torch's OpenMP
+threads are fast only for the thread that used them first (docs/performance.md#threads).
 """
 
 import queue

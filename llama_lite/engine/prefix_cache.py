@@ -1,26 +1,10 @@
 """Prefix caching: a request reuses the K/V of its prompt's beginning that a KV-cache row still holds.
 
-A row keeps its K/V after its request ends, until they are evicted: rows that hold nothing go first,
-then the least recently used; a running request's row is never touched. A request being admitted
-reuses the longest beginning of its prompt that any row holds (a finished request's prompt, or a
-running request's prompt as far as it is prefilled), in place or copied into its row
-(KVCache.copy_prefix: milliseconds, where a prefill takes seconds), and prefills only the rest. A
-radix tree over token ids finds it, to the token. It takes no memory beyond the KV cache: the rows
-are the cache's own. (How a row is chosen, and what moves where: PrefixCache.plan.)
-
-Bit for bit what the cache off gives (float32):
-- a position's K/V depend only on the tokens up to it, and a prompt's K/V come out the same whether
-  it is prefilled whole or in chunks (model.py), so reused K/V are exactly those a prefill writes;
-- only K/V that prefill wrote are reused. A generated token's K/V were computed as decoding (a
-  one-token segment: another product kernel) and differ in the last bits from what a prefill of the
-  same token writes, so a chat's next turn, which sends the last reply back as prompt, prefills the
-  reply and reuses all before it. A one-token prompt is decoded too, so it is never reused;
-- the rest of a prompt left to prefill is two tokens or more (one would be decoded): a prompt reuses
-  at most len(prompt) - 2 positions;
-- a request that scores its own prompt (echo with logprobs) needs every prompt position's logits: it
-  reuses nothing (its K/V serve others).
-Requests share K/V only with requests of the same `cache_salt` (one tree per salt), so tenants with
-different salts cannot time each other's prompts.
+Rows keep their K/V after their request ends (evicted empty rows first, then least recently used); a
+radix tree over token ids, one per `cache_salt`, finds the longest beginning any row holds, which is
+then used in place or copied into the admitted request's row (`PrefixCache.plan`). Only K/V that a
+prefill wrote are reused, so the tokens are bit for bit those with the cache off (float32): why, and
+what is never reused, in docs/design/prefix-cache.md.
 """
 
 import itertools

@@ -1,29 +1,11 @@
 """Speculative decoding by prompt lookup: guess a request's next tokens from its own text, check them all
 in one forward call, keep what the model agrees with.
 
-Drafting (`Drafter`): where the last 3 (else 2, else 1) tokens of a request's prompt-plus-output occurred
-before, the tokens that followed their newest earlier occurrence are the guess (n-gram / prompt lookup:
-summaries, extraction, code edits and quoting chats repeat their input). An index of n-grams, kept up
-to date token by token, finds it in constant time.
-
-Verification (the engine): the request's last token and its k guesses go into the step as k + 1
-one-token segments of its row, each computed as its own one-token decode would be (model.py: query
-slots), so position i's logits are those plain decoding would see after the guesses before it. Each
-position's token is then drawn exactly as plain decoding draws it (the same logits processing, the
-request's own generator, one draw per position) until a drawn token differs from the guess: the guesses
-before it and that drawn token are kept. So a request's tokens, logprobs and random draws are bit for
-bit those without speculation (float32, eager); only how many arrive per step changes. K/V written for
-rejected guesses sit past the request's last kept position: no query sees them (attention hides keys
-past a query's position), the next tokens overwrite them, and the prefix cache reuses prompt
-positions only.
-
-k's policy (`Drafter.update`, `plan_drafts`): a request starts guessing START_K tokens; k doubles
-after a fully accepted guess (up to MAX_K), shrinks to what was accepted plus one after a partial one,
-and shrinks by half after a guess with nothing accepted. Where guesses cost nothing ("auto", the
-default: they only fill rows the decode products pad to anyway, Transformer.draft_budget, so with many
-decoding rows nothing is guessed and the step is plain decoding) every request guesses every step.
-Where they cost ("ngram": every request guesses its k) a request that guessed nothing right stops
-guessing for a while: 2, 4, 8 .. up to MAX_PAUSE steps, until a guess is accepted again.
+`Drafter` guesses (the tokens that followed the newest earlier occurrence of the last 3, 2 or 1
+tokens, from an n-gram index) and keeps each request's k; `plan_drafts` decides who guesses in a
+step; the engine verifies (`Engine._verify`) with each guess a one-token segment of its row, so the
+kept tokens are bit for bit those of plain decoding (float32). The whole design, k's policy and what
+"auto" and "ngram" cost: docs/design/speculation.md.
 """
 
 NGRAM_SIZES = (3, 2, 1)  # the suffix lengths looked up, longest first

@@ -1,17 +1,9 @@
 """Attention over the KV cache, and `Batch`: where the tokens of one forward call go.
 
-Batch invariance (float32, eager): a token's logits do not depend on what else shares its call.
-Three things make that hold on CPU:
-- MKL computes rows in blocks of four and takes other kernels for one to three left-over rows
-  (GEMV for a single row), which round differently: every product gets a multiple of ROW_BLOCK rows.
-  (With the thin product for decoding, see Transformer.use_thin_decode, decoding and prompt tokens
-  never share a product, and each kind always gets its own kernel.)
-- Attention is written out (scores, softmax, weighted sum) instead of calling
-  `scaled_dot_product_attention`, whose kernel blocks its sums by how many keys and queries share
-  the call; written out, keys past a query's position weigh exactly zero.
-- MKL also blocks a long sum by its length, so the weighted sum of values runs KEY_BLOCK keys at a
-  time in a fixed order, over a width padded to whole blocks: more keys only add exact zeros.
-(Found by measuring MKL's AVX-512 kernels; tests/test_engine.py says if another machine's differ.)
+Written for batch invariance (float32, eager: a token's logits do not depend on what else shares its
+call): every product gets whole ROW_BLOCKs of rows, attention is written out rather than
+`scaled_dot_product_attention`, and values are summed KEY_BLOCK keys at a time over whole blocks.
+Why each holds it: docs/design/batch-invariance.md.
 """
 
 from dataclasses import dataclass

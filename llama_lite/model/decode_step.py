@@ -1,25 +1,11 @@
 """The decode step compiled whole: embedding, every layer (its K/V written into the cache and attention
 over it) and the output head as one torch.compile region.
 
-At one token per sequence a step reads every weight once and does little arithmetic; run eagerly it
-is ~500 small operators, each paying Python's and the dispatcher's overhead (~45 ms a step for
-SmolLM2 on 2 cores, where its weights stream in ~5 ms). Compiled, the small operators fuse into a few
-loops and the whole step is one call.
-
-Tokens are independent rows: token t writes its K/V at (rows[t], positions[t]) and attends to its
-row's keys up to its position. Decoding feeds one token per sequence; nothing here assumes it (on
-CUDA, padding repeats the first token: the same values written twice to one place).
-
-Shapes stay dynamic (the number of tokens, and the attention width in whole key blocks), so one
-graph serves every batch size and every length; dynamo always compiles a size of one apart, so
-there are two (one token, several). The layer body is traced once and reused for every layer
-(`torch.compiler.nested_compile_region`), which cuts tracing and compiling ~10x for SmolLM2's 30
-layers. Inductor keeps what it compiled under ~/.cache/llama_lite/inductor, so a later start only
-traces (~3 s here). On CUDA the region runs as CUDA graphs ("reduce-overhead"), with the token count
-and width padded to powers of two so few graphs are recorded.
-
-A first run never waits for the compiler: `start(background=True)` builds in a thread while the
-eager step serves, and the model switches over once both graphs are built (`ready`).
+Run eagerly, one token a sequence is ~500 small operators whose overhead dwarfs reading the weights;
+compiled, they fuse into a few loops. Shapes stay dynamic (tokens, attention width in key blocks), the
+layer body is traced once for every layer (`nested_compile_region`), Inductor caches under
+~/.cache/llama_lite/inductor, and `start(background=True)` builds in a thread while the eager step
+serves. Measurements and what it promises: docs/design/compiled-step.md.
 """
 
 import os

@@ -2,13 +2,9 @@
 fits in memory.
 
 A KV cache larger than memory must be refused with its size before it is allocated: allocating it
-would fail deep inside torch (or, with overcommit, get the process killed later).
-
-Threads: torch's OpenMP threads wait for each other at the end of every operation, spinning. On a
-core that another process keeps busy, one of them runs only part of the time, and every operation
-waits for it: on 2 cores with one busy, 2 threads decoded at 4.1-4.6 tok/s where 1 thread gave
-15.7-16.2 (README: Threads). So by default the model gets the cores this process may use (its
-affinity and its cgroup's CPU quota) that no other process keeps busy while it is built.
+would fail deep inside torch (or, with overcommit, get the process killed later). By default the
+model gets the cores this process may use that no other process keeps busy: torch's threads wait for
+each other after every operation, so one on a busy core slows all (docs/performance.md#threads).
 """
 
 import math
