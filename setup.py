@@ -33,5 +33,8 @@ setup(
             "llama-lite-serve=llama_lite.cli:serve_main",
         ]
     },
-    extras_require={"test": ["pytest", "transformers>=4.46", "accelerate", "hypothesis", "openai", "httpx", "jsonschema"]},
+    extras_require={
+        "test": ["pytest", "transformers>=4.46", "accelerate", "hypothesis", "openai", "httpx", "jsonschema",
+                 "ruff==0.17.6"],  # the linter pinned: a newer one may add checks under the same rule names
+    },
 )
