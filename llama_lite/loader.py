@@ -10,19 +10,19 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import CheckpointError
-from ..model import parallel
-from ..model.devices import CpuLoad, default_threads, resolve_device
-from ..model.kernels import THIN_ROWS
-from ..model.kv_cache import KVCache
-from ..model.transformer import ModelArgs, Transformer
-from ..settings import BuildSettings
-from ..text.chat_template import read_chat_template
-from ..text.gguf_vocab import gguf_tokenizer
-from ..text.tokenizer import Tokenizer
-from .checkpoint import read_checkpoint
-from .download import default_checkpoint
-from .weights import load_model, quantized_weights
+from .errors import CheckpointError
+from .loading.checkpoint import read_checkpoint
+from .loading.download import default_checkpoint
+from .loading.weights import load_model, quantized_weights
+from .model import parallel
+from .model.devices import CpuLoad, default_threads, resolve_device
+from .model.kernels import THIN_ROWS
+from .model.kv_cache import KVCache
+from .model.transformer import ModelArgs, Transformer
+from .settings import BuildSettings
+from .text.chat_template import read_chat_template
+from .text.gguf_vocab import gguf_tokenizer
+from .text.tokenizer import Tokenizer
 
 
 class Loaded(NamedTuple):
@@ -97,7 +97,7 @@ def compile_decode_step(model, compile, device, dtype) -> None:
         compile = device.type == "cpu" and dtype != torch.float32 and parallel.world_size() == 1
     if not compile:
         return
-    from ..model.decode_step import DecodeStep  # imports the compiler (~70 MB): only when it is used
+    from .model.decode_step import DecodeStep  # imports the compiler (~70 MB): only when it is used
 
     model.decode_step = DecodeStep(model)
     if background and parallel.is_main():
