@@ -1,4 +1,8 @@
-"""Shared fixtures: the real SmolLM2 GGUF (loaded once per session) and its transformers oracle."""
+"""Shared fixtures: the real SmolLM2 GGUF (loaded once per session) and its transformers oracle; and
+the helpers the test folders share (import them as `from tests.conftest import ...`): the repository's
+paths and a float32 CPU build."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +10,15 @@ import torch
 from llama_lite import Llama
 from llama_lite.loading.download import default_checkpoint
 from tests.tiny_gguf import write_tiny_gguf
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: scripts/, tokenizer/, tests/
+TESTS = ROOT / "tests"  # schemas.json, templates/
+
+
+def build_cpu(path, **settings):
+    """Llama.build on the CPU in float32 (what the CPU tests compare bit for bit); `settings` add to or
+    override those two."""
+    return Llama.build(path, **{"device": "cpu", "dtype": "float32", **settings})
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +28,7 @@ def smollm_path():
 
 @pytest.fixture(scope="session")
 def llm(smollm_path):
-    return Llama.build(smollm_path, max_seq_len=512, max_batch_size=8, device="cpu", dtype="float32", seed=0)
+    return build_cpu(smollm_path, max_seq_len=512, max_batch_size=8, seed=0)
 
 
 @pytest.fixture(scope="session")

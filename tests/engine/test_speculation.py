@@ -15,8 +15,8 @@ import torch
 from llama_lite import Llama, SamplingParams
 from llama_lite.engine.engine import Engine
 from llama_lite.engine.speculation import Drafter, plan_drafts
-from tests.test_engine import corpus_prompts, mixed_params
-from tests.test_prefix_cache import run
+from tests.engine.test_engine import corpus_prompts, mixed_params
+from tests.engine.test_prefix_cache import run
 
 STORY = ("Once upon a time a small fox lived at the edge of a forest. Every morning the small fox walked to the "
          "river, drank some water, and walked back to the edge of the forest. ")
@@ -119,7 +119,8 @@ def test_a_stop_string_inside_an_accepted_run_cuts_there(llm):
     assert stop is not None
     expected = text[: text.index(stop)]
     for mode in ("off", "ngram"):
-        (ids, got, reason, _, _), = run(engine(llm, mode), [(0, prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop]))])[0]
+        (ids, got, reason, _, _), = run(engine(llm, mode),
+                                        [(0, prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop]))])[0]
         assert (got, reason) == (expected, "stop"), mode
 
 
@@ -165,7 +166,8 @@ def test_k_grows_on_full_accepts_and_pauses_after_misses():
     assert drafter.propose(5) == [] and drafter.propose(5) == [] and drafter.propose(5)
     # a budget: rows first, then guesses in order while it lasts; none: each its k
     assert plan_drafts([Drafter([1, 2, 1, 2, 1, 2]), None, Drafter([1, 2, 1, 2, 1, 2])], [9, 9, 9], 4) == [[1], [], []]
-    assert plan_drafts([Drafter([1, 2, 3, 4, 5, 1, 2]), None, Drafter([1, 2, 3, 4, 5, 1, 2])], [9, 9, 2]) == [[3, 4, 5], [], [3, 4]]
+    assert (plan_drafts([Drafter([1, 2, 3, 4, 5, 1, 2]), None, Drafter([1, 2, 3, 4, 5, 1, 2])], [9, 9, 2])
+            == [[3, 4, 5], [], [3, 4]])
 
 
 def test_bad_speculative_settings_are_refused(smollm_path):

@@ -2,21 +2,22 @@
 Q8_0 embedding kept int8, the whole decode step compiled), the compiled step in float32, and int8
 weight-only quantization; plus the kernels alone. Each is compiled once per session."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llama_lite import Llama, SamplingParams
-from llama_lite.loading.checkpoint_types import Int4Values, Int8Values
 from llama_lite.loading.gguf_file import dequantize, kept_values, open_gguf
 from llama_lite.model.kernels import Int4Linear, Int8Embedding, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
+from tests.conftest import build_cpu
 
 PROMPTS = ["The history of the city of Rome begins", "def is_prime(n):",
            "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
 
 
-def build(path, **kw):
-    return Llama.build(path, **{"max_seq_len": 256, "max_batch_size": 4, "device": "cpu", "dtype": "float32", **kw})
+build = functools.partial(build_cpu, max_seq_len=256, max_batch_size=4)
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +129,7 @@ def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
     one), but with every request guessing ("ngram") the greedy tokens on the test prompts and on a
     repeating one are those without speculation, and guesses were accepted."""
     from llama_lite.engine.engine import Engine
-    from tests.test_prefix_cache import run
+    from tests.engine.test_prefix_cache import run
 
     repeating = fast.tokenizer.encode("one two three four five six, one two three four five six, one two", False, False)
     schedule = [(0, ids, SamplingParams(temperature=0, max_tokens=24)) for ids in encode(fast) + [repeating]]
@@ -140,7 +141,7 @@ def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
 
 def assert_close_to_float32(llm, other, label, capsys):
     """other's teacher-forced next tokens agree with the float32 model's on 90% of the test prompts'
-    positions, and no logit strays a whole standard deviation (printed: the figures the README quotes)."""
+    positions, and no logit strays a whole standard deviation (printed: the figures docs/performance.md quotes)."""
     agree, total, worst = teacher_forced_agreement(llm, other)
     with capsys.disabled():
         print(f"\n{label} vs float32: next-token agreement {agree}/{total}, max |logit gap| {worst:.2f} std")
@@ -170,7 +171,7 @@ def test_a_failed_compile_leaves_the_eager_step(smollm_path, monkeypatch, capsys
 def test_quantize_int4_on_a_float_checkpoint(tmp_path):
     """quantize="int4" computes what float32 computes on the 4-bit weights it made, up to the rounding
     bfloat16 brings anyway (activations, scales)."""
-    from tests.test_formats import TOKENS, hf_model, save_hf
+    from tests.loading.test_formats import TOKENS, hf_model, save_hf
 
     model = hf_model()
     int4 = build(save_hf(model, tmp_path / "float"), max_seq_len=64, quantize="int4", dtype=None, compile=False)
@@ -256,7 +257,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU her
 def test_cuda_compiled_step_matches_transformers_and_eager(tmp_path):
     """On a GPU the compiled step (CUDA graphs) gives the eager greedy tokens, and float32 logits equal
     transformers' to 1e-4."""
-    from tests.test_formats import TOKENS, hf_model, reference, save_hf
+    from tests.loading.test_formats import TOKENS, hf_model, reference, save_hf
 
     model = hf_model()
     folder = save_hf(model, tmp_path)

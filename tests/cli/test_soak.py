@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.tiny_gguf import write_tiny_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
@@ -23,7 +23,7 @@ def rss_samples(command, stdin_text):
     while proc.poll() is None:
         try:
             status = Path(f"/proc/{proc.pid}/status").read_text()
-            samples.append(int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1]) / 1024)
+            samples.append(int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024)
         except (OSError, StopIteration):
             pass
         time.sleep(0.02)

@@ -22,7 +22,8 @@ from llama_lite.cli.runner import _as_typed
 from llama_lite.model.devices import CpuLoad, default_threads
 from llama_lite.model.kv_cache import KVCache
 from llama_lite.model.transformer import ModelArgs
-from tests.test_scripts import FLAGS, ROOT, assert_fails, in_process, script
+from tests.cli.test_scripts import FLAGS, assert_fails, in_process, script
+from tests.conftest import ROOT
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 
 COMPLETE = [sys.executable, str(ROOT / "scripts" / "complete.py")]
@@ -39,8 +40,8 @@ def prompts(tmp_path):
 
 def test_out_is_checked_before_any_work(tmp_path, prompts):
     before = prompts.read_bytes()
-    for out, message in [(tmp_path, "is a folder"), (prompts, "would write over the prompt file"), ("/dev/null", "is not a regular file"),
-                         ("/proc/x.jsonl", "cannot write --out /proc/x.jsonl (")]:
+    for out, message in [(tmp_path, "is a folder"), (prompts, "would write over the prompt file"),
+                         ("/dev/null", "is not a regular file"), ("/proc/x.jsonl", "cannot write --out /proc/x.jsonl (")]:
         done = in_process("complete.py", prompts, "--out", out, *FLAGS)
         assert_fails(done, message)
         assert "loading" not in done.stderr and "completing" not in done.stderr
@@ -118,6 +119,14 @@ def test_arguments_fire_would_read_loosely_are_refused(args, message):
         _as_typed(complete, args)
     assert _as_typed(complete, ["-o", "0x10", "p.txt", "--nochat"]) == ["--out", "'0x10'", "--prompts", "'p.txt'", "--nochat"]
 
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--out"])
+def test_a_flag_without_its_value_is_named_once(flag):
+    """The example in the message is a flag as typed (it once read '----seed VALUE')."""
+    done = in_process("complete.py", "p.txt", flag)
+    assert_fails(done, f"{flag} needs a value, such as {flag}=VALUE")
+    assert "----" not in done.stderr
 
 def test_out_files_that_must_not_be_written(tmp_path):
     source = tmp_path / "notes.partial"
@@ -261,7 +270,8 @@ def test_a_killed_run_continues_where_it_stopped(llm, tmp_path):
     assert f"{kept} of 200 prompts were done" in rerun.stderr
     assert f"{200 - kept}/{200 - kept}" in rerun.stderr  # only the rest was generated
     want = llm.text_completion(prompts, max_gen_len=2, temperature=0)
-    assert out.read_text().splitlines() == [json.dumps({"prompt": p, "generation": w["generation"]}) for p, w in zip(prompts, want)]
+    assert out.read_text().splitlines() == [json.dumps({"prompt": p, "generation": w["generation"]})
+                                            for p, w in zip(prompts, want)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.txt"]
 
 

@@ -4,20 +4,20 @@ enforce is refused before any token; a constrained request gets the tokens it ge
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from llama_lite import SamplingParams
 from llama_lite.engine.constraints import Grammars
-from tests.test_engine import collect, corpus_prompts, run_alone
+from tests.conftest import TESTS
+from tests.engine.test_engine import collect, corpus_prompts, run_alone
 
 jsonschema = pytest.importorskip("jsonschema")
 
 # 23 schemas: nested objects, arrays with min/max items, enums, number ranges, string patterns and
 # formats, optional fields, anyOf, $ref, prefixItems (scripts/bench.py times their masks too).
-SCHEMAS = json.loads((Path(__file__).parent / "schemas.json").read_text())
+SCHEMAS = json.loads((TESTS / "schemas.json").read_text())
 REGEXES = [r"[0-9]{3}-[0-9]{4}", r"(yes|no|maybe)", r"[A-Z][a-z]{1,8}( [A-Z][a-z]{1,8})?", r"0x[0-9a-f]{2,4}",
            r"(\d{1,3}\.){3}\d{1,3}"]
 SEEDS = (0, 1, 2)
@@ -52,7 +52,7 @@ def test_regex_and_grammar_outputs_match_fully(llm, prompt):
     params = [SamplingParams(temperature=1.0, top_p=1.0, seed=seed, max_tokens=40, regex=rx) for rx in REGEXES for seed in SEEDS]
     params += [SamplingParams(temperature=1.0, seed=seed, max_tokens=40, grammar=lark) for seed in SEEDS]
     params += [SamplingParams(temperature=1.0, seed=seed, max_tokens=60, json_object=True) for seed in SEEDS]
-    for p, (ids, text, reason, _, _) in zip(params, run_all(llm.engine, prompt, params)):
+    for p, (_, text, reason, _, _) in zip(params, run_all(llm.engine, prompt, params)):
         if p.regex:
             assert reason == "stop" and re.fullmatch(p.regex, text), (p.regex, text)
         elif p.grammar:

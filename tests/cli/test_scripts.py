@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 FLAGS = ["--dtype", "float32", "--device", "cpu", "--temperature", "0", "--max_seq_len", "512"]
 
 
@@ -158,7 +159,8 @@ def test_complete_and_chat_hold_to_a_json_schema_or_regex(llm, tmp_path):
     done = in_process("complete.py", source, "--regex", "[0-9]{3}-[0-9]{4}", "--max_gen_len", "12", *FLAGS)
     assert all(re.fullmatch("[0-9]{3}-[0-9]{4}", json.loads(line)["generation"]) for line in done.stdout.splitlines())
     done = in_process("chat.py", "--prompt", "Describe a dog.", "--json_schema", schema_file, "--max_gen_len", "40", *FLAGS)
-    [reply] = llm.chat_completion([[{"role": "user", "content": "Describe a dog."}]], max_gen_len=40, temperature=0, json_schema=schema)
+    [reply] = llm.chat_completion([[{"role": "user", "content": "Describe a dog."}]], max_gen_len=40, temperature=0,
+                                  json_schema=schema)
     assert done.returncode == 0 and done.stdout == reply["generation"]["content"] + "\n"
     schema_file.write_text(json.dumps({"type": "array", "uniqueItems": True}))
     done = in_process("complete.py", source, "--json_schema", schema_file, *FLAGS)
@@ -182,7 +184,8 @@ def test_complete_and_chat_hold_to_a_json_schema_or_regex(llm, tmp_path):
         ("complete.py", ["-", "--json_schema", "/no/such/schema.json"], "--json_schema file /no/such/schema.json does not exist"),
         ("chat.py", ["--prompt", "hi", "--json_schema", __file__], "is not valid JSON"),
         ("chat.py", ["--prompt", "hi", "--chat_template", "/no/such.jinja"], "chat template file /no/such.jinja does not exist"),
-        ("complete.py", ["-", "--regex", "(?=a)b"], "--regex cannot be enforced: invalid regex \"(?=a)b\" (in regex): regex parse error (error: look-around"),
+        ("complete.py", ["-", "--regex", "(?=a)b"],
+         "--regex cannot be enforced: invalid regex \"(?=a)b\" (in regex): regex parse error (error: look-around"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(name, args, message):

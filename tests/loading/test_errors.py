@@ -1,17 +1,17 @@
-"""The README's "Errors" table, row by row: each bad input gives its one-line error (the rows not
-here are tested beside their feature: test_checkpoint, test_formats, test_tokenizer*, test_generation,
-test_scripts, test_chat_template)."""
+"""docs/errors.md's table, row by row: each bad input gives its one-line error (the rows not here
+are tested beside their feature: loading/test_checkpoint, loading/test_formats, text/test_tokenizer*,
+engine/test_generation, cli/test_scripts, text/test_chat_template)."""
 
+import functools
 import struct
 
 import pytest
 
-from llama_lite import CheckpointError, Llama
+from llama_lite import CheckpointError
+from tests.conftest import build_cpu
 from tests.tiny_gguf import write_tiny_gguf
 
-
-def build(path):
-    return Llama.build(path, max_seq_len=64, device="cpu", dtype="float32")
+build = functools.partial(build_cpu, max_seq_len=64)
 
 
 def one_line_error(path, match, kind=CheckpointError):

@@ -16,7 +16,7 @@ from llama_lite import Llama, SamplingParams
 from llama_lite.engine.engine import Engine
 from llama_lite.engine.prefix_cache import PrefixTree
 from llama_lite.model.kv_cache import KEY_BLOCK
-from tests.test_engine import PieceTokenizer, ScriptedModel, corpus_prompts, greedy, mixed_params
+from tests.engine.test_engine import PieceTokenizer, ScriptedModel, corpus_prompts, greedy, mixed_params
 
 
 def engines(llm, max_step_tokens=512):
@@ -46,7 +46,8 @@ def run(engine, schedule):
             cached[out.request_id] = out.cached_tokens
         step += 1
     got = [results[rid_of[i]] for i in range(len(schedule))]
-    return [(ids, "".join(text), reason, lps, tops) for ids, text, reason, lps, tops in got], [cached[rid_of[i]] for i in range(len(schedule))]
+    return ([(ids, "".join(text), reason, lps, tops) for ids, text, reason, lps, tops in got],
+            [cached[rid_of[i]] for i in range(len(schedule))])
 
 
 # --- the premise: reused K/V are exactly what a prefill writes ------------------------------------
@@ -306,7 +307,8 @@ def test_copies_of_a_prompt_wait_for_the_first_then_copy_it():
 def test_salts_keep_requests_apart():
     engine, _ = scripted(3)
     prompt = [25, 3, 4, 5, 6]
-    assert [finish(engine, prompt, greedy(max_tokens=2, cache_salt=salt))[1] for salt in ("a", "b", None, "a", None)] == [0, 0, 0, 3, 3]
+    cached = [finish(engine, prompt, greedy(max_tokens=2, cache_salt=salt))[1] for salt in ("a", "b", None, "a", None)]
+    assert cached == [0, 0, 0, 3, 3]
 
 
 # --- the radix tree ---------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ def test_the_tree_finds_each_rows_shared_beginning_as_brute_force_does():
             n += 1
         return n
 
-    for step in range(400):
+    for _ in range(400):
         prompt = [rng.randint(0, 3) for _ in range(rng.randint(1, 12))]
         row = rng.randrange(6)
         if row in rows:

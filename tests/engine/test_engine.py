@@ -6,7 +6,6 @@ strings; SamplingParams and the incremental detokenizer are checked on their own
 """
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from torch import nn
 
 from llama_lite import Llama, ModelArgs, SamplingParams, Tokenizer
 from llama_lite.text.detokenizer import Detokenizer
+from tests.conftest import ROOT
 
-CORPUS = Path(__file__).resolve().parent.parent / "tokenizer" / "corpus.txt"
+CORPUS = ROOT / "tokenizer" / "corpus.txt"
 
 
 def run_alone(engine, prompt, params):
@@ -91,7 +91,7 @@ def test_requests_arriving_at_any_step_get_what_they_get_alone(llm):
     ordered = [together[rid] for rid in first] + [None] * 42
     # Requests added later got ids in the order they were added; match them by (prompt, params) instead.
     later_results = sorted((rid, r) for rid, r in together.items() if rid not in first)
-    for (_, prompt, p), (_, r) in zip(sorted(later, key=lambda a: a[0]), later_results):
+    for (_, prompt, _), (_, r) in zip(sorted(later, key=lambda a: a[0]), later_results):
         ordered[next(i for i in range(6, 48) if ordered[i] is None and prompts[i] is prompt)] = r
     for i, result in enumerate(ordered):
         alone = run_alone(engine, prompts[i], params[i])
@@ -323,7 +323,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode():
 
 def test_a_prompt_prefilled_in_chunks_alone_equals_it_prefilled_at_once():
     """Steps that only feed prompt chunks (no logits due) work, and chunking changes no bit."""
-    from tests.test_model import tiny_model
+    from tests.model.test_model import tiny_model
 
     llm = Llama(tiny_model(max_batch_size=2, vocab_size=32), PieceTokenizer(), torch.Generator())
     prompt, params = list(range(2, 25)), SamplingParams(temperature=0, max_tokens=6, logprobs=True)

@@ -5,16 +5,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from llama_lite import Llama
 from llama_lite.model import parallel
+from tests.conftest import ROOT
 from tests.tiny_gguf import write_tiny_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:",
@@ -30,7 +29,7 @@ def torchrun(nproc, *args, stdin=None):
 
 def run_worker(nproc, checkpoint, tmp_path, prompts, max_gen_len=16, device="cpu"):
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    done = torchrun(nproc, "-m", "tests.parallel_worker", checkpoint, tmp_path / "prompts.json",
+    done = torchrun(nproc, "-m", "tests.model.parallel_worker", checkpoint, tmp_path / "prompts.json",
                     tmp_path / "out", max_gen_len, device)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in range(nproc)]
@@ -74,7 +73,7 @@ def test_two_ranks_on_a_tiny_model_equal_one_process(tmp_path):
 def test_meta_shards_load_per_rank(tmp_path):
     """Two consolidated.NN.pth shards and two ranks: each rank takes its own shard (the embedding,
     which Llama 2 cut by columns, is merged and re-cut by rows)."""
-    from tests.test_formats import HIDDEN, meta_folder
+    from tests.loading.test_formats import HIDDEN, meta_folder
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf", vocab_kind="llama", n_heads=4, n_kv_heads=2, hidden=HIDDEN)
     folder = meta_folder(Llama.build(path, max_seq_len=64, device="cpu", dtype="float32"), tmp_path / "meta", shards=2)

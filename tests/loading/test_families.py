@@ -5,14 +5,16 @@ kept for "qwen2", Llama 3's scaling as rope_freqs.weight). Prompts run past the 
 original context, so scaling that is missing or wrong changes the logits."""
 
 import copy
+import functools
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from llama_lite import CheckpointError, Llama
+from llama_lite import CheckpointError
 from llama_lite.model.rope import RopeScaling, inverse_frequencies
+from tests.conftest import build_cpu
 from tests.tiny_gguf import byte_alphabet
 
 transformers = pytest.importorskip("transformers")
@@ -31,7 +33,8 @@ LLAMA3_TEMPLATE = (
 QWEN2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
     "You are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
-    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + "
@@ -202,8 +205,7 @@ def write_gguf(model, family, path, more=None):
     return path
 
 
-def build(path, **kwargs):
-    return Llama.build(path, max_seq_len=kwargs.pop("max_seq_len", 80), max_batch_size=2, device="cpu", dtype="float32", **kwargs)
+build = functools.partial(build_cpu, max_seq_len=80, max_batch_size=2)  # max_seq_len may be overridden
 
 
 def prompt(family, n=2 * ORIGINAL_CONTEXT, seed=1):
@@ -309,7 +311,8 @@ def test_rope_frequencies_equal_transformers_bit_for_bit():
         ({**LLAMA3_SCALING, "factor": 32.0, "original_max_position_embeddings": 8192}, RopeScaling("llama3", factor=32.0)),
         (dict(rope_type="linear", factor=4.0), RopeScaling("linear", factor=4.0)),
     ]:
-        config = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0, rope_scaling=dict(scaling))
+        config = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0,
+                                          rope_scaling=dict(scaling))
         reference, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config)
         assert torch.equal(inverse_frequencies(64, 500000.0, ours), reference)
     wavelengths = 2 * torch.pi / inverse_frequencies(16, 10000.0)  # the test models: a frequency in each band

@@ -16,18 +16,17 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from llama_lite import SamplingParams
 from llama_lite.server.app import create_app
+from tests.conftest import ROOT, TESTS
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 from starlette.testclient import TestClient  # noqa: E402 (needs httpx)
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -79,7 +78,7 @@ def client(server):
 
 def in_process(llm, requests):
     """(text, ids, finish reason) of each (prompt ids, SamplingParams kwargs), from the engine in this
-    process. Run together: tests/test_engine.py shows each request gets, bit for bit, what it gets alone."""
+    process. Run together: tests/engine/test_engine.py shows each request gets, bit for bit, what it gets alone."""
     engine = llm.engine
     rids = [engine.add(prompt_ids, SamplingParams(**params)) for prompt_ids, params in requests]
     results = {rid: [[], [], None] for rid in rids}
@@ -247,7 +246,8 @@ def test_a_repeated_prompt_reuses_its_kv_only_under_its_salt(llm, server, client
     before = [metric(server, name) for name in names]
 
     def ask(salt, **extra):
-        done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, extra_body={"cache_salt": salt}, **extra)
+        done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, extra_body={"cache_salt": salt},
+                                         **extra)
         return [c.text for c in done.choices], done.usage.prompt_tokens_details.cached_tokens
 
     assert [ask(s) for s in (salt, salt, salt + "-other")] == [([want], 0), ([want], len(ids) - 2), ([want], 0)]
@@ -256,10 +256,14 @@ def test_a_repeated_prompt_reuses_its_kv_only_under_its_salt(llm, server, client
     assert cached == 0 and texts == [want] * 3
     assert metric(server, names[0]) - before[0] == 3  # the second and third choice reused the first's prompt
     dialog = [{"role": "user", "content": "Name a fruit."}]
-    first = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=8, temperature=0, extra_body={"cache_salt": salt})
-    dialog += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "And a vegetable?"}]
-    second = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=8, temperature=0, extra_body={"cache_salt": salt})
-    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens == len(llm.chat_prompt_tokens(dialog[:1]))
+    first = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=8, temperature=0,
+                                           extra_body={"cache_salt": salt})
+    dialog += [{"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "And a vegetable?"}]
+    second = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=8, temperature=0,
+                                            extra_body={"cache_salt": salt})
+    assert (second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+            == len(llm.chat_prompt_tokens(dialog[:1])))
     assert second.choices[0].message.content == alone(llm, llm.chat_prompt_tokens(dialog), temperature=0, max_tokens=8)[0]
 
 
@@ -303,7 +307,7 @@ def test_response_format_json_schema_and_json_object(llm, client):
         assert isinstance(json.loads(want), dict)
 
 
-TEMPLATES = ROOT / "tests" / "templates"
+TEMPLATES = TESTS / "templates"
 CITY_CALLS = [{"role": "user", "content": f"Weather in {city}?"} if i % 2 == 0 else
               {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{city}", "type": "function", "function": {
                   "name": "get_weather", "arguments": json.dumps({"city": city, "unit": "celsius"})}}]}
@@ -346,13 +350,14 @@ def test_tool_calls_required_named_auto_and_none(llm, tools_client):
     [call] = choice.message.tool_calls
     assert choice.finish_reason == "tool_calls" and choice.message.content is None and call.id.startswith("call_")
     arguments = json.loads(call.function.arguments)
-    jsonschema.validate(arguments, {WEATHER["function"]["name"]: WEATHER, "get_time": clock}[call.function.name]["function"]["parameters"])
+    called = {WEATHER["function"]["name"]: WEATHER, "get_time": clock}[call.function.name]
+    jsonschema.validate(arguments, called["function"]["parameters"])
     grammar = call_grammar("hermes", [WEATHER["function"], clock["function"]])
     text, reason = hermes_reply(llm, ask, [WEATHER, clock], temperature=0, max_tokens=80, grammar=grammar)
     assert reason == "stop" and json.loads(text[len("<tool_call>"):-len("</tool_call>")]) == {"name": call.function.name,
                                                                                             "arguments": arguments}
-    streamed = list(tools_client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, clock], tool_choice="required",
-                                                         max_tokens=80, temperature=0, stream=True))
+    streamed = list(tools_client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, clock],
+                                                         tool_choice="required", max_tokens=80, temperature=0, stream=True))
     deltas = [d for c in streamed for d in c.choices[0].delta.tool_calls or []]
     assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == [(call.function.name, arguments)]
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
@@ -376,7 +381,8 @@ def test_tool_calls_required_named_auto_and_none(llm, tools_client):
                                                 temperature=0)
     assert none.choices[0].message.content == hermes_reply(llm, joke, None, temperature=0, max_tokens=24)[0]
     unique = {"type": "function", "function": {"name": "pick", "parameters": {"type": "array", "uniqueItems": True}}}
-    with pytest.raises(openai.BadRequestError, match=r'tools\[0\].function.parameters cannot be enforced: Unimplemented keys: \["uniqueItems"\]'):
+    with pytest.raises(openai.BadRequestError,
+                       match=r'tools\[0\].function.parameters cannot be enforced: Unimplemented keys: \["uniqueItems"\]'):
         tools_client.chat.completions.create(model=MODEL, messages=joke, tools=[unique], tool_choice="required", max_tokens=4)
 
 
@@ -384,7 +390,7 @@ def test_llama31_json_tool_calls_from_the_checkpoints_own_template(tmp_path):
     """A tiny random Llama 3.1 (transformers-made, RoPE scaled), its tokenizer_config's template in
     Llama 3.1's custom-tool format: "required" and a named function give a call in its JSON format,
     arguments valid, returned as tool_calls; a template without tools refuses them."""
-    from tests.test_families import FAMILIES, hf_model, save_hf
+    from tests.loading.test_families import FAMILIES, hf_model, save_hf
 
     jsonschema = pytest.importorskip("jsonschema")
     folder = save_hf(hf_model("llama3", max_position_embeddings=2048), "llama3", tmp_path / "tiny-llama31")
@@ -516,7 +522,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "cache_salt": 5}, 400, "'cache_salt' must be a non-empty string"),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 600}, 400, "this model's context is 512 tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 600}, 400, "this model's context is 512 tokens"),
-    ("/v1/completions", {"model": MODEL, "prompt": ["hi"] * 5, "n": 16}, 400, "80 sequences (prompts x n), more than the server ever holds (8 rows + --max_queue 64)"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["hi"] * 5, "n": 16}, 400,
+     "80 sequences (prompts x n), more than the server ever holds (8 rows + --max_queue 64)"),
     ("/v1/completions", {"model": MODEL, "prompt": ["hi"] * 80}, 400, "more than the server ever holds"),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 9000}, 400, "more tokens than this model's context holds"),
     ("/v1/completions", {"model": MODEL, "prompt": "a\ud800b"}, 400, "prompt 0: the text holds '\\ud800' at 1, a lone surrogate"),
@@ -539,9 +546,11 @@ BAD_REQUESTS = [
                               "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, 400,
      "tool_choice names function 'get_time', which is not among the tools (get_weather)"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
-                              "response_format": {"type": "json_object"}}, 400, "response_format and tools cannot be used together"),
+                              "response_format": {"type": "json_object"}}, 400,
+     "response_format and tools cannot be used together"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, 400, "arguments of 'f' are not valid JSON"),
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, 400,
+     "arguments of 'f' are not valid JSON"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "tools": [WEATHER]}, 400, "'tools' is not supported"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "xml"}}, 400, "'response_format.type'"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema"}}, 400,
@@ -596,8 +605,9 @@ def test_large_bodies_are_413_before_parsing_and_prompts_are_tokenized_off_the_e
     monkeypatch.setattr("llama_lite.server.protocol.json.loads", _refuse_big(json.loads))
     with TestClient(create_app(llm, MODEL, max_queue=0, max_body_mb=0.01)) as http:  # 10 KiB
         big = {"model": MODEL, "prompt": "word " * 4000, "max_tokens": 1}
+        chunks = [json.dumps(big).encode()[i : i + 1000] for i in range(0, 20000, 1000)]
         for reply in (http.post("/v1/completions", json=big),  # with a Content-Length
-                      http.post("/v1/completions", content=iter([json.dumps(big).encode()[i : i + 1000] for i in range(0, 20000, 1000)]))):  # chunked
+                      http.post("/v1/completions", content=iter(chunks))):  # chunked
             assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
         assert http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}).status_code == 200
         assert seen == ["worker thread"]

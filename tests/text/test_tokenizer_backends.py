@@ -130,8 +130,10 @@ def test_same_generation_with_the_equivalent_tokenizer_json(smollm_path, smollm_
     other = Llama.build(smollm_path, tokenizer=smollm_json, max_seq_len=256, max_batch_size=2, device="cpu", dtype="float32")
     dialog = [{"role": "user", "content": "Say something about 한국어 and 🎉."}]
     prompts = ["The capital of France is", "Numbers: 1, 2, 3,"]
-    assert other.text_completion(prompts, max_gen_len=16, temperature=0) == llm.text_completion(prompts, max_gen_len=16, temperature=0)
-    assert other.chat_completion([dialog], max_gen_len=24, temperature=0) == llm.chat_completion([dialog], max_gen_len=24, temperature=0)
+    assert (other.text_completion(prompts, max_gen_len=16, temperature=0)
+            == llm.text_completion(prompts, max_gen_len=16, temperature=0))
+    assert (other.chat_completion([dialog], max_gen_len=24, temperature=0)
+            == llm.chat_completion([dialog], max_gen_len=24, temperature=0))
 
 
 # --- GGUF "gpt2" pre-tokenizers ----------------------------------------------------------------------

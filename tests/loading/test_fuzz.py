@@ -5,11 +5,10 @@ CheckpointError or ValueError may come out; no case may hang; memory stays bound
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("mode, cases", [("gguf", 2000), ("build", 300), ("text", 1000)])

@@ -1,6 +1,6 @@
 """Generation: greedy tokens against transformers, batches against each prompt alone, truncation
 and early stop on a scripted model, logprobs against a full forward pass, streaming, chat. The engine
-itself (scheduling, stop strings, batch invariance) is tests/test_engine.py."""
+itself (scheduling, stop strings, batch invariance) is tests/engine/test_engine.py."""
 
 import pytest
 import torch
@@ -48,7 +48,8 @@ def test_logprobs_match_a_full_forward(llm):
     prompts = [llm.tokenizer.encode(t, False, False) for t in ("The sky is", "Once upon a time, in a faraway land,")]
     tokens, logprobs = llm.generate(prompts, max_gen_len=8, temperature=0.8, logprobs=True)
     echoed, echoed_logprobs = llm.generate(prompts, max_gen_len=8, temperature=0, logprobs=True, echo=True)
-    for ids, new, lp in list(zip(prompts, tokens, logprobs)) + [(p, e[len(p) :], elp[len(p) :]) for p, e, elp in zip(prompts, echoed, echoed_logprobs)]:
+    echoed_new = [(p, e[len(p) :], elp[len(p) :]) for p, e, elp in zip(prompts, echoed, echoed_logprobs)]
+    for ids, new, lp in list(zip(prompts, tokens, logprobs)) + echoed_new:
         assert len(lp) == len(new) > 0
         seq = ids + new
         with torch.inference_mode():

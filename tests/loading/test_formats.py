@@ -1,14 +1,16 @@
 """Checkpoint formats against transformers on the same weights: Hugging Face folders (one file,
 sharded, tied or not), Meta folders (one shard or two), and every common GGUF tensor type."""
 
+import functools
 import json
 import shutil
 
 import pytest
 import torch
 
-from llama_lite import CheckpointError, Llama
+from llama_lite import CheckpointError
 from llama_lite.loading.meta_folder import meta_hidden_dim
+from tests.conftest import build_cpu
 from tests.tiny_gguf import SHIPPED_SP_MODEL, write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -52,8 +54,7 @@ def reference(model, tokens=TOKENS):
         return model(tokens).logits
 
 
-def build(path, **kwargs):
-    return Llama.build(path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32", **kwargs)
+build = functools.partial(build_cpu, max_seq_len=64, max_batch_size=2)
 
 
 # --- Hugging Face folders ---------------------------------------------------------------------------

@@ -3,7 +3,6 @@ and the grammar that makes a model write one; the templates of tests/templates r
 transformers' apply_chat_template renders them."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +10,9 @@ from llama_lite.engine.constraints import Grammars
 from llama_lite.engine.sampling import SamplingParams
 from llama_lite.server.tool_calls import HERMES, JSON, CallParser, call_format, call_grammar
 from llama_lite.text.chat_template import render_chat, takes_tools
+from tests.conftest import TESTS
 
-TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATES = TESTS / "templates"
 WEATHER = {"name": "get_weather", "description": "The weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
     "required": ["city"], "additionalProperties": False}}
