@@ -15,7 +15,7 @@ from .loading.checkpoint import read_checkpoint
 from .loading.download import default_checkpoint
 from .loading.weights import load_model, quantized_weights
 from .model import parallel
-from .model.devices import CpuLoad, default_threads, resolve_device
+from .model.devices import CpuLoad, default_threads, resolve_device, warn_if_oversubscribed
 from .model.kernels import THIN_ROWS
 from .model.kv_cache import KVCache
 from .model.transformer import ModelArgs, Transformer
@@ -51,6 +51,8 @@ def load(settings: BuildSettings) -> Loaded:
     threads = settings.threads if settings.threads is not None else default_threads(cpu_load)
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
+        if settings.threads is not None and parallel.is_main():
+            warn_if_oversubscribed(threads)
     model = load_model(ckpt, params, quantized, settings.quantize, dtype, device, tok.n_words)
     model.use_thin_decode(device.type == "cpu" and dtype == torch.float32 and not (settings.quantize or settings.compile)
                           and world == 1 and settings.max_batch_size <= THIN_ROWS)

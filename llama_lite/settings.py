@@ -57,7 +57,7 @@ class BuildSettings:
 
     def __post_init__(self):
         if self.quantize not in (None, *QUANTIZE):
-            raise ValueError(f"unknown quantize {self.quantize!r}; use 'int8', 'int4' or None")
+            raise ValueError(f"quantize must be {', '.join(map(repr, QUANTIZE))} or None, got {self.quantize!r}")
         if self.compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None (the fastest path this machine supports), "
                              f"got {self.compile!r}")

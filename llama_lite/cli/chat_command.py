@@ -29,6 +29,8 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
     if sys.stdout is None:
         raise ValueError("stdout is closed; give chat a terminal, a pipe or a file to write the replies to")
     _check_text("--prompt", prompt)
+    if isinstance(prompt, str) and not prompt.strip():  # as text_completion refuses "" (and stdin's blank lines are skipped)
+        raise ValueError("--prompt is empty; pass some text, or leave --prompt out to chat a line at a time on stdin")
     _check_text("--system", system)
     if prompt is None and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not the session

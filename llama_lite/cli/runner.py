@@ -82,12 +82,15 @@ class _BestEffortStderr:
 
 
 def in_flag_terms(message: str, command) -> str:
-    """A library message as the command line says it: device='cpu' is --device cpu, max_seq_len is
-    --max_seq_len, "quantize must be" is "--quantize must be", 'int8' or None is int8 or no flag."""
+    """A library message as the command line says it: device='cpu' is --device cpu, dtype=None is no
+    --dtype, max_seq_len is --max_seq_len, "quantize must be" is "--quantize must be", and choices
+    read as typed: "'int4', 'int8' or None" is "int4 or int8, or leave the flag out"."""
     flags = set(inspect.signature(command).parameters)
 
     def flag(match):
-        return f"--{match.group(1)} {match.group(3)}" if match.group(1) in flags else match.group(0)
+        if match.group(1) not in flags:
+            return match.group(0)
+        return f"no --{match.group(1)}" if match.group(3) == "None" else f"--{match.group(1)} {match.group(3)}"
 
     message = re.sub(r"(?<!-)\b(\w+)=(['\"]?)([\w.:-]+)\2", flag, message)
     for name in flags:
@@ -96,7 +99,24 @@ def in_flag_terms(message: str, command) -> str:
     message = re.sub(r"^(unknown )?(\w+)(?= must be| '| is empty)",
                      lambda m: f"{m.group(1) or ''}--{m.group(2)}" if m.group(2) in flags else m.group(0), message)
     message = re.sub(r"\bor None for\b", "or leave the flag out for", message)
-    return re.sub(r"'([\w.-]+)' or None", r"\1, or leave the flag out", message)
+    return re.sub(_CHOICES, _choices_as_typed, message)
+
+
+# A list of choices as the library writes them: "'a', 'b' or 'c'", "'a', 'b' or None" (then maybe ", got").
+_CHOICES = re.compile(r"((?:'[\w.:-]+', )*'[\w.:-]+') or (None|'[\w.:-]+')(, got\b)?")
+
+
+def _choices_as_typed(match) -> str:
+    """Choices as a user types them: "a, b or c"; None (no flag) as "a or b, or leave the flag out; got"."""
+    choices = re.findall(r"'([\w.:-]+)'", match.group(1))
+    got = match.group(3) or ""
+    if match.group(2) != "None":
+        return _one_of(choices + [match.group(2).strip("'")]) + got
+    return _one_of(choices) + ", or leave the flag out" + got.replace(",", ";")
+
+
+def _one_of(choices) -> str:
+    return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
 
 
 def _fail(message: str) -> None:

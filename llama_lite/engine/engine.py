@@ -15,12 +15,11 @@ In float32 (eager) a request's tokens never depend on what else runs, when it ar
 it holds: docs/design/batch-invariance.md.
 """
 
-import itertools
 from collections import deque
 
 import torch
 
-from ..checks import check_whole
+from ..checks import check_whole, is_whole
 from .constraints import Grammars
 from .prefix_cache import PrefixCache, Reuse
 from .prompts import check_prompt
@@ -64,7 +63,7 @@ class Engine:
         self.waiting = deque()  # not yet admitted, oldest first
         self.running = []  # admitted (holding a row), oldest first
         self.aborted = []  # outputs of requests aborted since the last step
-        self._ids = itertools.count()
+        self.next_id = 0  # the id the next request gets: ids below it were given
         self.grammars = Grammars(tokenizer, model.params.vocab_size)  # structured output's masks
 
     # --- requests in and out ------------------------------------------------------------------------
@@ -79,7 +78,8 @@ class Engine:
         check_prompt(prompt_ids, p, max(params.max_tokens or 0, 1), ("max_tokens", params.max_tokens))
         matcher = self.grammars.matcher(params)
         max_tokens = params.max_tokens or p.max_seq_len - len(prompt_ids)  # None: up to the cache's end
-        request = Request(next(self._ids), list(prompt_ids), params, max_tokens, self.tokenizer, p.vocab_size, self.device)
+        request = Request(self.next_id, list(prompt_ids), params, max_tokens, self.tokenizer, p.vocab_size, self.device)
+        self.next_id += 1
         request.matcher = matcher
         if self.speculative != "off" and matcher is None:  # (a constrained request's matcher advances one token at a time)
             request.drafter = Drafter(request.prompt)
@@ -88,8 +88,10 @@ class Engine:
         return request.id
 
     def abort(self, request_id: int) -> None:
-        """End a request (finish reason "abort", reported by the next step); its row is free at once.
-        A request that has already finished is left alone."""
+        """End a request (finish reason "abort", reported by the next step); its row is free at once. A finished
+        request is left alone (servers abort those routinely); an id this engine never gave is a ValueError."""
+        if not (is_whole(request_id) and 0 <= request_id < self.next_id):
+            raise ValueError(f"request id {request_id!r} was never given by this engine; pass an id engine.add returned")
         request = self.requests.get(request_id)
         if request is None:
             return

@@ -17,7 +17,8 @@ from ..model.kernels import int4_modules, pack_int4, quantize_int4, quantize_int
 from ..model.transformer import Transformer
 from .checkpoint_types import Int4Values, Int8Values
 
-PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this
+PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this,
+PROGRESS_DELAY_S = 2.0  # once loading has taken this long (a sub-second load, the usual, shows nothing)
 LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
@@ -33,8 +34,8 @@ def quantized_weights(ckpt, quantize, dtype, device, world):
     quantizes the layers of float checkpoints."""
     asked_bf16 = dtype is None or dtype in ("bfloat16", torch.bfloat16)
     if quantize == "int4" and (device.type != "cpu" or not asked_bf16):
-        raise ValueError("quantize='int4' runs on a CPU with bfloat16 activations; pass device='cpu' and dtype "
-                         "'bfloat16' (or none), or quantize=None")
+        raise ValueError("quantize='int4' runs on a CPU with bfloat16 activations; pass device='cpu' and "
+                         "dtype='bfloat16' (or dtype=None), or quantize=None")
     if quantize == "int8" or not (quantize == "int4" or (ckpt.stored and device.type == "cpu" and asked_bf16 and world == 1)):
         return {}, resolve_dtype(dtype, device)
     ends = ("tok_embeddings.weight", "output.weight")  # looked up, or multiplied for one token a sequence
@@ -76,7 +77,8 @@ def _read_state(ckpt, quantized, model, int4_layers, dtype, device) -> dict:
     local_shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     state, int4_parts = {}, {}
     progress = tqdm(ckpt.tensors(frozenset(quantized) & ckpt.stored.keys()), total=ckpt.n_tensors, desc="loading",
-                    unit="tensor", leave=False, file=sys.stderr, disable=ckpt.size < PROGRESS_BYTES or not parallel.is_main())
+                    unit="tensor", leave=False, file=sys.stderr, delay=PROGRESS_DELAY_S,
+                    disable=ckpt.size < PROGRESS_BYTES or not parallel.is_main())
     for name, tensor in progress:
         module, _, kind = name.rpartition(".")
         if module in int4_layers:  # 4-bit values as stored, or quantized now; packed once a fused matrix is whole

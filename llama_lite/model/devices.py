@@ -9,6 +9,7 @@ each other after every operation, so one on a busy core slows all (docs/performa
 
 import math
 import os
+import sys
 import time
 
 import torch
@@ -54,7 +55,8 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        choices = ", ".join(map(repr, _DTYPES))
+        raise ValueError(f"unknown dtype {dtype!r}; use {choices} or None (the fastest this device runs)")
     return _DTYPES[dtype]
 
 
@@ -122,6 +124,17 @@ class CpuLoad:
 
 def check_threads(threads) -> None:
     check_whole("threads", threads, 1, hint=", or None for the cores this process may use;")
+
+
+def warn_if_oversubscribed(threads: int) -> None:
+    """One line on stderr where `threads` exceed the cores this process may use: torch's threads wait
+    for each other after every operation, so the extra ones, queued behind the others, slow every
+    step (64 threads on 2 cores ran 2x slower). A warning, not a refusal: the cores may be about to grow."""
+    cores = usable_cores()
+    if threads > cores:
+        print(f"llama_lite: {threads} threads asked for, but this process may use {cores} core(s), so every step "
+              f"waits on the extra threads; pass threads={cores} (--threads {cores}) or fewer, or leave it out for "
+              "the cores no other process keeps busy", file=sys.stderr)
 
 
 def default_threads(load: CpuLoad) -> "int | None":
