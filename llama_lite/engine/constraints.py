@@ -10,8 +10,9 @@ touched, so they pay nothing, and a constrained row's mask depends only on its o
 invariance holds.
 
 Fail closed: a constraint llguidance cannot enforce (a JSON Schema keyword it does not implement, a
-regex with look-around, a grammar that does not parse) is a ValueError naming it when the
-SamplingParams are made, before any token; nothing ever runs unconstrained.
+regex with look-around, a grammar that does not parse) or that no text satisfies (`minimum` above
+`maximum`, a `$ref` cycle with no way to end) is a ValueError naming it when the SamplingParams are
+made, before any token; nothing ever runs unconstrained, and nothing ends empty for want of a value.
 """
 
 import functools
@@ -25,11 +26,14 @@ import torch
 
 KINDS = ("json_schema", "json_object", "regex", "grammar")  # the SamplingParams fields that constrain
 
-# JSON whitespace: up to 20 characters wherever JSON allows it (llguidance's default is unbounded,
-# and a small model sampling at temperature 1 can then write newlines until max_tokens). A schema's
-# own top-level "x-guidance" settings override this.
-JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,20}"}
+# Compact JSON, as OpenAI's replies and json.dumps(separators=(",", ":")): no whitespace between
+# tokens (where JSON allows it a small model writes newlines until max_tokens). A schema's top-level
+# "x-guidance": {"whitespace_flexible": true} opts in to whitespace, up to 20 characters at each place
+# (llguidance's own flexible whitespace is unbounded); its other "x-guidance" settings apply as given.
+JSON_DEFAULTS = {"whitespace_flexible": False}
+FLEXIBLE_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,20}"
 ANY_OBJECT = {"type": "object"}
+TOKEN_REFERENCE = re.compile(r"<[^\s<>]+>")  # a Lark grammar's <|im_end|>, <[2]>: not in the bytes' vocabulary
 MATCHER_CACHE = 64  # compiled matchers kept per engine: a repeated constraint starts from a copy (~10 us)
 
 
@@ -49,11 +53,34 @@ def grammar_of(params) -> "str | None":
 def compile_constraint(kind: str, value, name: "str | None" = None) -> str:
     """The llguidance grammar enforcing `value` (a JSON Schema dict, a regex or a Lark grammar);
     ValueError naming what cannot be enforced. `name`: how the value is called in that message."""
-    text = json.dumps(value) if kind == "json_schema" else value  # keeps the properties' order
     try:
-        return _compile(kind, text)
+        return _compile_schema(value) if kind == "json_schema" else _compile(kind, value)
     except ValueError as e:
-        raise ValueError(f"{name or 'SamplingParams.' + kind} cannot be enforced: {e}; change or remove that part") from None
+        name = name or "SamplingParams." + kind
+        reason = re.sub(r"^Unsatisfiable( schema)?: ", "", str(e))
+        if reason != str(e):  # valid, but nothing fits it: every request would end empty
+            nothing = "no value satisfies" if kind == "json_schema" else "no text matches"
+            fix = "" if ";" in reason else "; change that part"
+            raise ValueError(f"{nothing} {name}: {reason}{fix}") from None
+        raise ValueError(f"{name} cannot be enforced: {e}; change or remove that part") from None
+
+
+def _compile_schema(schema) -> str:
+    """A JSON Schema's grammar; llguidance names a contradiction first, then a $ref cycle with no way
+    to end (which llguidance compiles), then a grammar that stops at once for any other reason."""
+    if schema is True:  # any JSON value ("x-guidance" needs an object)
+        schema = {}
+    if schema is False or isinstance(schema, dict) and (schema.get("not") is True or schema.get("not") == {}):
+        what = "false" if schema is False else f'"not": {json.dumps(schema["not"])}'
+        raise ValueError(f"Unsatisfiable schema: {what} accepts no value; pass true or {{}} for any JSON value")
+    grammar = _compile("json_schema", json.dumps(_with_bounded_whitespace(schema)))  # keeps the properties' order
+    if isinstance(schema, dict):
+        ends = _Termination(schema)
+        if ends.refs and not ends.finite(schema):
+            raise ValueError(f"Unsatisfiable schema: it refers back to itself with no way to end ($ref "
+                             f"{', '.join(sorted(ends.refs))}); make the recursion optional (not required, or minItems 0)")
+    _check_some_text_matches(grammar)
+    return grammar
 
 
 @functools.lru_cache(maxsize=256)
@@ -74,7 +101,114 @@ def _compile(kind: str, text: str) -> str:
         error = re.sub(r"^at \d+\(\d+\): ", "", error)
     if error:
         raise ValueError(_one_line(error))
+    if kind == "regex" or kind == "grammar" and not TOKEN_REFERENCE.search(text):  # a schema: _compile_schema
+        _check_some_text_matches(grammar)
     return grammar
+
+
+class _Termination:
+    """Which schemas some finite JSON value can satisfy, as far as their $refs go (the least fixed
+    point over the local $refs); an unknown keyword or a remote $ref counts as satisfiable."""
+
+    def __init__(self, root: dict):
+        self.root, self.refs, self.ending = root, set(), set()
+        self._collect(root)
+        grew = True
+        while grew:  # a ref ends once its target can end with what is known to end so far
+            grew = False
+            for ref in self.refs - self.ending:
+                if self.finite(self._target(ref)):
+                    self.ending.add(ref)
+                    grew = True
+        self.refs -= self.ending  # left: the refs that never end
+
+    def _collect(self, node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#") and self._target(ref) is not None:
+                self.refs.add(ref)
+            for value in node.values():
+                self._collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                self._collect(value)
+
+    def _target(self, ref: str):
+        node = self.root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    def finite(self, node) -> bool:
+        if not isinstance(node, dict):
+            return node is not False
+        ref = node.get("$ref")
+        if ref in self.refs and ref not in self.ending:
+            return False
+        if not all(self.finite(s) for s in node.get("allOf", [])):
+            return False
+        branches = node.get("anyOf", node.get("oneOf"))
+        if isinstance(branches, list) and branches and not any(self.finite(s) for s in branches):
+            return False
+        types = node.get("type", ["object", "array", "string"])
+        types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+        if "enum" in node or "const" in node or not {"object", "array"}.issuperset(types):
+            return True  # a scalar can always end
+        return ("object" in types and self._object_ends(node)) or ("array" in types and self._array_ends(node))
+
+    def _object_ends(self, node) -> bool:
+        properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        others = True if node.get("patternProperties") else node.get("additionalProperties", True)
+        return all(self.finite(properties.get(name, others)) for name in node.get("required", []) if isinstance(name, str))
+
+    def _array_ends(self, node) -> bool:
+        prefix, items = node.get("prefixItems", []), node.get("items", True)
+        if isinstance(items, list):  # draft 4-7 tuples
+            prefix, items = items, node.get("additionalItems", True)
+        needed = node.get("minItems", 0) if isinstance(node.get("minItems", 0), int) else 0
+        return all(self.finite(prefix[i] if i < len(prefix) else items) for i in range(min(needed, len(prefix) + 1)))
+
+
+def _with_bounded_whitespace(schema):
+    """The schema with its "x-guidance" whitespace opt-in bounded to FLEXIBLE_WHITESPACE."""
+    options = schema.get("x-guidance") if isinstance(schema, dict) else None
+    if isinstance(options, dict) and options.get("whitespace_flexible") is True and "whitespace_pattern" not in options:
+        return {**schema, "x-guidance": {**options, "whitespace_pattern": FLEXIBLE_WHITESPACE}}
+    return schema
+
+
+class _Bytes:
+    """A vocabulary of the 256 bytes and an end token: enough for llguidance to say whether a grammar
+    admits any text at all, before a model's vocabulary is at hand."""
+
+    eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
+    tokens = [bytes([b]) for b in range(256)] + [b""]
+
+    def __call__(self, text):
+        return list(text.encode("utf-8") if isinstance(text, str) else text)
+
+
+@functools.cache
+def _byte_tokenizer():
+    import llguidance
+
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Bytes()), n_vocab=257)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_some_text_matches(grammar: str) -> None:
+    """ValueError when the grammar admits no text: its matcher stops before the first byte (a `$ref`
+    that only refers back to itself compiles to such a grammar, and would end every request empty)."""
+    from llguidance import LLMatcher
+
+    matcher = LLMatcher(_byte_tokenizer(), grammar, log_level=0)
+    matcher.compute_bitmask()  # the matcher learns that it is stopped only when asked for a mask
+    stopped = matcher.is_stopped() or matcher.get_error().startswith("NoExtension")
+    if stopped and not matcher.is_accepting():
+        raise ValueError("Unsatisfiable: it admits no text at all, not even a first character")
+    if matcher.is_error() and not stopped:
+        raise ValueError(_one_line(matcher.get_error()))
 
 
 def _one_line(message: str) -> str:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from ..checks import is_whole
+from ..engine.constraints import compile_constraint
 
 MAX_STOPS = 4  # as OpenAI
 MAX_TOKENS = 1 << 30
@@ -102,6 +103,11 @@ class ResponseFormat(BaseModel):
         if self.type == "json_schema" and self.json_schema is None:
             raise RequestError("response_format of type 'json_schema' needs a 'json_schema': {\"name\", \"schema\"}",
                                "response_format")
+        if self.type == "json_schema" and self.json_schema.schema_ is False:  # falsy: the compile ahead passes it by
+            try:
+                compile_constraint("json_schema", False, name="response_format.json_schema.schema")
+            except ValueError as e:
+                raise RequestError(str(e), "response_format") from None
         return self
 
     def constraint(self) -> dict:
