@@ -5,17 +5,19 @@ import codecs
 import math
 import uuid
 
-from .tool_calls import CallParser
+from .generic_tools import reply_parser
+
+CUT = ("length", "abort")  # finish reasons that can end a reply mid-call
 
 
 class ChoiceAccumulator:
     """Each choice's text, logprobs, tool calls and finish reason as outputs arrive. `choices`: (choice
-    index, prompt ids) pairs, n per prompt. `call_parsing`: (call format, function names) when the chat
+    index, prompt ids) pairs, n per prompt. `call_parsing`: (call format, function names, forced) when the chat
     offers tools: each reply's text is then read for calls as it streams (tool_calls.CallParser)."""
 
     def __init__(self, tokenizer, choices, n, chat, sampling, call_parsing=None):
         self.tokenizer, self.choices, self.n, self.chat = tokenizer, choices, n, chat
-        self.parsers = {index: CallParser(*call_parsing) for index, _ in choices} if call_parsing else None
+        self.parsers = {index: reply_parser(*call_parsing) for index, _ in choices} if call_parsing else None
         self.calls = {index: [] for index, _ in choices}
         self.logprobs, self.echo = sampling["logprobs"], sampling["echo"]
         self.prompt_len = {index: len(prompt) for index, prompt in choices}
@@ -38,7 +40,9 @@ class ChoiceAccumulator:
         self.text[index].append(text)
         piece_lp = self._logprobs(index, out) if self.logprobs else None
         if out.finished:
-            self.finish[index] = "tool_calls" if self.calls[index] else out.finish_reason
+            # a call cut by max_tokens ends "length", as OpenAI's partial calls do
+            whole = self.calls[index] and not (self.parsers and self.parsers[index].partial)
+            self.finish[index] = "tool_calls" if whole and out.finish_reason == "stop" else out.finish_reason
         if self.chat:
             delta = {"content": text} if text else {}
             if out.finished and self.calls[index]:
@@ -72,7 +76,7 @@ class ChoiceAccumulator:
         """The text that stays content; a finished reply's calls are kept in OpenAI's shape."""
         text = self.parsers[index].feed(text)
         if out.finished:
-            rest, calls = self.parsers[index].finish()
+            rest, calls = self.parsers[index].finish(cut=out.finish_reason in CUT)
             text += rest
             self.calls[index] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}
                                  for call in calls]

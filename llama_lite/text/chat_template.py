@@ -6,6 +6,7 @@ string and list repetition, powers and the output's length are capped, and rende
 a time bound, so a template can neither exhaust memory nor loop forever.
 """
 
+import functools
 import json
 import os
 import sys
@@ -76,8 +77,10 @@ def _within(seconds, work):
         sys.settrace(previous)
 
 
+@functools.lru_cache(maxsize=8)
 def takes_tools(template: str) -> bool:
-    """Whether a template renders a `tools` list (Qwen2.5's, Llama 3.1's and Hermes' do)."""
+    """Whether a template renders a `tools` list (Qwen2.5's, Llama 3.1's and Hermes' do); asked on
+    each chat request, so a template is parsed once."""
     from jinja2 import TemplateSyntaxError, meta
 
     try:
