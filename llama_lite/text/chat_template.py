@@ -135,7 +135,11 @@ def read_chat_template(value) -> "str | None":
             text = open(value, encoding="utf-8").read()
         except FileNotFoundError:
             raise FileNotFoundError(f"chat template file {value} does not exist; pass a jinja2 template or its file") from None
-        except (IsADirectoryError, UnicodeDecodeError):
-            raise ValueError(f"chat template file {value} is not a text file; pass a jinja2 template or its file") from None
+        except IsADirectoryError:
+            raise ValueError(f"chat_template {value} is a folder; pass a jinja2 template file, or the template itself") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"chat template file {value} is not UTF-8 text; save it as UTF-8") from None
+        if not text.strip():
+            raise ValueError(f"chat template file {value} is empty; write a jinja2 chat template in it")
     check_template(text)
     return text

@@ -76,3 +76,16 @@ def test_a_chat_template_override_is_text_or_a_file(tmp_path):
         read_chat_template("{% for m in messages %}{{ m }}")
     with pytest.raises(ValueError, match="chat_template must be"):
         read_chat_template(5)
+
+
+def test_a_chat_template_file_that_is_a_folder_empty_or_not_text_is_named_as_such(tmp_path):
+    from llama_lite.text.chat_template import read_chat_template
+
+    (tmp_path / "empty.jinja").write_text("  \n")
+    (tmp_path / "latin1.jinja").write_bytes("{{ 'caf\xe9' }}".encode("latin-1"))
+    cases = [(tmp_path, f"chat_template {tmp_path} is a folder; pass a jinja2 template file"),
+             (tmp_path / "empty.jinja", "chat template file .*empty.jinja is empty; write a jinja2 chat template in it"),
+             (tmp_path / "latin1.jinja", "chat template file .*latin1.jinja is not UTF-8 text; save it as UTF-8")]
+    for path, message in cases:
+        with pytest.raises(ValueError, match=message):
+            read_chat_template(path)
