@@ -7,8 +7,8 @@ own flags (--prompt, --out, ...) beside its definition, with `documented`.
 
 import inspect
 import json
-from pathlib import Path
 
+from ..checks import read_text_file
 from ..engine.sampling import SamplingParams
 from ..engine.speculation import SPECULATIVE
 from ..generation import Llama
@@ -63,25 +63,11 @@ def _read_json_schema(path) -> dict:
     """--json_schema's file as JSON; ValueError / FileNotFoundError naming the flag and what is wrong."""
     if not isinstance(path, str) or not path.strip():  # fire reads `--json_schema` alone as True
         raise ValueError(f"--json_schema takes a JSON Schema file, got {path!r}; e.g. --json_schema person.schema.json")
-    where = f"--json_schema file {path}"
-    if Path(path).is_dir():
-        raise ValueError(f"--json_schema {path} is a folder; pass a JSON Schema file, such as {Path(path) / 'schema.json'}")
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{where} does not exist; pass a JSON Schema file") from None
-    except PermissionError:
-        raise ValueError(f"{where} cannot be read (permission denied); pass a JSON Schema file you can read") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{where} is not UTF-8 text; pass a JSON Schema file") from None
-    except OSError as e:
-        raise ValueError(f"{where} cannot be read ({e.strerror or e}); pass a JSON Schema file") from None
-    if not text.strip():
-        raise ValueError(f"{where} is empty; write a JSON Schema in it, such as {{\"type\": \"object\"}}")
+    text = read_text_file(path, "--json_schema", "a JSON Schema")
     try:
         return json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{where} is not valid JSON ({e}); fix it") from None
+        raise ValueError(f"--json_schema file {path} is not valid JSON ({e}); fix it") from None
 
 
 def build_llama(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache,

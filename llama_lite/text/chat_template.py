@@ -13,6 +13,8 @@ import sys
 import time
 from datetime import datetime
 
+from ..checks import read_text_file
+
 ROLES = ("system", "user", "assistant", "tool")
 TIME_LIMIT_S = 2.0  # real templates render in milliseconds
 MAX_REPEAT = 100_000  # the longest string or list a template may build by '*'
@@ -131,15 +133,6 @@ def read_chat_template(value) -> "str | None":
         raise ValueError(f"chat_template must be a jinja2 template or a file holding one, got {value!r}")
     text = str(value)
     if not isinstance(value, str) or ("{{" not in text and "{%" not in text):  # a path
-        try:
-            text = open(value, encoding="utf-8").read()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"chat template file {value} does not exist; pass a jinja2 template or its file") from None
-        except IsADirectoryError:
-            raise ValueError(f"chat_template {value} is a folder; pass a jinja2 template file, or the template itself") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"chat template file {value} is not UTF-8 text; save it as UTF-8") from None
-        if not text.strip():
-            raise ValueError(f"chat template file {value} is empty; write a jinja2 chat template in it")
+        text = read_text_file(value, "chat template", "a jinja2 chat template")
     check_template(text)
     return text

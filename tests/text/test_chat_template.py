@@ -83,7 +83,7 @@ def test_a_chat_template_file_that_is_a_folder_empty_or_not_text_is_named_as_suc
 
     (tmp_path / "empty.jinja").write_text("  \n")
     (tmp_path / "latin1.jinja").write_bytes("{{ 'caf\xe9' }}".encode("latin-1"))
-    cases = [(tmp_path, f"chat_template {tmp_path} is a folder; pass a jinja2 template file"),
+    cases = [(tmp_path, f"chat template {tmp_path} is a folder; pass a jinja2 chat template file"),
              (tmp_path / "empty.jinja", "chat template file .*empty.jinja is empty; write a jinja2 chat template in it"),
              (tmp_path / "latin1.jinja", "chat template file .*latin1.jinja is not UTF-8 text; save it as UTF-8")]
     for path, message in cases:
