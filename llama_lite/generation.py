@@ -23,9 +23,12 @@ from .text.tokenizer import Tokenizer
 
 class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator, prefix_cache=True,
-                 speculative="auto", threads=None):
-        """`threads`: the CPU threads torch computes with (for messages; Llama.build sets them)."""
+                 speculative="auto", threads=None, path=None, compiling=None):
+        """`threads`: the CPU threads torch computes with (for messages; Llama.build sets them); `path`:
+        the weights' precision and why (path_choice.PathChoice); `compiling`: the process building the
+        compiled decode step for the next start (a subprocess.Popen, or None). Llama.build sets both."""
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
+        self.path, self.compiling = path, compiling
         self.prefix_cache, self.speculative = prefix_cache, speculative
         self.threads = threads or torch.get_num_threads()
         self.device = next(model.parameters()).device
@@ -52,7 +55,7 @@ class Llama:
                                  chat_template=chat_template, threads=threads)
         loaded = load(settings)
         return Llama(loaded.model, loaded.tokenizer, loaded.generator, prefix_cache=prefix_cache, speculative=speculative,
-                     threads=loaded.threads)
+                     threads=loaded.threads, path=loaded.path, compiling=loaded.compiling)
 
     # --- Meta's decode loop ---------------------------------------------------------------------------
 

@@ -2,19 +2,25 @@
 
 The checkpoint is read, the model's shape fixed (its context, the batch's rows, its split across
 torchrun's processes), its tokenizer chosen, its weights loaded (weights.py), and the machine's
-choices made: CPU threads, the one-token decode path, and whether the decode step is compiled.
+choices made: CPU threads, the path (the weights' precision: asked for, or measured once per
+machine, path_choice.py), and the decode step compiled ahead of time (aot_step.py, precompile.py).
 """
 
+import functools
+import shutil
+import subprocess
 import sys
+from dataclasses import asdict
 from typing import NamedTuple
 
 import torch
 
+from . import path_choice, precompile
 from .errors import CheckpointError
 from .loading.checkpoint import read_checkpoint
 from .loading.download import default_checkpoint
 from .loading.weights import load_model, quantized_weights
-from .model import parallel
+from .model import aot_step, parallel
 from .model.devices import CpuLoad, default_threads, resolve_device, warn_if_oversubscribed
 from .model.kernels import THIN_ROWS
 from .model.kv_cache import KVCache
@@ -30,6 +36,8 @@ class Loaded(NamedTuple):
     tokenizer: Tokenizer
     generator: torch.Generator
     threads: "int | None"  # the CPU threads set for the process (None: torch's own)
+    path: path_choice.PathChoice  # the weights' precision, and why
+    compiling: "subprocess.Popen | None"  # the process building the compiled step for the next start
 
 
 def load(settings: BuildSettings) -> Loaded:
@@ -41,23 +49,30 @@ def load(settings: BuildSettings) -> Loaded:
     world = parallel.world_size()
     if world > 1 and (settings.quantize or settings.compile):
         raise ValueError("quantize and compile work in one process only; run without torchrun, or without them")
-    quantized, dtype = quantized_weights(ckpt, settings.quantize, settings.dtype, device, world)
+    threads = settings.threads if settings.threads is not None else default_threads(cpu_load)
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+        if settings.threads is not None and parallel.is_main():
+            warn_if_oversubscribed(threads)
+    path = _path(settings, ckpt, device, world)
+    dtype_asked = ("float32" if path.path == "float32" else "bfloat16") if path.measured else settings.dtype
+    quantized, dtype = quantized_weights(ckpt, settings.quantize, dtype_asked, device, world)
+    if not path.measured:
+        path.path = "int4" if "int4" in quantized.values() else settings.quantize or str(dtype).removeprefix("torch.")
     params = _model_args(ckpt, settings.max_seq_len, settings.max_batch_size)
     if world > 1:  # under torchrun: split the model across the processes
         parallel.check_divisible(world, params.n_heads, params.n_kv_heads, params.hidden_dim, params.vocab_size)
         device = parallel.setup(device)
     KVCache.check_fits(params, dtype, device)
     tok = _tokenizer(ckpt, settings.tokenizer, template, params.vocab_size)
-    threads = settings.threads if settings.threads is not None else default_threads(cpu_load)
-    if threads is not None and device.type == "cpu":
-        torch.set_num_threads(threads)
-        if settings.threads is not None and parallel.is_main():
-            warn_if_oversubscribed(threads)
     model = load_model(ckpt, params, quantized, settings.quantize, dtype, device, tok.n_words)
     model.use_thin_decode(device.type == "cpu" and dtype == torch.float32 and not (settings.quantize or settings.compile)
                           and world == 1 and settings.max_batch_size <= THIN_ROWS)
-    compile_decode_step(model, settings.compile, device, dtype)
-    return Loaded(model, tok, _generator(device, settings.seed), threads)
+    child = {**asdict(settings), "checkpoint": str(ckpt.path), "dtype": str(dtype).removeprefix("torch."), "compile": False,
+             "tokenizer": settings.tokenizer and str(settings.tokenizer), "chat_template": None,
+             "threads": torch.get_num_threads()}
+    compiling = attach_decode_step(model, settings.compile, device, dtype, child, path)
+    return Loaded(model, tok, _generator(device, settings.seed), threads, path, compiling)
 
 
 def _model_args(ckpt, max_seq_len, max_batch_size) -> ModelArgs:
@@ -90,22 +105,63 @@ def _tokenizer(ckpt, path, template, vocab_size) -> Tokenizer:
     return tok
 
 
-def compile_decode_step(model, compile, device, dtype) -> None:
-    """Compile the model's one-token step if asked (True: now), or, with compile None, in the background
-    where it is fast and keeps every promise (a CPU computing in bfloat16 or 4 bits; float32 stays
-    eager, bit for bit), replying eagerly meanwhile."""
-    background = compile is None
-    if background:
-        compile = device.type == "cpu" and dtype != torch.float32 and parallel.world_size() == 1
-    if not compile:
-        return
-    from .model.decode_step import DecodeStep  # imports the compiler (~70 MB): only when it is used
+def _path(settings, ckpt, device, world) -> path_choice.PathChoice:
+    """The path asked for, or where nothing is (dtype, quantize), the one measured fastest on this machine."""
+    asked = {name: getattr(settings, name) for name in ("dtype", "quantize") if getattr(settings, name) is not None}
+    if asked or device.type != "cpu" or world > 1:
+        shown = ", ".join(f"{name}={value!r}" for name, value in asked.items())
+        return path_choice.PathChoice("", f"asked for ({shown})" if asked else f"{device.type}'s default")
+    low = "int4" if "int4" in ckpt.stored.values() else "bfloat16"
+    params = _model_args(ckpt, settings.max_seq_len, settings.max_batch_size)
+    measured = path_choice.read(path_choice.choice_file(params, torch.get_num_threads(), low))
+    choice = measured or path_choice.choose(params, torch.get_num_threads(), low)
+    if measured is None and parallel.is_main():
+        print(f"llama_lite: {choice.path} is this machine's path: {choice.why}", file=sys.stderr)
+    return choice
 
-    model.decode_step = DecodeStep(model)
-    if background and parallel.is_main():
-        print("llama_lite: compiling the decode step in the background (up to a minute the first time, seconds once "
-              "cached); replies start at once", file=sys.stderr)
-    model.decode_step.start(background)
+
+def attach_decode_step(model, compile, device, dtype, child_settings: dict, path) -> "subprocess.Popen | None":
+    """The compiled decode step where asked (compile=True: built now if need be) or, with compile None,
+    where it is the measured path's (low precision on a CPU; float32 stays eager, bit for bit): loaded
+    if built before, else built by another process for the next start while this one decodes eagerly."""
+    if compile is False or parallel.world_size() > 1 or (compile is None and dtype == torch.float32):
+        return None
+    if device.type != "cpu":  # CUDA: compiled in this process, as CUDA graphs
+        if compile:
+            from .model.decode_step import DecodeStep  # imports the compiler: only when it is used
+
+            model.decode_step = DecodeStep(model)
+            model.decode_step.build()
+        return None
+    threads = child_settings["threads"]
+    folder = aot_step.artifact_folder(model, threads)
+    try:
+        model.decode_step = aot_step.load(model, folder)
+    except Exception as e:  # built by another torch, or damaged: built again
+        print(f"llama_lite: the compiled decode step in {folder} could not be loaded ({type(e).__name__}); "
+              "building it again", file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+    if model.decode_step is not None:
+        return None
+    check = path_choice.choice_file(model.params, threads, path.path) if path.measured and not path.verified else None
+    cmd = precompile.command(child_settings, threads, check)
+    if compile:  # asked for: wait for it
+        precompile.run_now(cmd)
+        model.decode_step = aot_step.load(model, folder)
+        return None
+    model.compiled_later = functools.partial(_load_quietly, model, folder)
+    child = precompile.start_in_background(cmd, folder)
+    if child is not None and parallel.is_main():
+        print(f"llama_lite: compiling the decode step in another process (a minute or two, once; log {folder}.log); "
+              "until it is built, decoding runs without it", file=sys.stderr)
+    return child
+
+
+def _load_quietly(model, folder):
+    try:
+        return aot_step.load(model, folder)
+    except Exception:  # damaged: the next start says so, and builds it again
+        return None
 
 
 def _generator(device, seed) -> torch.Generator:

@@ -32,15 +32,17 @@ class BuildSettings:
     device: "str | None" = _setting(
         None, "cpu, cuda or cuda:N; default cuda where there is one. E.g. --device cpu")
     dtype: "str | None" = _setting(
-        None, "float32, bfloat16 or float16; default bfloat16 where the device runs it fast. E.g. --dtype float32")
+        None, "float32, bfloat16 or float16; default on a CPU: what measured fastest on it (a GGUF's 4-bit blocks with "
+              "bfloat16 activations, or float32), bfloat16 on a GPU that runs it fast. E.g. --dtype float32")
     seed: "int | None" = _setting(
         None, "seed sampling, so a run repeats exactly. E.g. --seed 1")
     quantize: "str | None" = _setting(
         None, "int4 (group-32 4-bit layers, bfloat16 activations, CPU; a GGUF's Q4_0/Q4_1 blocks are kept as they are "
               "by default) or int8 (weights in 8 bits, a quarter of float32's memory). E.g. --quantize int4")
     compile: "bool | None" = _setting(
-        None, "the decode step compiled whole: --compile now (float32 too), --nocompile never; default in the background "
-              "where it is the fastest path (bfloat16 and 4-bit weights on a CPU). E.g. --nocompile")
+        None, "the decode step compiled whole, ahead of time: --compile waits for it (float32 too), --nocompile never; "
+              "default: loaded if built, else built by another process on first use (bfloat16 and 4-bit paths; float32 "
+              "stays eager, bit for bit). E.g. --nocompile")
     prefix_cache: bool = _setting(
         True, "reuse the K/V of a prompt's beginning that the cache holds; --no_prefix_cache prefills every prompt whole "
               "(to compare). E.g. --no_prefix_cache")

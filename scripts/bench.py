@@ -25,8 +25,9 @@ questions, and the 256 mixed prompts on 8 rows: decoding tok/s, speedup, tokens 
 llama_lite systems are named llama_lite[:DTYPE][:int8|int4][:compile|nocompile]: plain `llama_lite` is
 the default configuration (what chat.py and serve.py run without flags). stream_b1 is batch 1 through
 the engine (`Llama.stream`, what chat.py and one server client use); startup times a first start
-with an empty compiler cache and a second one with it filled: load -> first streamed token, and
-when the compiled decode step took over.
+with an empty llama_lite cache and a second one with it filled: load -> first streamed token, and
+when the compiled decode step ran (the first start waits for its compile process). The table
+names the path each llama_lite system runs and why (measured, or asked for).
 
 `--device cuda --shape smollm2|llama1b` runs random-weight checkpoints of those shapes, written by
 transformers into a temporary folder (no weights need to travel), llama_lite against transformers
@@ -87,11 +88,12 @@ def run_worker(system, checkpoint, threads, cases, rows_in_cache, device, n_prom
 
 
 def startup(system, checkpoint, threads, device):
-    """Two starts of `system`: with an empty compiler cache, then with the one the first filled."""
+    """Two starts of `system`: with an empty llama_lite cache (no path measured, no compiled step),
+    then with what the first one (and its compile process) left there."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="llama_lite_bench_") as cache:
         for state in ("cold", "warm"):
-            env = {"TORCHINDUCTOR_CACHE_DIR": cache, "LLAMA_LITE_BENCH_CACHE": state}
+            env = {"LLAMA_LITE_CACHE": cache, "LLAMA_LITE_BENCH_CACHE": state}
             rows += run_worker(system, checkpoint, threads, ["startup"], 1, device, 1, 8, env)
     return rows
 

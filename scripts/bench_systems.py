@@ -42,12 +42,14 @@ class LlamaLite:
         self.weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.dim() == 2}.values())
 
     def compiled(self):
-        """Wait for a background compile, if any: whether the compiled step runs, and its build seconds."""
+        """Wait for the compile process this build started, if any, and take its step: whether the
+        compiled step runs, its build seconds, and the path picked with why."""
+        if self.llm.compiling is not None:
+            self.llm.compiling.wait()
+            self.llm.model.adopt_compiled_step()
         step = self.llm.model.decode_step
-        if step is None:
-            return {"compiled": False}
-        step.wait()
-        return {"compiled": step.ready, "compile_s": round(step.seconds or 0.0, 1)}
+        return {"compiled": step is not None, "compile_s": round(getattr(step, "build_seconds", 0.0) or 0.0, 1),
+                "path": self.llm.path.path, "why": self.llm.path.why}
 
     def stream(self, prompt, n_new):
         return sum(1 for _ in self.llm.stream(prompt, n_new, temperature=0))

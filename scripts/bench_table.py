@@ -15,6 +15,7 @@ def table(rows, bandwidth_gbs):
     systems = sorted({r["system"] for r in rows if r["case"] in MEASURED},
                      key=lambda s: ALL_SYSTEMS.index(s) if s in ALL_SYSTEMS else 99)
     lines = speed_table(systems, get, bandwidth_gbs)
+    lines += [f"{r['system']} runs the {r['path']} path: {r['why']}" for r in rows if r["case"] == "load" and "path" in r]
     for cases in (("startup",), PREFIX_CASES, SPEC_CASES, ("constrained",)):
         lines += [line for r in rows if r["case"] in cases for line in case_lines(r)]
     lines += serving_table([r for r in rows if r["case"] == "serving"])
@@ -44,7 +45,7 @@ def speed_table(systems, get, bandwidth_gbs):
 
 
 NOTES = {  # the line of a startup, prefix or constrained row, filled in from the row by str.format
-    "startup": "{system} startup, {cache} compiler cache: first streamed token after {first_token_s} s, "
+    "startup": "{system} startup, {cache} llama_lite cache: first streamed token after {first_token_s} s, "
                "compiled step running after {compiled_after_s} s (compiled: {compiled})",
     "prefix_chat": "{system} prefix_chat: time to first token, turn 1 / turn 10: cache on {ttft_turn1_on_s} / "
                    "{ttft_turn10_on_s} s, off {ttft_turn1_off_s} / {ttft_turn10_off_s} s "

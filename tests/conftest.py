@@ -49,3 +49,12 @@ def hf_tokenizer(smollm_path):
 @pytest.fixture
 def tiny_gguf(tmp_path):
     return write_tiny_gguf(tmp_path / "tiny.gguf")
+
+
+@pytest.fixture(autouse=True)
+def no_background_compiles(monkeypatch):
+    """Builds in this process start no compile child (tests that want one run in a subprocess): a
+    child per test model would compile beside the suite for minutes."""
+    from llama_lite import precompile
+
+    monkeypatch.setattr(precompile, "start_in_background", lambda cmd, folder: None)

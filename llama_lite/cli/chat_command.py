@@ -2,6 +2,7 @@
 
 import sys
 
+from ..cache import cache_dir
 from .flags import build_llama, documented, sampling_flags
 from .prompt_files import StdoutError, write_stdout
 from .runner import in_flag_terms, on_main, run
@@ -11,12 +12,15 @@ from .runner import in_flag_terms, on_main, run
     system='a system message that starts the conversation. E.g. --system "Answer in one sentence."',
     prompt='one user message: print the reply and exit. E.g. --prompt "What is the capital of France?"',
     max_gen_len="the longest reply, in tokens. E.g. --max_gen_len 200",
+    precompile="measure this machine's path and build chat's compiled decode step now, then exit (otherwise the first "
+               "chat does both, the compile in the background for the next start). E.g. --precompile",
 )
 def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prompt: str = None,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int = None, presence_penalty: float = 0.0,
          frequency_penalty: float = 0.0, max_gen_len: int = 512, max_seq_len: int = None, device: str = None,
          dtype: str = None, seed: int = None, quantize: str = None, compile: bool = None, no_prefix_cache: bool = False,
-         json_schema: str = None, chat_template: str = None, threads: int = None, speculative: str = "auto"):
+         json_schema: str = None, chat_template: str = None, threads: int = None, speculative: str = "auto",
+         precompile: bool = False):
     """Chat with a checkpoint (default: SmolLM2-135M-Instruct).
 
     Without --prompt: one user turn a line from stdin (a terminal or a pipe); /reset clears the
@@ -24,6 +28,12 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
     """
     sampling = sampling_flags(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, max_gen_len=max_gen_len, json_schema=json_schema)
+    if not isinstance(precompile, bool):
+        raise ValueError(f"--precompile takes no value (or True/False), got {precompile!r}")
+    if precompile:
+        _precompile(build_llama(1, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
+                                no_prefix_cache, chat_template, threads, speculative))
+        return
     if prompt is None and sys.stdin is None:
         raise ValueError("stdin is closed; give chat a terminal or a pipe, or pass --prompt")
     if sys.stdout is None:
@@ -47,6 +57,18 @@ def chat(checkpoint: str = None, tokenizer: str = None, system: str = None, prom
         conversation.reply(conversation.opening + [{"role": "user", "content": prompt}])
     except _TurnError as e:
         raise ValueError(str(e)) from None
+
+
+def _precompile(llm) -> None:
+    """Wait for the compile process the build started, and say what this machine runs."""
+    if llm.compiling is not None:
+        print("waiting for the compile to finish", file=sys.stderr)
+        if llm.compiling.wait():
+            raise ValueError(f"compiling the decode step failed; see its log under {cache_dir() / 'compiled'}")
+        llm.model.adopt_compiled_step()
+    step = llm.model.decode_step
+    built = f"compiled decode step ready (built in {step.build_seconds:.0f} s)" if step is not None else "decoding eager"
+    print(f"{llm.path.path}: {built}; {llm.path.why}")
 
 
 def chat_main():

@@ -151,6 +151,8 @@ class Engine:
     def step(self) -> list:
         """Run one step; a RequestOutput for each request that got a token, finished or was aborted."""
         outputs, self.aborted = self.aborted, []
+        if not self.running:  # between requests: the one place the decode path may change
+            self.model.adopt_compiled_step()
         work = self._schedule()
         if not work:
             return outputs

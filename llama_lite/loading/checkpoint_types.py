@@ -17,14 +17,6 @@ class Int4Values(NamedTuple):
     offset: torch.Tensor
 
 
-class Int8Values(NamedTuple):
-    """A weight stored as int8 (GGUF Q8_0), as it is: weight = q * scale, with q (out, in) and scale
-    (out, in // 32) per group of 32."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-
-
 @dataclass
 class Checkpoint:
     """What a checkpoint holds, read lazily: `tensors()` yields (Meta name, tensor) one at a time."""
@@ -38,4 +30,4 @@ class Checkpoint:
     size: int  # bytes on disk, to decide whether loading deserves a progress bar
     tokenizer_file: Optional[Path] = None  # the tokenizer beside the weights, if any
     gguf_reader: object = None  # a GGUF checkpoint's open reader: its vocabulary is the tokenizer
-    stored: dict = field(default_factory=dict)  # Meta name -> "int4" / "int8": weights a GGUF holds in such blocks
+    stored: dict = field(default_factory=dict)  # Meta name -> "int4": weights a GGUF holds in such blocks

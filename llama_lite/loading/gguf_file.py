@@ -198,22 +198,8 @@ def dequantize(tensor: GGUFTensor) -> torch.Tensor:
 
 
 # Types whose blocks map onto llama_lite's own quantized layers without loss: "int4" (kernels.Int4Linear,
-# up to the scales' rounding to bfloat16) and "int8" (kernels.Int8Rows with a scale per 32).
-KEPT_TYPES = {GGMLQuantizationType.Q4_0: "int4", GGMLQuantizationType.Q4_1: "int4", GGMLQuantizationType.Q8_0: "int8"}
-
-
-def kept_values(tensor: GGUFTensor):
-    """A Q4_0 / Q4_1 / Q8_0 tensor's own values: int4_values or int8_values."""
-    return (int4_values if KEPT_TYPES[tensor.tensor_type] == "int4" else int8_values)(tensor)
-
-
-def int8_values(tensor: GGUFTensor):
-    """A Q8_0 tensor's own values, as (q (out, in) int8, scale (out, in // 32) float32) with
-    weight = q * scale: the blocks as they are."""
-    _, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
-    blocks = torch.from_numpy(tensor.data).view(-1, block_bytes)  # (n_blocks, block_bytes)
-    rows = tensor.shape[0]
-    return blocks[:, 2:].contiguous().view(torch.int8).reshape(rows, -1), _f16(blocks, 0).view(rows, -1)
+# up to the scales' rounding to bfloat16). (Q8_0 blocks kept as int8 lost to a bfloat16 head: compiled-step.md.)
+KEPT_TYPES = {GGMLQuantizationType.Q4_0: "int4", GGMLQuantizationType.Q4_1: "int4"}
 
 
 def int4_values(tensor: GGUFTensor):

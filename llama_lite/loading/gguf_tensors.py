@@ -6,8 +6,8 @@ from typing import Iterator, Optional
 
 from ..errors import CheckpointError
 from ..model.rope import RopeScaling
-from .checkpoint_types import Checkpoint, Int4Values, Int8Values
-from .gguf_file import KEPT_TYPES, REQUIRED, dequantize, gguf_field, kept_values, open_gguf
+from .checkpoint_types import Checkpoint, Int4Values
+from .gguf_file import KEPT_TYPES, REQUIRED, dequantize, gguf_field, int4_values, open_gguf
 from .meta_names import meta_name, rotate_half_to_pairs
 
 # GGUF architectures read. llama.cpp's converter permutes Q/K of "llama" (Llama, Mistral) into
@@ -79,7 +79,7 @@ def _gguf_rope_scaling(reader, arch: str, head_dim: int) -> Optional[RopeScaling
 
 def _gguf_tensors(reader, arch: str, args: dict, as_stored=frozenset()) -> Iterator:
     """(Meta name, tensor) for each tensor, one at a time: float32, or for the names in `as_stored` the
-    values as stored (Int4Values for Q4_0 / Q4_1, Int8Values for Q8_0)."""
+    values as stored (Int4Values: Q4_0 / Q4_1 blocks)."""
     for t in reader.tensors:
         if t.name == ROPE_FREQS:  # read with the metadata, into rope_scaling
             continue
@@ -88,8 +88,7 @@ def _gguf_tensors(reader, arch: str, args: dict, as_stored=frozenset()) -> Itera
             raise CheckpointError(f"{reader.path}: unexpected tensor {t.name!r}; this {arch} variant is not supported")
         try:
             if name in as_stored:
-                values = kept_values(t)
-                tensor = (Int4Values if len(values) == 3 else Int8Values)(*values)
+                tensor = Int4Values(*int4_values(t))
             else:
                 tensor = dequantize(t)
         except NotImplementedError:
@@ -102,7 +101,7 @@ def _gguf_tensors(reader, arch: str, args: dict, as_stored=frozenset()) -> Itera
 
 
 def _in_meta_pairs(name: str, tensor, args: dict, where: str):
-    """rotate_half_to_pairs of a float tensor, or of each part of stored values (Int4Values, Int8Values)."""
+    """rotate_half_to_pairs of a float tensor, or of each part of stored values (Int4Values)."""
     convert = lambda x: rotate_half_to_pairs(name, x, args["n_heads"], args["n_kv_heads"], where)  # noqa: E731
     return type(tensor)(*map(convert, tensor)) if isinstance(tensor, tuple) else convert(tensor)
 

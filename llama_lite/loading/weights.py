@@ -15,7 +15,7 @@ from ..model import parallel
 from ..model.devices import resolve_dtype
 from ..model.kernels import int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
 from ..model.transformer import Transformer
-from .checkpoint_types import Int4Values, Int8Values
+from .checkpoint_types import Int4Values
 
 PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this,
 PROGRESS_DELAY_S = 2.0  # once loading has taken this long (a sub-second load, the usual, shows nothing)
@@ -24,22 +24,21 @@ LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo"
 
 
 def quantized_weights(ckpt, quantize, dtype, device, world):
-    """({Meta name: "int4" or "int8"} of the weights held quantized, the activations' dtype).
+    """({Meta name: "int4"} of the weights held 4-bit, the activations' dtype).
 
-    4-bit weights run through PyTorch's CPU kernel with bfloat16 activations: the fastest path
-    measured here on both kinds of x86 CPU (AVX512-BF16 and AVX2-only). So unless another dtype is
-    asked for, a GGUF's Q4_0 / Q4_1 layers stay 4-bit, and a Q8_0 embedding and output head stay
-    int8 with their scale per 32 (read once per token, they are a third of SmolLM2's bytes); both as
-    stored, nothing rounded but the 4-bit blocks' scales (to bfloat16). quantize="int4" also
-    quantizes the layers of float checkpoints."""
+    4-bit weights run through PyTorch's CPU kernel with bfloat16 activations. So unless another
+    dtype is asked for, a GGUF's Q4_0 / Q4_1 layers stay 4-bit as stored (nothing rounded but the
+    blocks' scales, to bfloat16); its embedding and output head load as bfloat16 whatever their
+    blocks (a Q8_0 head multiplied as int8 cost 3.3 ms a row where a bfloat16 GEMM takes ~3 ms for
+    1-8 rows). quantize="int4" also quantizes the layers of float checkpoints."""
     asked_bf16 = dtype is None or dtype in ("bfloat16", torch.bfloat16)
     if quantize == "int4" and (device.type != "cpu" or not asked_bf16):
         raise ValueError("quantize='int4' runs on a CPU with bfloat16 activations; pass device='cpu' and "
                          "dtype='bfloat16' (or dtype=None), or quantize=None")
     if quantize == "int8" or not (quantize == "int4" or (ckpt.stored and device.type == "cpu" and asked_bf16 and world == 1)):
         return {}, resolve_dtype(dtype, device)
-    ends = ("tok_embeddings.weight", "output.weight")  # looked up, or multiplied for one token a sequence
-    quantized = {name: kind for name, kind in ckpt.stored.items() if (kind == "int4") != (name in ends)}
+    ends = ("tok_embeddings.weight", "output.weight")  # looked up, or multiplied for every row alike
+    quantized = {name: kind for name, kind in ckpt.stored.items() if kind == "int4" and name not in ends}
     if quantize == "int4":
         quantized.update({f"layers.{i}.{m}.weight": "int4" for i in range(ckpt.args["n_layers"]) for m in LAYER_MATRICES})
     return quantized, torch.bfloat16
@@ -47,7 +46,8 @@ def quantized_weights(ckpt, quantize, dtype, device, world):
 
 def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer_vocab_size: int) -> Transformer:
     """The model of `params` holding the checkpoint's tensors, on `device` in `dtype` (the weights in
-    `quantized`, from quantized_weights, held as int4 or int8), its KV cache allocated, in eval mode.
+    `quantized`, from quantized_weights, held as int4; every matrix int8 with quantize="int8"), its KV
+    cache allocated, in eval mode.
     Ids from `tokenizer_vocab_size` on are never sampled (see Transformer)."""
     world = parallel.world_size()
     # fairscale's layers cannot be made on the meta device; they get uninitialised memory instead.
@@ -55,12 +55,7 @@ def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer
         model = Transformer(params, tokenizer_vocab_size)
         if quantize == "int8":
             quantize_modules(model, dtype)
-        modules = {kind: {name.removesuffix(".weight") for name, its_kind in quantized.items() if its_kind == kind}
-                   for kind in ("int4", "int8")}
-        if ckpt.tied and "tok_embeddings" in modules["int8"]:
-            modules["int8"].add("output")  # the embedding's own int8 rows and scales
-        quantize_modules(model, dtype, modules["int8"], group=32)
-        int4_layers = int4_modules(model, dtype, modules["int4"])
+        int4_layers = int4_modules(model, dtype, {name.removesuffix(".weight") for name in quantized})
     state = _read_state(ckpt, quantized, model, int4_layers, dtype, device)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -84,10 +79,9 @@ def _read_state(ckpt, quantized, model, int4_layers, dtype, device) -> dict:
         if module in int4_layers:  # 4-bit values as stored, or quantized now; packed once a fused matrix is whole
             _add_int4_part(state, int4_parts, int4_layers[module], name, tensor, dtype)
             continue
-        if not isinstance(tensor, Int8Values):  # (values held quantized only ever load in one process)
-            tensor = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape))
-        if kind == "weight" and module + ".scale" in local_shapes:  # an int8 layer: as stored (Q8_0), or quantized as read
-            state[name], state[module + ".scale"] = tensor if isinstance(tensor, Int8Values) else quantize_int8(tensor.to(device))
+        tensor = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape))
+        if kind == "weight" and module + ".scale" in local_shapes:  # an int8 layer (quantize="int8"): quantized as read
+            state[name], state[module + ".scale"] = quantize_int8(tensor.to(device))
         else:
             state[name] = tensor.to(device=device, dtype=dtype)
     if ckpt.tied and "tok_embeddings.weight" in state:

@@ -1,19 +1,16 @@
 """The decode step compiled whole: embedding, every layer (its K/V written into the cache and attention
-over it) and the output head as one torch.compile region.
+over it) and the output head as one region.
 
 Run eagerly, one token a sequence is ~500 small operators whose overhead dwarfs reading the weights;
-compiled, they fuse into a few loops. Shapes stay dynamic (tokens, attention width in key blocks), the
-layer body is traced once for every layer (`nested_compile_region`), Inductor caches under
-~/.cache/llama_lite/inductor, and `start(background=True)` builds in a thread while the eager step
-serves. Measurements and what it promises: docs/design/compiled-step.md.
+compiled, they fuse into a few loops. On a CPU `_step` is compiled ahead of time in another process
+(aot_step.py); on CUDA `DecodeStep` compiles it in the process, as CUDA graphs. Shapes stay dynamic
+(tokens, attention width in key blocks) and the layer body is traced once for every layer
+(`nested_compile_region`). Measurements and what it promises: docs/design/compiled-step.md.
 """
 
 import os
-import sys
-import threading
 import time
 import types
-from types import SimpleNamespace
 
 import torch
 
@@ -72,102 +69,61 @@ def _int4_as_its_own_call():
 
 
 class DecodeStep:
-    """The model's compiled decode step; call it with a decode-only step's tokens and segments."""
+    """The model's decode step compiled in this process as CUDA graphs; call it with a decode-only
+    step's tokens and segments. `build` compiles it now."""
+
+    error = None
 
     def __init__(self, model):
         self.model = model
         self.device = model.rope_cos.device
-        self.cuda = self.device.type == "cuda"
         self.ready = False
-        self.error = self.seconds = None
-        self._thread = None
+        self.build_seconds = None
         self.key_index = torch.arange(key_blocks(model.params.max_seq_len), device=self.device)
         # Inductor's compiled code outlives /tmp: a later start then only traces. A user's own setting wins.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-        _int4_as_its_own_call()
-        mode = "reduce-overhead" if self.cuda else None
-        if self.cuda:  # CUDA graphs copy their inputs each call, unless told these stay put
-            for t in (*model.cache.k, *model.cache.v):
-                torch._dynamo.mark_static_address(t)
+        for t in (*model.cache.k, *model.cache.v):  # CUDA graphs copy their inputs each call, unless told these stay put
+            torch._dynamo.mark_static_address(t)
         # The weights never change once loaded: no guard needs to check each of them on every call
         # (~1 ms a step for SmolLM2's ~300 tensors). Without those guards a graph must never meet
         # another model, and dynamo keeps graphs per code object: so each model gets its own copy.
-        # One compiler thread, no worker pool: a build that is still running when the process ends
-        # then just finishes (the pool refuses new work during shutdown, and would fail it).
-        # No size checks either: a Python call per buffer and step, for shapes fixed by construction.
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "compile_threads": 1,
-                   "size_asserts": False}
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
         own_step = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
-        self.compiled = torch.compile(own_step, fullgraph=True, dynamic=False, mode=mode, options=options)
+        self.compiled = torch.compile(own_step, fullgraph=True, dynamic=False, mode="reduce-overhead", options=options)
+
+    def covers(self, n_tokens: int) -> bool:
+        return True
 
     def __call__(self, tokens, segments, logits_at):
         n = len(segments)
         rows = [row for row, _, _ in segments]
         positions = [start for _, start, _ in segments]
         width = key_blocks(max(positions) + 1)
-        if self.cuda:  # few shapes, few CUDA graphs: pad the tokens (repeating the first) and width to powers of two
-            n_padded = 1 << (n - 1).bit_length()
-            width = min(KEY_BLOCK << (width // KEY_BLOCK - 1).bit_length(), self.key_index.shape[0])
-            tokens = torch.cat((tokens, tokens[:1].expand(n_padded - n)))
-            rows, positions = rows + rows[:1] * (n_padded - n), positions + positions[:1] * (n_padded - n)
+        # few shapes, few CUDA graphs: pad the tokens (repeating the first) and width to powers of two
+        n_padded = 1 << (n - 1).bit_length()
+        width = min(KEY_BLOCK << (width // KEY_BLOCK - 1).bit_length(), self.key_index.shape[0])
+        tokens = torch.cat((tokens, tokens[:1].expand(n_padded - n)))
+        rows, positions = rows + rows[:1] * (n_padded - n), positions + positions[:1] * (n_padded - n)
         rows, positions = (torch.tensor(x, device=self.device) for x in (rows, positions))
-        return self._run(tokens, rows, positions, width, self.model.cache)[logits_at]
+        return self._run(tokens, rows, positions, width)[logits_at]
 
-    def _run(self, tokens, rows, positions, width, cache):
+    def _run(self, tokens, rows, positions, width):
         key_index = self.key_index[:width]
         if tokens.shape[0] > 1:  # one graph for every count of tokens above one (dynamo keeps one apart)
             for t in (tokens, rows, positions):
                 torch._dynamo.mark_dynamic(t, 0)
         torch._dynamo.mark_dynamic(key_index, 0)  # and for every width
-        if self.cuda:
-            torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(self.model, tokens, rows, positions, key_index, cache.k, cache.v)
-
-    # --- building ----------------------------------------------------------------------------------
-
-    def start(self, background: bool) -> None:
-        """Build the graphs: now, or in a thread while the eager step serves (`ready` says when done)."""
-        if not background:
-            self._build(background)
-            if self.error is not None:
-                raise self.error
-            return
-        # Not a daemon: a process that ends while the compiler runs would abort in torch's teardown
-        # (SIGABRT, "terminate called without an active exception"); it finishes the build first.
-        self._thread = threading.Thread(target=self._build, args=(background,), name="llama_lite-compile")
-        self._thread.start()
-        threading._register_atexit(self._note_exit_wait)
-
-    def _note_exit_wait(self):
-        if self._thread.is_alive():
-            print("llama_lite: finishing the decode step's compile before exiting (it is cached for the next start)",
-                  file=sys.stderr)
-
-    def wait(self) -> None:
-        """Block until a background build has ended (ready, or failed)."""
-        if self._thread is not None:
-            self._thread.join()
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(self.model, tokens, rows, positions, key_index, self.model.cache.k, self.model.cache.v)
 
     @torch.inference_mode()
-    def _build(self, background: bool):
-        """Run the step once per graph on throw-away tokens. In the background they write a cache of
-        their own, allocated but never filled (its pages cost no memory), so real steps go on."""
+    def build(self) -> None:
+        """Compile now: run the step once per graph on throw-away tokens (their K/V land at position 0
+        of the first rows, which every request overwrites before reading)."""
         started = time.perf_counter()
-        cache = self.model.cache
-        if background:
-            cache = SimpleNamespace(k=[torch.empty_like(t) for t in cache.k], v=[torch.empty_like(t) for t in cache.v])
-        try:
-            for n in sorted({1, min(2, self.model.params.max_batch_size)}):
-                zeros = torch.zeros(n, dtype=torch.long, device=self.device)
-                self._run(zeros, zeros.clone(), zeros.clone(), KEY_BLOCK, cache)
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
-        except Exception as e:  # no C++ compiler, an unsupported operator: the eager step stays
-            self.error = e
-            print(f"llama_lite: compiling the decode step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                  "decoding stays eager", file=sys.stderr)
-            return
-        self.seconds = time.perf_counter() - started
+        for n in sorted({1, min(2, self.model.params.max_batch_size)}):
+            zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+            self._run(zeros, zeros.clone(), zeros.clone(), KEY_BLOCK)
+        torch.cuda.synchronize(self.device)
+        self.build_seconds = time.perf_counter() - started
         self.ready = True
-        if background:
-            print(f"llama_lite: the compiled decode step took over after {self.seconds:.0f} s", file=sys.stderr)

@@ -12,9 +12,9 @@ MKL runs as a thin product (measured on a 2-core AVX-512 CPU: 82 against 37 ms f
 weights, and a one-row GEMV takes 62 ms). `Linear.thin` takes that way for inputs of up to
 THIN_ROWS rows; Transformer.use_thin_decode says when it may, without breaking batch invariance.
 
-`Int8Linear` / `Int8Embedding` hold weight-only int8 weights, one scale per output row (or per 32
-weights: GGUF's Q8_0 blocks as they are): a quarter of float32's bytes to stream, and with the
-compiled product the int8-to-float cast is fused into the same single pass over them.
+`Int8Linear` / `Int8Embedding` hold weight-only int8 weights, one scale per output row: a quarter of
+float32's bytes to stream, and with the compiled product the int8-to-float cast is fused into the
+same single pass over them.
 
 `Int4Linear` holds 4-bit weights in groups of 32 with a scale and an offset per group, the layout of
 GGUF's Q4_0 / Q4_1 blocks (and torchao's int4 weight-only), packed for PyTorch's own CPU kernel
@@ -83,42 +83,37 @@ def quantize_int8(weight: torch.Tensor):
     return torch.cat(q), torch.cat(scales)[:, None]
 
 
-def quantize_modules(model: nn.Module, dtype: torch.dtype, names=None, group=None) -> None:
-    """Swap the linear layers and embeddings named in `names` (module paths; None: every one) for
-    int8 ones (still empty, on the same device), with a scale per `group` weights (None: per row)."""
-    for parent_name, parent in list(model.named_modules()):
+def quantize_modules(model: nn.Module, dtype: torch.dtype) -> None:
+    """Swap every linear layer and embedding for an int8 one (still empty, on the same device)."""
+    for _, parent in list(model.named_modules()):
         for child_name, child in parent.named_children():
-            if names is not None and f"{parent_name}.{child_name}".lstrip(".") not in names:
-                continue
             if isinstance(child, Linear):
                 setattr(parent, child_name, Int8Linear(child.in_features, child.out_features, dtype=dtype,
-                                                       bias=child.bias is not None, group=group))
+                                                       bias=child.bias is not None))
             elif isinstance(child, torch.nn.Embedding):
-                setattr(parent, child_name, Int8Embedding(child.num_embeddings, child.embedding_dim, dtype=dtype, group=group))
+                setattr(parent, child_name, Int8Embedding(child.num_embeddings, child.embedding_dim, dtype=dtype))
 
 
 class Int8Rows(nn.Module):
-    """A (rows, cols) int8 matrix `weight` with a float32 `scale` per group of `group` columns,
-    (rows, cols // group): one per row when group is cols (quantize="int8"), one per 32 for GGUF's
-    Q8_0 blocks kept as they are. Values are q * scale, computed in float32."""
+    """A (rows, cols) int8 matrix `weight` with a float32 `scale` per row, (rows, 1) (quantize="int8").
+    Values are q * scale, computed in float32."""
 
-    def __init__(self, rows: int, cols: int, dtype=None, group=None):
+    def __init__(self, rows: int, cols: int, dtype=None):
         super().__init__()
-        self.group, self.dtype = group or cols, dtype  # dtype: the activations'
+        self.dtype = dtype  # the activations'
         self.register_buffer("weight", torch.empty(rows, cols, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty(rows, cols // self.group, dtype=torch.float32))
+        self.register_buffer("scale", torch.empty(rows, 1, dtype=torch.float32))
 
     def values(self, weight, scale, dtype):
-        """Rows of weight (..., cols) with their scales (..., cols // group), as `dtype` numbers."""
-        groups = weight.unflatten(-1, (-1, self.group)).float() * scale[..., None]  # (..., cols // group, group)
-        return groups.flatten(-2).to(dtype)
+        """Rows of weight (..., cols) with their scales (..., 1), as `dtype` numbers."""
+        return (weight.float() * scale).to(dtype)
 
 
 class Int8Linear(Int8Rows):
     """A weight-only int8 linear layer: y = x @ (q * scale).T (+ bias, not quantized), in x's dtype."""
 
-    def __init__(self, in_features: int, out_features: int, dtype=None, bias: bool = False, group=None):
-        super().__init__(out_features, in_features, dtype, group)
+    def __init__(self, in_features: int, out_features: int, dtype=None, bias: bool = False):
+        super().__init__(out_features, in_features, dtype)
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
 
     def forward(self, x):

@@ -123,7 +123,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
-        self.decode_step = None  # the compiled one-token step, once built (decode_step.py)
+        self.decode_step = None  # the compiled one-token step, once built (aot_step.py, decode_step.py)
+        self.compiled_later = None  # a function: the compiled step once another process has built it, else None
         self.thin_decode = False
         self.tokenizer_vocab_size = tokenizer_vocab_size or params.vocab_size
         self.setup_cache()
@@ -172,7 +173,7 @@ class Transformer(nn.Module):
                 )
         kinds = {length == 1 for _, _, length in segments}
         compiled = self.decode_step is not None and self.decode_step.ready
-        if kinds == {True} and compiled:
+        if kinds == {True} and compiled and self.decode_step.covers(len(segments)):
             logits = self.decode_step(tokens, segments, logits_at)
         elif (self.thin_decode or compiled) and len(kinds) == 2:  # decoding tokens get a pass of their own
             return self._two_passes(tokens, segments, logits_at)
@@ -221,6 +222,14 @@ class Transformer(nn.Module):
                                         torch.tensor([where[wanted[k]] for k in mine], dtype=torch.long, device=tokens.device))
             logits[mine] = out
         return logits
+
+    def adopt_compiled_step(self) -> None:
+        """Take the compiled step another process has built since this one started, if it has. Called
+        between requests only (the engine), where switching cannot change a running request's tokens."""
+        if self.compiled_later is not None:
+            step = self.compiled_later()
+            if step is not None:
+                self.decode_step, self.compiled_later = step, None
 
     def draft_budget(self, n_decoding: int) -> int:
         """The most tokens `n_decoding` decoding rows may feed in one step, speculative guesses included

@@ -45,9 +45,10 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request):
     llm, worker = request.app.state.llm, request.app.state.worker
-    step = llm.model.decode_step  # "compiling" while the first replies come from the eager step
+    step = llm.model.decode_step
     decoding = "eager" if step is None or step.error else "compiled" if step.ready else "compiling"
-    return {"status": "shutting down" if worker.closing else "ok", "decode_step": decoding}
+    path = {"path": llm.path.path, "why": llm.path.why} if llm.path is not None else {}
+    return {"status": "shutting down" if worker.closing else "ok", "decode_step": decoding, **path}
 
 
 @router.get("/metrics")

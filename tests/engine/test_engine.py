@@ -250,6 +250,9 @@ class ScriptedModel(nn.Module):
     def draft_budget(self, n_decoding):
         return n_decoding  # no speculative guesses: the calls are exactly as scripted
 
+    def adopt_compiled_step(self):
+        pass  # no compiled step to take between requests
+
     def forward_segments(self, tokens, segments, logits_at):
         self.calls.append(list(segments))
         where, first = [], 0

@@ -441,7 +441,8 @@ def test_models_health_metrics_and_auth(server, client):
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError, match="does not exist here"):
         client.models.retrieve("gpt-4")
-    assert httpx.get(server + "/health").json() == {"status": "ok", "decode_step": "eager"}  # float32: no background compile
+    assert httpx.get(server + "/health").json() == {"status": "ok", "decode_step": "eager", "path": "float32",
+                                                    "why": "asked for (dtype='float32')"}  # float32: eager, nothing measured
     text = httpx.get(server + "/metrics").text
     for name in ("llama_lite_requests_running", "llama_lite_requests_waiting", "llama_lite_kv_cache_rows_in_use",
                  "llama_lite_prompt_tokens_total", "llama_lite_generation_tokens_total",

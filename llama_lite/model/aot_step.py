@@ -1,0 +1,168 @@
+"""The decode step compiled ahead of time (AOTInductor), in another process, and loaded without the compiler.
+
+The same step as decode_step.py (`_step`: embedding, every layer, the head), exported with
+torch.export and compiled by AOTInductor into a shared library per range of token counts (one
+token alone, 2-8, 9 and up; the attention width dynamic in whole key blocks). The libraries hold
+no weights: a process loads them with PyTorch's C++ loader (no dynamo, no inductor imported, ~0.1 s)
+and hands them the model's own tensors and KV cache, so nothing is copied. Building takes a minute
+or two of a separate process (precompile.py); it is keyed by everything its code depends on.
+Why and what it promises: docs/design/compiled-step.md.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..cache import cache_dir
+from .kv_cache import KEY_BLOCK, key_blocks
+
+MATVEC_ROWS = 8  # kernels' int8 products change form above this many rows: a graph of its own beyond
+
+
+def token_ranges(max_batch_size: int) -> list:
+    """The (fewest, most) tokens of each graph: one token alone, then up to MATVEC_ROWS, then up to a
+    token a row. A step with more (speculation's guesses) runs eagerly."""
+    bounds = [(1, 1), (2, min(MATVEC_ROWS, max_batch_size)), (MATVEC_ROWS + 1, max_batch_size)]
+    return [(low, high) for low, high in bounds if low <= high]
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and instruction-set flags: compiled code is only valid on the CPU kind it was made for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    return f"{fields.get('model name', '').strip()} | {' '.join(sorted(fields.get('flags', '').split()))}"
+
+
+def _code_fingerprint() -> str:
+    """The model package's source: a change to the step's code makes a new artifact."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def artifact_folder(model, threads: int) -> Path:
+    """Where the step for this model's shapes, tensors, thread count, CPU, torch and code lives."""
+    signature = {
+        "torch": torch.__version__, "cpu": cpu_identity(), "threads": threads, "code": _code_fingerprint(),
+        "params": {k: repr(v) for k, v in vars(model.params).items()},
+        "tensors": [(name, tuple(t.shape), str(t.dtype)) for name, t in _constants(model).items()],
+    }
+    key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "compiled" / key
+
+
+class _Exported(nn.Module):
+    """The step as a module whose buffers are the model's tensors and its KV cache (written in place)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.n_layers = len(model.cache.k)
+        for i, (k, v) in enumerate(zip(model.cache.k, model.cache.v)):
+            self.register_buffer(f"cache_k{i}", k, persistent=False)
+            self.register_buffer(f"cache_v{i}", v, persistent=False)
+
+    def forward(self, tokens, rows, positions, key_index):
+        from .decode_step import _step
+
+        cache_k = [getattr(self, f"cache_k{i}") for i in range(self.n_layers)]
+        cache_v = [getattr(self, f"cache_v{i}") for i in range(self.n_layers)]
+        return _step(self.model, tokens, rows, positions, key_index, cache_k, cache_v)
+
+
+def _constants(model) -> dict:
+    """The tensors a compiled step reads, by the names the export gives them."""
+    named = {f"model.{name}": t for name, t in model.state_dict(keep_vars=False).items()}
+    named.update({f"model.{name}": t for name, t in model.named_buffers()})
+    for i, (k, v) in enumerate(zip(model.cache.k, model.cache.v)):
+        named[f"cache_k{i}"], named[f"cache_v{i}"] = k, v
+    return named
+
+
+def build(model, folder: Path, threads: int, log=print) -> float:
+    """Export and compile the step's graphs for `model` into `folder` (made whole or not at all).
+    Imports the compiler: run it in a process of its own. Returns the seconds it took."""
+    from torch._inductor import aoti_compile_and_package, config
+
+    from .decode_step import _int4_as_its_own_call
+
+    started = time.perf_counter()
+    config.cpp.threads = threads  # compiled loops are split across this many threads for good
+    _int4_as_its_own_call()
+    module = _Exported(model)
+    blocks = key_blocks(model.params.max_seq_len) // KEY_BLOCK
+    width = KEY_BLOCK * torch.export.Dim("key_blocks", min=1, max=blocks) if blocks > 1 else None
+    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    graphs = []
+    for low, high in token_ranges(model.params.max_batch_size):
+        n = min(low + 1, high)  # an example size of 1 would be taken as fixed
+        tokens = torch.zeros(n, dtype=torch.long)
+        example = (tokens, torch.arange(n) % model.params.max_batch_size, tokens.clone(),
+                   torch.arange(min(2, blocks) * KEY_BLOCK))
+        count = torch.export.Dim(f"tokens_{low}", min=low, max=high) if low < high else None
+        dims = ({0: count}, {0: count}, {0: count}, {0: width})
+        log(f"llama_lite: compiling the decode step for {low}-{high} token(s) a step")
+        with torch.inference_mode(False), torch.no_grad():
+            exported = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
+        name = f"tokens_{low}_{high}.pt2"
+        aoti_compile_and_package(exported, package_path=str(partial / name),
+                                 inductor_configs={"aot_inductor.package_constants_in_so": False, "size_asserts": False})
+        graphs.append({"low": low, "high": high, "file": name})
+    seconds = time.perf_counter() - started
+    (partial / "graphs.json").write_text(json.dumps({"graphs": graphs, "build_seconds": round(seconds, 1)}))
+    try:
+        os.replace(partial, folder)  # atomic: a reader sees the whole folder or none
+    except OSError:  # another build finished first: keep its folder
+        shutil.rmtree(partial, ignore_errors=True)
+    return seconds
+
+
+class AotStep:
+    """The compiled step loaded from its folder, bound to `model`'s tensors; called as DecodeStep is."""
+
+    ready, error = True, None  # loaded whole, or not at all (the same face as DecodeStep's)
+
+    def __init__(self, model, folder: Path):
+        started = time.perf_counter()
+        listing = json.loads((folder / "graphs.json").read_text())
+        self.build_seconds = listing["build_seconds"]
+        constants = _constants(model)
+        self.graphs = []
+        for graph in listing["graphs"]:
+            runner = torch._C._aoti.AOTIModelPackageLoader(str(folder / graph["file"]), "model", False, 1, -1)
+            names = runner.get_constant_fqns()
+            # the model's own tensors, not copies (user_managed): the cache the step writes is the engine's
+            runner.load_constants({name: constants[name] for name in names}, False, True, True)
+            self.graphs.append((graph["low"], graph["high"], runner))
+        self.key_index = torch.arange(key_blocks(model.params.max_seq_len))
+        self.load_seconds = time.perf_counter() - started
+
+    def covers(self, n_tokens: int) -> bool:
+        return any(low <= n_tokens <= high for low, high, _ in self.graphs)
+
+    def __call__(self, tokens, segments, logits_at):
+        rows = torch.tensor([row for row, _, _ in segments])
+        positions = torch.tensor([start for _, start, _ in segments])
+        width = key_blocks(int(positions.max()) + 1)
+        runner = next(r for low, high, r in self.graphs if low <= len(segments) <= high)
+        # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
+        return runner.run([tokens.contiguous(), rows, positions, self.key_index[:width]])[0][logits_at]
+
+
+def load(model, folder: Path) -> "AotStep | None":
+    """The step built into `folder` (artifact_folder) for `model`, or None if there is none yet."""
+    return AotStep(model, folder) if (folder / "graphs.json").is_file() else None

@@ -1,0 +1,97 @@
+"""The default path: measured once per machine and model shape, remembered, reported; the compiled
+step built by another process and loaded without the compiler; the same greedy text in a process that
+starts cold (eager while the child builds), one that loads the built step, and across the switch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_lite import Llama, path_choice
+from llama_lite.model.kernels import Int4Linear
+from tests.conftest import ROOT
+from tests.tiny_gguf import write_tiny_gguf
+
+PROMPTS = ["The history of the city of Rome begins", "def is_prime(n):"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache of its own (no choice or compiled step yet), the default model still where it is."""
+    monkeypatch.setenv("LLAMA_LITE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_the_choice_is_measured_once_and_said(smollm_path, cache, capsys):
+    llm = Llama.build(smollm_path, max_seq_len=128, max_batch_size=2, device="cpu", compile=False)
+    files = list((cache / "paths").glob("*.json"))
+    assert len(files) == 1 and llm.path.measured and llm.path.path in ("int4", "float32")
+    assert f"llama_lite: {llm.path.path} is this machine's path: its layer products" in capsys.readouterr().err
+    stored = json.loads(files[0].read_text())
+    assert stored["path"] == llm.path.path and stored["figures"]["float32 products, 1 row(s)"] > 0
+    again = Llama.build(smollm_path, max_seq_len=64, max_batch_size=1, device="cpu", compile=False)
+    assert again.path == llm.path and "is this machine's path" not in capsys.readouterr().err  # read, not measured
+
+
+@pytest.mark.parametrize("path", ["int4", "float32"])
+def test_the_stored_choice_decides_the_weights(smollm_path, cache, path):
+    """What the choice file says is what loads: int4 layers with bfloat16 activations, or float32 with
+    the thin product (eager, bit for bit: no compiled step is started for it)."""
+    probe = Llama.build(smollm_path, max_seq_len=64, max_batch_size=1, device="cpu", compile=False)
+    file = next((cache / "paths").glob("*.json"))
+    path_choice.write(file, path_choice.PathChoice(path, "set by the test", {"x": 1.0}, verified=True))
+    llm = Llama.build(smollm_path, max_seq_len=64, max_batch_size=1, device="cpu")
+    assert llm.path.why == "set by the test"
+    if path == "int4":
+        assert isinstance(llm.model.layers[0].attention.wqkv, Int4Linear)
+    else:
+        assert llm.model.norm.weight.dtype == torch.float32 and llm.model.thin_decode
+        assert llm.model.decode_step is None and llm.model.compiled_later is None
+    del probe
+
+
+def test_what_is_asked_for_is_not_measured(smollm_path, cache):
+    llm = Llama.build(smollm_path, max_seq_len=64, max_batch_size=1, device="cpu", dtype="float32")
+    assert (llm.path.path, llm.path.why) == ("float32", "asked for (dtype='float32')")
+    assert not (cache / "paths").exists()
+
+
+COLD_THEN_WARM = """
+import json, sys, torch
+from llama_lite import Llama
+llm = Llama.build(sys.argv[1], max_seq_len=128, max_batch_size=2, device="cpu", dtype="bfloat16", seed=0)
+cold = type(llm.model.decode_step).__name__
+texts = [c["generation"] for c in llm.text_completion(sys.argv[2:], max_gen_len=12, temperature=0)]
+if llm.compiling is not None:
+    llm.compiling.wait()  # built: the next request (nothing running) switches to it
+    texts2 = [c["generation"] for c in llm.text_completion(sys.argv[2:], max_gen_len=12, temperature=0)]
+    assert texts2 == texts, (texts, texts2)
+print(json.dumps({"cold": cold, "now": type(llm.model.decode_step).__name__, "texts": texts,
+                  "compiler": any(m in sys.modules for m in ("torch._dynamo", "torch._inductor")),
+                  "compiling": llm.compiling is not None}))
+"""
+
+
+def test_a_cold_start_builds_in_another_process_and_the_text_stays(tmp_path, cache):
+    """A first start decodes eagerly and leaves the compile to a child; a later request in the same
+    process, and a fresh process, run the built step without importing the compiler: same text."""
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf", weight_type="Q4_1")
+    prompts = ["the he", "hello there"]
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", COLD_THEN_WARM, str(tiny), *prompts], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "LLAMA_LITE_CACHE": str(cache)}, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+    first, err = run()
+    logs = "".join(f.read_text()[-1500:] for f in (cache / "compiled").glob("*.log"))
+    assert first["cold"] == "NoneType" and first["compiling"] and first["now"] == "AotStep", logs
+    assert "compiling the decode step in another process" in err
+    second, err = run()
+    assert second == {**first, "cold": "AotStep", "compiling": False, "compiler": False}, err
+    assert first["compiler"] is False  # the parent never imported it, even while its child compiled
+
