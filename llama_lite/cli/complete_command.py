@@ -1,11 +1,11 @@
 """`complete`: a file of prompts run in batches, one JSON line each, in input order; a run that is
 cut short continues where it stopped (the files' side is prompt_files.py)."""
 
-import json
 import sys
 
 from ..checks import check_whole
 from ..engine.sampling import request_seed
+from ..prompt_records import checked_tokens, in_order, record_tokens, result_line
 from .flags import build_llama, documented, sampling_flags
 from .prompt_files import FileResults, StdoutResults, read_prompts
 from .runner import on_main, run
@@ -69,37 +69,20 @@ def _write_results(llm, records, done, results, source, chat, max_gen_len, sampl
     order. --max_gen_len None: up to the context's end for the longest prompt of all (resumed or not)."""
     todo, limit = records[done:], llm.model.params.max_seq_len
     if max_gen_len is None:
-        lengths = [len(_prompt_tokens(llm, record, chat)) for _, record in records]
+        lengths = [len(record_tokens(llm, record, chat)) for _, record in records]
         longest = max(range(len(records)), key=lambda i: lengths[i])
         max_gen_len = max(1, limit - 1 - lengths[longest])
     tokens = []
     for number, record in todo:  # a prompt that cannot run is reported by its line before any work
         try:
-            ids = _prompt_tokens(llm, record, chat)
+            tokens.append(checked_tokens(llm, record, chat, max_gen_len))
         except ValueError as e:
             raise ValueError(f"{source} line {number}: {e}") from None
-        if not ids:
-            raise ValueError(f"{source} line {number}: the prompt encodes to no tokens; give it some text")
-        if len(ids) + max_gen_len > limit:
-            raise ValueError(f"{source} line {number}: the prompt has {len(ids)} tokens, and with --max_gen_len "
-                             f"{max_gen_len} it exceeds --max_seq_len {limit}; shorten it or raise --max_seq_len")
-        tokens.append(ids)
-    finished, written, empty = {}, 0, 0
-    for i, result in llm.as_completed(tokens, max_gen_len, progress=True, **sampling):
-        finished[i] = result["text"]
-        while written in finished:  # in input order: each line once all before it are written
-            text = finished.pop(written)
-            results.write(json.dumps({**todo[written][1], "generation": text}, ensure_ascii=False) + "\n")
-            empty += not text.strip()
-            written += 1
+    empty = 0
+    for i, result in in_order(llm.as_completed(tokens, max_gen_len, progress=True, **sampling)):
+        results.write(result_line(todo[i][1], result["text"]))
+        empty += not result["text"].strip()
     if not chat and llm.tokenizer.chat_template and 2 * empty >= len(todo):
         print(f"note: {empty} of {len(todo)} generations are empty; an instruct model often ends at once without its "
               "chat template: pass --chat", file=sys.stderr)
 
-
-def _prompt_tokens(llm, record, chat) -> list:
-    if not chat:
-        return llm.tokenizer.encode(record["prompt"], bos=llm.tokenizer.add_bos, eos=False)
-    if not llm.tokenizer.chat_template:
-        raise ValueError("this checkpoint has no chat template; run without --chat")
-    return llm.chat_prompt_tokens(record.get("messages") or [{"role": "user", "content": record["prompt"]}])
