@@ -32,10 +32,10 @@ def result_line(record: dict, generation: str, error: "str | None" = None) -> st
     return json.dumps({**record, "generation": generation, **extra}, ensure_ascii=False) + "\n"
 
 
-def in_order(pairs):
-    """(index, item) pairs that come in any order, yielded as (index, item) from index 0 up, each as
-    soon as every one before it has come: results are written in input order while later ones run."""
-    waiting, next_index = {}, 0
+def in_order(pairs, start: int = 0):
+    """(index, item) pairs that come in any order, yielded as (index, item) from index `start` up, each
+    as soon as every one before it has come: results are written in input order while later ones run."""
+    waiting, next_index = {}, start
     for index, item in pairs:
         waiting[index] = item
         while next_index in waiting:
