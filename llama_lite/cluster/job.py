@@ -8,22 +8,14 @@ rerun (max_restarts, max_task_retries); rows are keyed by index, so each is writ
 
 import json
 import logging
-import os
 import sys
 import time
 
 from ..prompt_records import in_order, result_line
 from .batch import BatchCompleter
-from .ray_connect import connect, for_workers, import_ray
+from .ray_connect import connect, for_workers, import_ray, split_threads
 
 PROGRESS_EVERY_S = 2.0
-
-
-def split_threads(threads, workers: int) -> int:
-    """Each worker's CPU threads: --threads (None: the cores this process may use) split between the
-    workers, at least one each."""
-    total = threads or len(os.sched_getaffinity(0))
-    return max(1, total // workers)
 
 
 def run_job(records, done, results, address: str, workers: int, threads, max_batch_size: int, max_gen_len: int,
@@ -33,7 +25,7 @@ def run_job(records, done, results, address: str, workers: int, threads, max_bat
     `results` (FileResults or StdoutResults) in input order. `completer`: the actor class."""
     each = split_threads(threads, workers)
     started = time.perf_counter()
-    took = connect(address, num_cpus=max(len(os.sched_getaffinity(0)), workers * each))
+    took = connect(address, num_cpus=max(split_threads(None, 1), workers * each))
     ray = import_ray()
     data = import_ray("ray.data")
     logging.getLogger("ray.data").setLevel(logging.ERROR)

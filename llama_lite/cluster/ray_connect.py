@@ -56,3 +56,10 @@ def for_workers(build: dict, address: str) -> dict:
     if build.get("checkpoint") is None and address == "local":
         build["checkpoint"] = str(default_checkpoint())
     return build
+
+
+def split_threads(threads, workers: int) -> int:
+    """Each worker's CPU threads: `threads` (None: the cores this process may use) split between the
+    workers, at least one each."""
+    total = threads or len(os.sched_getaffinity(0))
+    return max(1, total // workers)

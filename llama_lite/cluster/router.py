@@ -1,0 +1,68 @@
+"""PrefixAffinityRouter: Ray Serve's request router for llama_lite replicas (docs/cluster.md). A request
+goes to the replica that was sent the longest beginning of its prompt, whose prefix cache then likely
+still holds that beginning's K/V (engine/prefix_cache.py); when loads are uneven, or nothing matches,
+to the least loaded one.
+
+Ray's own PrefixCacheAffinityRouter (ray.serve.llm) cannot be imported without vLLM or SGLang, so
+this is the same idea on Serve's public RequestRouter API, in-process and without a tree actor: the
+router remembers the last REMEMBERED prompts it sent to each replica (a replica's KV-cache rows hold
+fewer), and a request's prompt is the `prompt` text of its first argument (replicas.ForwardedRequest)."""
+
+import random
+from collections import deque
+
+from ray.serve.request_router import RequestRouter
+
+REMEMBERED = 64
+
+
+def common_prefix(a: str, b: str) -> int:
+    """How many first characters a and b share."""
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+class PrefixAffinityRouter(RequestRouter):
+    def initialize_state(self, imbalance: int = 4, min_match: float = 0.2):
+        """`imbalance`: requests more than the least loaded replica's at which a replica is passed over
+        whatever it holds; `min_match`: the share of a prompt that must match for affinity to count."""
+        self.imbalance, self.min_match = imbalance, min_match
+        self.sent = {}  # replica id -> deque of the prompts last sent to it
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        """Ranks, best first: [[the replica holding the longest match]] when it is long enough and that
+        replica is not overloaded, then the others one a rank, least loaded (then least remembered) first."""
+        prompt = _prompt_of(pending_request)
+        load = {r.replica_id: self.replica_queue_len_cache.get(r.replica_id) or 0 for r in candidate_replicas}
+        least = min(load.values(), default=0)
+        by_load = sorted(candidate_replicas, key=lambda r: (load[r.replica_id], self._remembered(r.replica_id), random.random()))
+        if prompt:
+            match = {r.replica_id: self._longest_match(r.replica_id, prompt) for r in candidate_replicas}
+            usable = [r for r in candidate_replicas if load[r.replica_id] - least <= self.imbalance]
+            best = max(usable, key=lambda r: match[r.replica_id], default=None)
+            if best is not None and match[best.replica_id] >= self.min_match * len(prompt):
+                return [[best]] + [[r] for r in by_load if r is not best]
+        return [[r] for r in by_load]
+
+    def on_request_routed(self, pending_request, replica_id, result):
+        prompt = _prompt_of(pending_request)
+        if prompt:
+            self.sent.setdefault(replica_id, deque(maxlen=REMEMBERED)).append(prompt)
+
+    def on_replica_actor_died(self, replica_id):
+        super().on_replica_actor_died(replica_id)
+        self.sent.pop(replica_id, None)
+
+    def _longest_match(self, replica_id, prompt: str) -> int:
+        return max((common_prefix(p, prompt) for p in self.sent.get(replica_id, ())), default=0)
+
+    def _remembered(self, replica_id) -> int:
+        return sum(map(len, self.sent.get(replica_id, ())))
+
+
+def _prompt_of(pending_request) -> str:
+    args = getattr(pending_request, "args", None) or ()
+    return getattr(args[0], "prompt", "") if args else ""
