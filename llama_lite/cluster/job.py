@@ -30,7 +30,7 @@ def run_job(records, done, results, address: str, workers: int, threads, max_bat
     data = import_ray("ray.data")
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     data.DataContext.get_current().enable_progress_bars = False  # the job's own progress line is enough
-    print(f"ray: {'joined' if address != 'local' else 'started'} a cluster in {took:.1f} s; {workers} workers of "
+    print(f"ray: {'joined' if address != 'local' else 'started'} a cluster in {took or 0:.1f} s; {workers} workers of "
           f"{each} thread(s)", file=sys.stderr, flush=True)
     rows = [_row(k, record) for k, (_, record) in enumerate(records) if k >= done]
     constructor = {"max_gen_len": max_gen_len, "seed": seed, "chat": chat, "sampling": sampling,
@@ -47,6 +47,8 @@ def run_job(records, done, results, address: str, workers: int, threads, max_bat
         progress.show(force=True)
     finally:
         print(f"ray: the job took {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        if took is not None:  # a cluster this call connected to is let go now, while the interpreter is whole
+            ray.shutdown()  # (left to exit after SIGTERM, Ray's threads abort the process)
 
 
 def _row(index: int, record: dict) -> dict:

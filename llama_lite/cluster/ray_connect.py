@@ -3,6 +3,8 @@ one joined (`auto`, or its address)."""
 
 import importlib
 import os
+import signal
+import threading
 import time
 
 from ..loading.download import default_checkpoint
@@ -25,14 +27,15 @@ def check_address(address) -> str:
     return address.strip()
 
 
-def connect(address: str, num_cpus: "int | None" = None) -> float:
-    """Join or start a cluster (once per process: an initialized Ray is kept); the seconds it took.
-    `local` starts one on this machine with `num_cpus` (None: all its cores), no dashboard;
-    anything else joins a running cluster at that address."""
+def connect(address: str, num_cpus: "int | None" = None) -> "float | None":
+    """Join or start a cluster; the seconds it took, or None when this process was connected already
+    (then it is not this command's to shut down). `local` starts one on this machine with `num_cpus`
+    (None: all its cores), no dashboard; anything else joins a running cluster at that address."""
     ray = import_ray()
     start = time.perf_counter()
     if ray.is_initialized():
-        return 0.0
+        return None
+    handler = signal.getsignal(signal.SIGTERM)  # ray.init puts in its own, which exits 15 unwinding nothing
     try:
         if address == "local":
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -41,6 +44,9 @@ def connect(address: str, num_cpus: "int | None" = None) -> float:
     except ConnectionError as e:
         raise ValueError(f"cannot join the Ray cluster at --ray {address} ({e}); start it with `ray start --head`, "
                          "or pass --ray local") from None
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
     return time.perf_counter() - start
 
 

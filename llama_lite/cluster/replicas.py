@@ -21,6 +21,7 @@ from .ray_connect import connect, for_workers, import_ray, split_threads
 FRONT_MAX_ONGOING = 1000
 APP_NAME = "llama_lite"
 GRACEFUL_SHUTDOWN_S = 10  # as the one server's uvicorn gives running requests
+REPLICA_HEADER = b"x-llama-lite-replica"  # each response names the replica that made it
 
 
 @dataclass
@@ -68,6 +69,9 @@ class EngineReplica:
         self.app = create_app(Llama.build(**build), model_name, api_key=api_key, max_queue=max_queue,
                               max_body_mb=max_body_mb)
         self.app.state.worker.start()  # what the app's lifespan does under uvicorn
+        from ray import serve
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     def __del__(self):
         """Serve's graceful shutdown: running requests end (finish reason "abort"), the engine thread stops."""
@@ -93,6 +97,8 @@ class EngineReplica:
         task.add_done_callback(lambda _: sent.put_nowait(None))
         try:
             while (message := await sent.get()) is not None:
+                if message["type"] == "http.response.start":  # which replica answered, for logs and load checks
+                    message = {**message, "headers": [*message["headers"], (REPLICA_HEADER, self.replica_id.encode())]}
                 yield message
             task.result()
         finally:  # the client left (the call was cancelled) or the response is whole
@@ -143,24 +149,12 @@ def front_deployment(serve):
 def serve_replicas(address: str, replicas: int, host: str, port: int, build: dict, threads, model_name: str,
                    api_key, max_queue: int, max_body_mb: float) -> None:
     """Serve `replicas` engine replicas on a Ray cluster at http://host:port until SIGTERM or Ctrl-C."""
-    each = split_threads(threads, replicas)
-    rows = build["max_batch_size"]
-    took = connect(address, num_cpus=max(split_threads(None, 1), replicas * each))
+    took = connect(address, num_cpus=max(split_threads(None, 1), replicas * split_threads(threads, replicas)))
     serve = import_ray("ray.serve")
-    from ray.serve.config import RequestRouterConfig
-
-    from .router import PrefixAffinityRouter
-
-    engine = serve.deployment(EngineReplica, name="LlamaReplica", num_replicas=replicas,
-                              ray_actor_options={"num_cpus": each}, max_ongoing_requests=rows + max_queue + 1,
-                              graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
-                              request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter))
-    serve.start(http_options={"host": host, "port": port})
-    replica_app = engine.bind({**for_workers(build, address), "threads": each}, model_name, api_key, max_queue, max_body_mb)
-    serve.run(front_deployment(serve).bind(replica_app), name=APP_NAME, route_prefix="/")
+    each = start_replicas(replicas, host, port, build, threads, model_name, api_key, max_queue, max_body_mb, address)
     where = f"[{host}]" if ":" in str(host) else host
-    print(f"serving {model_name} at http://{where}:{port}/v1 on Ray Serve ({replicas} replicas of {rows} rows, "
-          f"{each} threads each; Ray started in {took:.1f} s); Ctrl-C to stop", file=sys.stderr, flush=True)
+    print(f"serving {model_name} at http://{where}:{port}/v1 on Ray Serve ({replicas} replicas of {build['max_batch_size']} "
+          f"rows, {each} threads each; Ray ready in {took or 0:.1f} s); Ctrl-C to stop", file=sys.stderr, flush=True)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -169,7 +163,26 @@ def serve_replicas(address: str, replicas: int, host: str, port: int, build: dic
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if address == "local":  # the cluster this command started goes, replicas and all
+        serve.delete(APP_NAME)  # others' applications on a shared cluster stay
+        if took is not None:
             import_ray().shutdown()
-        else:  # others' applications on a shared cluster stay
-            serve.delete(APP_NAME)
+
+
+def start_replicas(replicas: int, host: str, port: int, build: dict, threads, model_name: str, api_key=None,
+                   max_queue: int = 64, max_body_mb: float = 8, address: str = "local") -> int:
+    """Deploy the front and `replicas` engine replicas on the connected cluster; once they answer,
+    return each one's threads (`threads` split between them)."""
+    serve = import_ray("ray.serve")
+    from ray.serve.config import RequestRouterConfig
+
+    from .router import PrefixAffinityRouter
+
+    each = split_threads(threads, replicas)
+    engine = serve.deployment(EngineReplica, name="LlamaReplica", num_replicas=replicas,
+                              ray_actor_options={"num_cpus": each}, max_ongoing_requests=build["max_batch_size"] + max_queue + 1,
+                              graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+                              request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter))
+    serve.start(http_options={"host": host, "port": port})
+    replica_app = engine.bind({**for_workers(build, address), "threads": each}, model_name, api_key, max_queue, max_body_mb)
+    serve.run(front_deployment(serve).bind(replica_app), name=APP_NAME, route_prefix="/")
+    return each
