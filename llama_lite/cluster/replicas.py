@@ -177,11 +177,12 @@ def start_replicas(replicas: int, host: str, port: int, build: dict, threads, mo
 
     from .router import PrefixAffinityRouter
 
-    each = split_threads(threads, replicas)
+    each, rows = split_threads(threads, replicas), build["max_batch_size"]
     engine = serve.deployment(EngineReplica, name="LlamaReplica", num_replicas=replicas,
-                              ray_actor_options={"num_cpus": each}, max_ongoing_requests=build["max_batch_size"] + max_queue + 1,
+                              ray_actor_options={"num_cpus": each}, max_ongoing_requests=rows + max_queue + 1,
                               graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
-                              request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter))
+                              request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter,
+                                                                        request_router_kwargs={"imbalance": rows}))
     serve.start(http_options={"host": host, "port": port})
     replica_app = engine.bind({**for_workers(build, address), "threads": each}, model_name, api_key, max_queue, max_body_mb)
     serve.run(front_deployment(serve).bind(replica_app), name=APP_NAME, route_prefix="/")

@@ -26,19 +26,22 @@ def common_prefix(a: str, b: str) -> int:
 
 
 class PrefixAffinityRouter(RequestRouter):
-    def initialize_state(self, imbalance: int = 4, min_match: float = 0.2):
+    def initialize_state(self, imbalance: int = 8, min_match: float = 0.2):
         """`imbalance`: requests more than the least loaded replica's at which a replica is passed over
-        whatever it holds; `min_match`: the share of a prompt that must match for affinity to count."""
+        whatever it holds (the deployment passes its rows: a prefill saved is not worth a full batch's
+        wait); `min_match`: the share of a prompt that must match for affinity to count."""
         self.imbalance, self.min_match = imbalance, min_match
         self.sent = {}  # replica id -> deque of the prompts last sent to it
+        self.ongoing = {}  # replica id -> requests routed to it and not completed (counted here, never stale)
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         """Ranks, best first: [[the replica holding the longest match]] when it is long enough and that
-        replica is not overloaded, then the others one a rank, least loaded (then least remembered) first."""
+        replica is not overloaded, then the others one a rank, least loaded first."""
         prompt = _prompt_of(pending_request)
-        load = {r.replica_id: self.replica_queue_len_cache.get(r.replica_id) or 0 for r in candidate_replicas}
+        load = {r.replica_id: self.ongoing.get(r.replica_id, 0) for r in candidate_replicas}
         least = min(load.values(), default=0)
-        by_load = sorted(candidate_replicas, key=lambda r: (load[r.replica_id], self._remembered(r.replica_id), random.random()))
+        # Ties at random: requests routed at once see the same loads, and must not all go one way.
+        by_load = sorted(candidate_replicas, key=lambda r: (load[r.replica_id], random.random()))
         if prompt:
             match = {r.replica_id: self._longest_match(r.replica_id, prompt) for r in candidate_replicas}
             usable = [r for r in candidate_replicas if load[r.replica_id] - least <= self.imbalance]
@@ -48,19 +51,21 @@ class PrefixAffinityRouter(RequestRouter):
         return [[r] for r in by_load]
 
     def on_request_routed(self, pending_request, replica_id, result):
+        self.ongoing[replica_id] = self.ongoing.get(replica_id, 0) + 1
         prompt = _prompt_of(pending_request)
         if prompt:
             self.sent.setdefault(replica_id, deque(maxlen=REMEMBERED)).append(prompt)
 
+    def on_request_completed(self, replica_id, internal_request_id):
+        self.ongoing[replica_id] = max(0, self.ongoing.get(replica_id, 0) - 1)
+
     def on_replica_actor_died(self, replica_id):
         super().on_replica_actor_died(replica_id)
         self.sent.pop(replica_id, None)
+        self.ongoing.pop(replica_id, None)
 
     def _longest_match(self, replica_id, prompt: str) -> int:
         return max((common_prefix(p, prompt) for p in self.sent.get(replica_id, ())), default=0)
-
-    def _remembered(self, replica_id) -> int:
-        return sum(map(len, self.sent.get(replica_id, ())))
 
 
 def _prompt_of(pending_request) -> str:
