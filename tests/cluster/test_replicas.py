@@ -2,6 +2,8 @@
 official openai client: whole and streamed answers agree, a conversation's second turn reaches the
 replica holding its first (cached_tokens > 0), and uniform clients are spread evenly."""
 
+import re
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -93,3 +95,27 @@ def test_routing_text_is_where_a_prompt_begins():
     assert longer.startswith(chat) and chat
     assert routing_text(b'{"prompt": "P"}') == "P" and routing_text(b'{"prompt": ["P", "Q"]}') == "P"
     assert routing_text(b"{not json") == "" and routing_text(b"[1]") == ""
+
+
+def aborted(server) -> float:
+    """Requests ended by "abort", summed over both replicas (/metrics answers from either one)."""
+    seen = {}
+    for _ in range(50):
+        reply = httpx.get(server + "/metrics", timeout=30)
+        found = re.search(r'^llama_lite_requests_finished_total\{finish_reason="abort"\} ([0-9.e+]+)$', reply.text, re.M)
+        seen[reply.headers[REPLICA_HEADER.decode()]] = float(found.group(1)) if found else 0.0
+        if len(seen) == 2:
+            return sum(seen.values())
+    raise AssertionError(f"/metrics reached only {list(seen)}")
+
+
+def test_a_client_that_leaves_mid_stream_is_aborted_on_its_replica(server):
+    before = aborted(server)
+    body = {"model": MODEL, "prompt": f"{uuid.uuid4().hex} the", "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as reply:
+        lines = reply.iter_lines()
+        assert any(next(lines).startswith("data: {") for _ in range(3))
+    deadline = time.time() + 20
+    while aborted(server) != before + 1 and time.time() < deadline:
+        time.sleep(0.2)
+    assert aborted(server) == before + 1
