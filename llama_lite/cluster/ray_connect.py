@@ -35,7 +35,8 @@ def connect(address: str, num_cpus: "int | None" = None) -> "float | None":
     start = time.perf_counter()
     if ray.is_initialized():
         return None
-    handler = signal.getsignal(signal.SIGTERM)  # ray.init puts in its own, which exits 15 unwinding nothing
+    # ray.init puts in handlers of its own (SIGTERM: exit 15, unwinding nothing); the command's stay.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if address == "local":
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -45,8 +46,10 @@ def connect(address: str, num_cpus: "int | None" = None) -> "float | None":
         raise ValueError(f"cannot join the Ray cluster at --ray {address} ({e}); start it with `ray start --head`, "
                          "or pass --ray local") from None
     finally:
-        if handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, handler)
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
     return time.perf_counter() - start
 
 

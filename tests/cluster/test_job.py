@@ -120,6 +120,8 @@ def test_flags_that_cannot_run_are_one_error_each(monkeypatch, prompts):
         complete(prompts, ray="")
     with pytest.raises(ValueError, match="--workers must be"):
         complete(prompts, ray="local", workers=0)
+    with pytest.raises(ValueError, match="--ray needs a number for --max_gen_len"):
+        complete(prompts, ray="local", max_gen_len=None)
     monkeypatch.setitem(sys.modules, "ray.data", None)  # as if the extra were not installed
     with pytest.raises(ValueError, match=r'pip install -e "\.\[ray\]"'):
         complete(prompts, ray="local")

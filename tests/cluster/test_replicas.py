@@ -88,6 +88,17 @@ def test_uniform_clients_are_spread_evenly(client):
     assert len(counts) == 2 and max(counts.values()) <= 0.6 * 64, counts
 
 
+def test_serve_flags_that_cannot_run_are_one_error_each():
+    from llama_lite.cli.serve_command import serve
+
+    with pytest.raises(ValueError, match="--replicas needs --ray"):
+        serve(replicas=2)
+    with pytest.raises(ValueError, match=r"--port with --ray must be a whole number in 1\.\.65535"):
+        serve(ray="local", port=0)
+    with pytest.raises(ValueError, match="--replicas must be"):
+        serve(ray="local", replicas=0)
+
+
 def test_routing_text_is_where_a_prompt_begins():
     chat = routing_text(b'{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]}')
     longer = routing_text(b'{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, '
