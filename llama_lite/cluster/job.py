@@ -36,8 +36,10 @@ def run_job(records, done, results, address: str, workers: int, threads, max_bat
     constructor = {"max_gen_len": max_gen_len, "seed": seed, "chat": chat, "sampling": sampling,
                    **for_workers(build, address), "max_batch_size": max_batch_size, "threads": each}
     # Ray Data restarts a dead actor and retries its batches by default (max_restarts, max_task_retries -1).
+    # A batch is a worker's KV-cache rows: the work is shared out finely and each batch's rows return
+    # (and reach OUT.partial) as soon as it ends.
     dataset = data.from_items(rows).map_batches(
-        completer, compute=data.ActorPoolStrategy(size=workers), num_cpus=each, batch_size=4 * max_batch_size,
+        completer, compute=data.ActorPoolStrategy(size=workers), num_cpus=each, batch_size=max_batch_size,
         batch_format="numpy", fn_constructor_kwargs=constructor)
     progress = Progress(len(records), done, workers, ray)
     try:
