@@ -35,6 +35,9 @@ setup(
     },
     extras_require={
         "test": ["pytest", "transformers>=4.46", "accelerate", "hypothesis", "openai", "httpx", "jsonschema",
-                 "ruff==0.17.6"],  # the linter pinned: a newer one may add checks under the same rule names
+                 "ruff==0.17.6",  # the linter pinned: a newer one may add checks under the same rule names
+                 "ray[data,serve]==2.60.0"],  # so CI tests the cluster mode (tests/cluster)
+        # Batch jobs on Ray Data and replicas on Ray Serve (docs/cluster.md); never ray[llm], which pulls vLLM.
+        "ray": ["ray[data,serve]==2.60.0"],
     },
 )

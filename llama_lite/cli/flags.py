@@ -73,10 +73,20 @@ def _read_json_schema(path) -> dict:
 def build_llama(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile, no_prefix_cache,
                 chat_template, threads, speculative="auto") -> Llama:
     """`Llama.build` from the model flags, the two it cannot name as flags checked first."""
+    return Llama.build(**build_arguments(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize,
+                                         compile, no_prefix_cache, chat_template, threads, speculative))
+
+
+def build_arguments(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
+                    no_prefix_cache, chat_template, threads, speculative="auto") -> dict:
+    """The model flags as Llama.build's keyword arguments, checked here (BuildSettings checks them all):
+    a Ray job or replica set builds its Llamas elsewhere, after its bad flags were named here."""
     if not isinstance(no_prefix_cache, bool):
         raise ValueError(f"--no_prefix_cache takes no value (or True/False), got {no_prefix_cache!r}")
     if speculative not in SPECULATIVE:
         raise ValueError(f"--speculative must be {', '.join(SPECULATIVE[:-1])} or {SPECULATIVE[-1]}, got {speculative!r}")
-    return Llama.build(checkpoint=checkpoint, tokenizer=tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                       device=device, dtype=dtype, seed=seed, quantize=quantize, compile=compile,
-                       prefix_cache=not no_prefix_cache, speculative=speculative, chat_template=chat_template, threads=threads)
+    arguments = dict(checkpoint=checkpoint, tokenizer=tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                     device=device, dtype=dtype, seed=seed, quantize=quantize, compile=compile,
+                     prefix_cache=not no_prefix_cache, speculative=speculative, chat_template=chat_template, threads=threads)
+    BuildSettings(**arguments)
+    return arguments

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..checks import check_whole, is_whole
 from ..model import parallel
-from .flags import build_llama, documented
+from .flags import build_arguments, build_llama, documented
 from .runner import run
 
 
@@ -19,18 +19,22 @@ from .runner import run
     max_body_mb="the largest request body in MB; larger ones are answered 413 unread. E.g. --max_body_mb 32",
     max_batch_size="requests generated at once (KV-cache rows). E.g. --max_batch_size 32",
     seed="seed the sampling of requests that bring no seed. E.g. --seed 1",
+    ray="serve replicas on Ray Serve (pip install -e \".[ray]\"): local starts a cluster here, auto or HOST:PORT "
+        "joins a running one; requests go to the replica holding their prompt's beginning (docs/cluster.md). E.g. --ray local",
+    replicas="with --ray: engine replicas (one Llama each), --threads split between them. E.g. --replicas 2",
 )
 def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str = None, max_queue: int = 64, max_body_mb: float = 8, max_batch_size: int = 8,
           max_seq_len: int = None, device: str = None, dtype: str = None, seed: int = None, quantize: str = None,
           compile: bool = None, no_prefix_cache: bool = False, chat_template: str = None, threads: int = None,
-          speculative: str = "auto"):
+          speculative: str = "auto", ray: str = None, replicas: int = None):
     """Serve a checkpoint over OpenAI's HTTP API (default: SmolLM2-135M-Instruct) on http://HOST:PORT/v1.
 
     Every client shares the engine's batch of --max_batch_size rows; up to --max_queue more requests
     wait for a row, and one more is answered 429. With --api_key, requests must send
     'Authorization: Bearer KEY'. --port 0 takes a free port (printed). SIGTERM or Ctrl-C ends the
-    running requests and stops (exit 0).
+    running requests and stops (exit 0). With --ray, --replicas engines on a Ray cluster serve the
+    same API, each request routed to the replica whose prefix cache holds its prompt's beginning.
     """
     check_whole("--max_batch_size", max_batch_size, 1)
     check_whole("--max_queue", max_queue, 0)
@@ -40,6 +44,10 @@ def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1"
         raise ValueError("--api_key must be a non-empty string")
     if parallel.world_size() > 1:
         raise ValueError("serve runs in one process; start it without torchrun")
+    if ray is not None or replicas is not None:
+        return _serve_on_ray(ray, replicas, host, port, threads, checkpoint, api_key, max_queue, max_body_mb,
+                             build_arguments(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed,
+                                             quantize, compile, no_prefix_cache, chat_template, None, speculative))
     sock = _listen(host, port)  # bound before the weights load: a busy port fails at once
     try:
         llm = build_llama(max_batch_size, checkpoint, tokenizer, max_seq_len, device, dtype, seed, quantize, compile,
@@ -58,6 +66,23 @@ def serve(checkpoint: str = None, tokenizer: str = None, host: str = "127.0.0.1"
         run_server(llm, name, sock, api_key=api_key, max_queue=max_queue, max_body_mb=max_body_mb)
     finally:
         sock.close()
+
+
+def _serve_on_ray(ray, replicas, host, port, threads, checkpoint, api_key, max_queue, max_body_mb, build):
+    """serve --ray: the flags checked, then replicas on Ray Serve until SIGTERM or Ctrl-C."""
+    if ray is None:
+        raise ValueError("--replicas needs --ray (replicas on a Ray cluster); add --ray local, or leave --replicas out")
+    replicas = 1 if replicas is None else replicas
+    check_whole("--replicas", replicas, 1)
+    if not (is_whole(port) and 1 <= port <= 65535):
+        raise ValueError(f"--port with --ray must be a whole number in 1..65535 (Ray Serve takes no free port), got {port!r}")
+    from ..cluster.ray_connect import check_address, import_ray
+    from ..cluster.replicas import serve_replicas
+
+    address = check_address(ray)
+    import_ray("ray.serve")  # a missing extra is named before any work
+    _listen(host, port).close()  # a busy port fails at once, before Ray starts
+    serve_replicas(address, replicas, host, port, build, threads, _model_name(checkpoint), api_key, max_queue, max_body_mb)
 
 
 def serve_main():

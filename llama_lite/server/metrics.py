@@ -15,6 +15,13 @@ class ServerMetrics:
         self.running = Gauge("llama_lite_requests_running", "Requests holding a KV-cache row", registry=r)
         self.waiting = Gauge("llama_lite_requests_waiting", "Requests waiting for a KV-cache row", registry=r)
         self.rows_in_use = Gauge("llama_lite_kv_cache_rows_in_use", "KV-cache rows held by requests", registry=r)
+        # vLLM's names, which Kubernetes LLM gateways (llm-d, the Gateway API Inference Extension) read to
+        # pick a replica; kv_cache_usage_perc is vLLM's newer name for gpu_cache_usage_perc (a fraction, 0..1).
+        self.vllm = {name: Gauge(f"vllm:{name}", what, registry=r) for name, what in [
+            ("num_requests_running", "Requests holding a KV-cache row (vLLM's name)"),
+            ("num_requests_waiting", "Requests waiting for a KV-cache row (vLLM's name)"),
+            ("gpu_cache_usage_perc", "Share of KV-cache rows held by requests, 0..1, on any device (vLLM's name)"),
+            ("kv_cache_usage_perc", "Share of KV-cache rows held by requests, 0..1 (vLLM's newer name)")]}
         self.prompt_tokens = Counter("llama_lite_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generated_tokens = Counter("llama_lite_generation_tokens", "Tokens generated", registry=r)
         self.requests_finished = Counter("llama_lite_requests_finished", "Requests finished", ["finish_reason"], registry=r)
@@ -25,9 +32,14 @@ class ServerMetrics:
 
     def update_gauges(self, engine):
         """The requests running and waiting, and the rows they hold, as the engine has them now."""
-        self.running.set(len(engine.running))
-        self.waiting.set(len(engine.waiting))
-        self.rows_in_use.set(engine.model.params.max_batch_size - len(engine.free_rows))
+        rows = engine.model.params.max_batch_size
+        running, waiting, in_use = len(engine.running), len(engine.waiting), rows - len(engine.free_rows)
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.rows_in_use.set(in_use)
+        for name, value in [("num_requests_running", running), ("num_requests_waiting", waiting),
+                            ("gpu_cache_usage_perc", in_use / rows), ("kv_cache_usage_perc", in_use / rows)]:
+            self.vllm[name].set(value)
 
 
 class PrefixCacheCounters:

@@ -448,7 +448,8 @@ def test_models_health_metrics_and_auth(server, client):
                  "llama_lite_prompt_tokens_total", "llama_lite_generation_tokens_total",
                  "llama_lite_time_to_first_token_seconds_bucket", "llama_lite_inter_token_latency_seconds_bucket",
                  "llama_lite_prefix_cache_hits_total", "llama_lite_prefix_cache_misses_total",
-                 "llama_lite_prefix_cache_reused_tokens_total"):
+                 "llama_lite_prefix_cache_reused_tokens_total", "vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
         assert name in text, name
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
@@ -464,10 +465,14 @@ def test_a_client_dropped_mid_stream_frees_its_row(server):
         seen = [next(lines) for _ in range(4)]
         assert any(line.startswith("data: {") for line in seen)
         assert metric(server, "llama_lite_kv_cache_rows_in_use") == 1
+        # vLLM's gauges, which Kubernetes LLM gateways read, say the same: one of 8 rows running
+        assert metric(server, "vllm:num_requests_running") == 1 and metric(server, "vllm:gpu_cache_usage_perc") == 1 / 8
+        assert metric(server, "vllm:num_requests_waiting") == 0
     deadline = time.time() + 10
     while metric(server, "llama_lite_kv_cache_rows_in_use") != 0 and time.time() < deadline:
         time.sleep(0.05)
     assert metric(server, "llama_lite_kv_cache_rows_in_use") == 0
+    assert metric(server, "vllm:num_requests_running") == 0 and metric(server, "vllm:kv_cache_usage_perc") == 0
     assert metric(server, 'llama_lite_requests_finished_total{finish_reason="abort"}') == before + 1
 
 
