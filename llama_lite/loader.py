@@ -55,8 +55,10 @@ def load(settings: BuildSettings) -> Loaded:
         if settings.threads is not None and parallel.is_main():
             warn_if_oversubscribed(threads)
     path = _path(settings, ckpt, device, world)
-    dtype_asked = ("float32" if path.path == "float32" else "bfloat16") if path.measured else settings.dtype
-    quantized, dtype = quantized_weights(ckpt, settings.quantize, dtype_asked, device, world)
+    quantize, dtype_asked = ({"int4": ("int4", None), "bfloat16": (None, "bfloat16")}.get(path.path, (None, "float32"))
+                             if path.measured else (settings.quantize, settings.dtype))
+    quantized, dtype = quantized_weights(ckpt, quantize, dtype_asked, device, world)
+    exact = dtype == torch.float32 and not quantized and quantize is None  # float32 throughout: eager, bit for bit
     if not path.measured:
         path.path = "int4" if "int4" in quantized.values() else settings.quantize or str(dtype).removeprefix("torch.")
     params = _model_args(ckpt, settings.max_seq_len, settings.max_batch_size)
@@ -65,13 +67,13 @@ def load(settings: BuildSettings) -> Loaded:
         device = parallel.setup(device)
     KVCache.check_fits(params, dtype, device)
     tok = _tokenizer(ckpt, settings.tokenizer, template, params.vocab_size)
-    model = load_model(ckpt, params, quantized, settings.quantize, dtype, device, tok.n_words)
-    model.use_thin_decode(device.type == "cpu" and dtype == torch.float32 and not (settings.quantize or settings.compile)
-                          and world == 1 and settings.max_batch_size <= THIN_ROWS)
-    child = {**asdict(settings), "checkpoint": str(ckpt.path), "dtype": str(dtype).removeprefix("torch."), "compile": False,
-             "tokenizer": settings.tokenizer and str(settings.tokenizer), "chat_template": None,
+    model = load_model(ckpt, params, quantized, quantize, dtype, device, tok.n_words)
+    model.use_thin_decode(device.type == "cpu" and exact and not settings.compile and world == 1
+                          and settings.max_batch_size <= THIN_ROWS)
+    child = {**asdict(settings), "checkpoint": str(ckpt.path), "quantize": quantize, "dtype": str(dtype).removeprefix("torch."),
+             "compile": False, "tokenizer": settings.tokenizer and str(settings.tokenizer), "chat_template": None,
              "threads": torch.get_num_threads()}
-    compiling = attach_decode_step(model, settings.compile, device, dtype, child, path)
+    compiling = attach_decode_step(model, settings.compile, device, exact, child, path)
     return Loaded(model, tok, _generator(device, settings.seed), threads, path, compiling)
 
 
@@ -120,11 +122,11 @@ def _path(settings, ckpt, device, world) -> path_choice.PathChoice:
     return choice
 
 
-def attach_decode_step(model, compile, device, dtype, child_settings: dict, path) -> "subprocess.Popen | None":
+def attach_decode_step(model, compile, device, exact, child_settings: dict, path) -> "subprocess.Popen | None":
     """The compiled decode step where asked (compile=True: built now if need be) or, with compile None,
     where it is the measured path's (low precision on a CPU; float32 stays eager, bit for bit): loaded
     if built before, else built by another process for the next start while this one decodes eagerly."""
-    if compile is False or parallel.world_size() > 1 or (compile is None and dtype == torch.float32):
+    if compile is False or parallel.world_size() > 1 or (compile is None and exact):
         return None
     if device.type != "cpu":  # CUDA: compiled in this process, as CUDA graphs
         if compile:

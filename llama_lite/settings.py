@@ -32,13 +32,14 @@ class BuildSettings:
     device: "str | None" = _setting(
         None, "cpu, cuda or cuda:N; default cuda where there is one. E.g. --device cpu")
     dtype: "str | None" = _setting(
-        None, "float32, bfloat16 or float16; default on a CPU: what measured fastest on it (a GGUF's 4-bit blocks with "
-              "bfloat16 activations, or float32), bfloat16 on a GPU that runs it fast. E.g. --dtype float32")
+        None, "float32, bfloat16 or float16; default on a CPU: what measured fastest on it (--quantize int4, or float32), "
+              "bfloat16 on a GPU that runs it fast. E.g. --dtype float32")
     seed: "int | None" = _setting(
         None, "seed sampling, so a run repeats exactly. E.g. --seed 1")
     quantize: "str | None" = _setting(
-        None, "int4 (group-32 4-bit layers, bfloat16 activations, CPU; a GGUF's Q4_0/Q4_1 blocks are kept as they are "
-              "by default) or int8 (weights in 8 bits, a quarter of float32's memory). E.g. --quantize int4")
+        None, "int4 (group-32 4-bit layers on a CPU, a GGUF's Q4_0/Q4_1 blocks as they are; float32 activations, bfloat16 "
+              "only into the kernels; the default where it measures fastest) or int8 (weights in 8 bits, a quarter of "
+              "float32's memory). E.g. --quantize int4")
     compile: "bool | None" = _setting(
         None, "the decode step compiled whole, ahead of time: --compile waits for it (float32 too), --nocompile never; "
               "default: loaded if built, else built by another process on first use (bfloat16 and 4-bit paths; float32 "

@@ -24,24 +24,29 @@ LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo"
 
 
 def quantized_weights(ckpt, quantize, dtype, device, world):
-    """({Meta name: "int4"} of the weights held 4-bit, the activations' dtype).
+    """({Meta name: "int4" or "bfloat16"} of the weights held 4-bit or in bfloat16 apart from the
+    activations, the activations' dtype).
 
-    4-bit weights run through PyTorch's CPU kernel with bfloat16 activations. So unless another
-    dtype is asked for, a GGUF's Q4_0 / Q4_1 layers stay 4-bit as stored (nothing rounded but the
-    blocks' scales, to bfloat16); its embedding and output head load as bfloat16 whatever their
-    blocks (a Q8_0 head multiplied as int8 cost 3.3 ms a row where a bfloat16 GEMM takes ~3 ms for
-    1-8 rows). quantize="int4" also quantizes the layers of float checkpoints."""
-    asked_bf16 = dtype is None or dtype in ("bfloat16", torch.bfloat16)
-    if quantize == "int4" and (device.type != "cpu" or not asked_bf16):
-        raise ValueError("quantize='int4' runs on a CPU with bfloat16 activations; pass device='cpu' and "
-                         "dtype='bfloat16' (or dtype=None), or quantize=None")
-    if quantize == "int8" or not (quantize == "int4" or (ckpt.stored and device.type == "cpu" and asked_bf16 and world == 1)):
+    quantize="int4" (a CPU): every layer matrix 4-bit for PyTorch's CPU kernel, a GGUF's Q4_0 / Q4_1
+    blocks as stored (nothing rounded but their scales, to bfloat16), others quantized; the
+    embedding and output head bfloat16 whatever their blocks (a Q8_0 head multiplied as int8 cost
+    3.3 ms a row where a bfloat16 GEMM takes ~3 ms for 1-8 rows). The kernel takes bfloat16, and
+    only its inputs are cast: activations stay float32 (dtype None or "float32"), so the eager and
+    the compiled step differ only in how float32 sums are ordered. dtype="bfloat16" computes in
+    bfloat16 throughout, and keeps a GGUF's 4-bit blocks without quantize."""
+    bf16 = dtype in ("bfloat16", torch.bfloat16)
+    if quantize == "int4" and (device.type != "cpu" or dtype in ("float16", torch.float16)):
+        raise ValueError("quantize='int4' runs on a CPU, with float32 or bfloat16 activations; pass device='cpu' "
+                         "and dtype None, 'float32' or 'bfloat16', or quantize=None")
+    if quantize == "int8" or not (quantize == "int4" or (ckpt.stored and device.type == "cpu" and bf16 and world == 1)):
         return {}, resolve_dtype(dtype, device)
     ends = ("tok_embeddings.weight", "output.weight")  # looked up, or multiplied for every row alike
-    quantized = {name: kind for name, kind in ckpt.stored.items() if kind == "int4" and name not in ends}
+    quantized = {name: "int4" for name, kind in ckpt.stored.items() if kind == "int4" and name not in ends}
     if quantize == "int4":
         quantized.update({f"layers.{i}.{m}.weight": "int4" for i in range(ckpt.args["n_layers"]) for m in LAYER_MATRICES})
-    return quantized, torch.bfloat16
+    if not bf16:  # half float32's bytes, one product for any rows
+        quantized.update({name: "bfloat16" for name in ends})
+    return quantized, torch.bfloat16 if bf16 else torch.float32
 
 
 def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer_vocab_size: int) -> Transformer:
@@ -55,7 +60,8 @@ def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer
         model = Transformer(params, tokenizer_vocab_size)
         if quantize == "int8":
             quantize_modules(model, dtype)
-        int4_layers = int4_modules(model, dtype, {name.removesuffix(".weight") for name in quantized})
+        int4_layers = int4_modules(model, torch.bfloat16, {name.removesuffix(".weight") for name, kind in quantized.items()
+                                                           if kind == "int4"})
     state = _read_state(ckpt, quantized, model, int4_layers, dtype, device)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -71,26 +77,27 @@ def _read_state(ckpt, quantized, model, int4_layers, dtype, device) -> dict:
     to this rank's part, converted, placed; a tied output head shares the embedding's tensors."""
     local_shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     state, int4_parts = {}, {}
-    progress = tqdm(ckpt.tensors(frozenset(quantized) & ckpt.stored.keys()), total=ckpt.n_tensors, desc="loading",
+    as_stored = frozenset(name for name, kind in quantized.items() if kind == "int4") & ckpt.stored.keys()
+    progress = tqdm(ckpt.tensors(as_stored), total=ckpt.n_tensors, desc="loading",
                     unit="tensor", leave=False, file=sys.stderr, delay=PROGRESS_DELAY_S,
                     disable=ckpt.size < PROGRESS_BYTES or not parallel.is_main())
     for name, tensor in progress:
         module, _, kind = name.rpartition(".")
         if module in int4_layers:  # 4-bit values as stored, or quantized now; packed once a fused matrix is whole
-            _add_int4_part(state, int4_parts, int4_layers[module], name, tensor, dtype)
+            _add_int4_part(state, int4_parts, int4_layers[module], name, tensor)
             continue
         tensor = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape))
         if kind == "weight" and module + ".scale" in local_shapes:  # an int8 layer (quantize="int8"): quantized as read
             state[name], state[module + ".scale"] = quantize_int8(tensor.to(device))
         else:
-            state[name] = tensor.to(device=device, dtype=dtype)
+            state[name] = tensor.to(device=device, dtype=torch.bfloat16 if quantized.get(name) == "bfloat16" else dtype)
     if ckpt.tied and "tok_embeddings.weight" in state:
         for part in ("weight", "scale") if "output.scale" in local_shapes else ("weight",):  # the same tensors, not copies
             state[f"output.{part}"] = state[f"tok_embeddings.{part}"]
     return state
 
 
-def _add_int4_part(state, parts, target, name, tensor, dtype):
+def _add_int4_part(state, parts, target, name, tensor):
     """Keep one weight (or bias) of an int4 layer; once every part of its matrix is in, pack it into
     `state` (the parts' rows one after another, as kernels.FUSED_INT4 orders them)."""
     (fused, members), kind = target, name.rpartition(".")[2]
@@ -104,6 +111,6 @@ def _add_int4_part(state, parts, target, name, tensor, dtype):
     del parts[(fused, kind)]
     if kind == "weight":
         q, scale, offset = (torch.cat(x) for x in zip(*ordered))
-        state[fused + ".weight"], state[fused + ".scales_and_zeros"] = pack_int4(q, scale, offset, dtype=dtype)
+        state[fused + ".weight"], state[fused + ".scales_and_zeros"] = pack_int4(q, scale, offset)
     else:
-        state[fused + "." + kind] = torch.cat(ordered).to(dtype)
+        state[fused + "." + kind] = torch.cat(ordered).to(torch.bfloat16)

@@ -48,7 +48,7 @@ def _step(model, tokens, rows, positions, key_index, cache_k, cache_v):
     visible = key_index[None, :] <= positions[:, None]  # (tokens, width)
     cos = model.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
     sin = model.rope_sin[positions][:, None]
-    h = model.tok_embeddings(tokens)  # (tokens, dim)
+    h = model.embed(tokens)  # (tokens, dim)
     for layer, k, v in zip(model.layers, cache_k, cache_v):
         h = decode_layer(layer, h, cos, sin, rows, positions, visible, k[:, :, :width], v[:, :, :width])
     return model.head(h)

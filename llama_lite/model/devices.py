@@ -82,7 +82,8 @@ def usable_cores() -> int:
 
 class CpuLoad:
     """How many of this process's cores other processes keep busy, measured from when it is made to
-    when `busy_elsewhere` is called (from /proc/stat's tick counts, less this process's own)."""
+    when `busy_elsewhere` is called (from /proc/stat's tick counts, less this process's own). Niced
+    work is not counted: it yields to this process (a background compile runs at nice 19)."""
 
     MIN_WINDOW_S = 0.05  # ticks are 10 ms: at least 5 per core
 
@@ -99,8 +100,8 @@ class CpuLoad:
                 for line in f:
                     name, *ticks = line.split()
                     if name in cpus:  # user nice system idle iowait irq softirq steal ...
-                        user, nice, system, _, _, irq, softirq = map(int, ticks[:7])
-                        busy += user + nice + system + irq + softirq
+                        user, _, system, _, _, irq, softirq = map(int, ticks[:7])
+                        busy += user + system + irq + softirq
             with open("/proc/self/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             own = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))

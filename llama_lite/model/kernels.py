@@ -60,6 +60,9 @@ class Linear(nn.Linear):
         pass  # weights are always assigned from a checkpoint; a random init would be thrown away
 
     def forward(self, x):
+        if self.weight.dtype != x.dtype:  # bfloat16 weights under float32 activations (the int4 path's head):
+            # one bfloat16 product whatever the rows, the same kernel eager and compiled
+            return add_bias(F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype), self.bias)
         if _compiled_matvec(x, max_rows=1):
             out = matvec(x, self.weight)
         elif self.thin and x.shape[0] <= THIN_ROWS:
@@ -190,7 +193,8 @@ def int4_modules(model: nn.Module, dtype: torch.dtype, names) -> dict:
 
 
 class Int4Linear(nn.Module):
-    """A weight-only group-32 int4 linear layer (bfloat16 activations; + bias, not quantized)."""
+    """A weight-only group-32 int4 linear layer (+ bias, not quantized): the kernel takes and gives
+    bfloat16 (`dtype`); inputs in another dtype (float32 activations) are cast to it and back."""
 
     def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16, bias: bool = False):
         super().__init__()
@@ -202,6 +206,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
 
     def forward(self, x):
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.weight, INT4_GROUP,
-                                                         self.scales_and_zeros)
-        return add_bias(out.view(*x.shape[:-1], self.out_features), self.bias)  # (..., out)
+        kernel_input = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(kernel_input, self.weight, INT4_GROUP, self.scales_and_zeros)
+        return add_bias(out.to(x.dtype).view(*x.shape[:-1], self.out_features), self.bias)  # (..., out)

@@ -195,7 +195,7 @@ class Transformer(nn.Module):
         positions = F.pad(batch.positions, (0, rows - len(batch.positions)))
         cos = self.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
         sin = self.rope_sin[positions][:, None]
-        h = self.tok_embeddings(tokens)  # (tokens, dim)
+        h = self.embed(tokens)  # (tokens, dim)
         for layer, cache_k, cache_v in zip(self.layers, self.cache.k, self.cache.v):
             h = layer(h, cos, sin, batch, cache_k, cache_v)
         h = h[F.pad(logits_at, (0, out_rows - n_out))]  # (out_rows, dim)
@@ -250,6 +250,10 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.thin = enabled
+
+    def embed(self, tokens):
+        """Token embeddings in the activations' dtype (the int4 path keeps its embedding bfloat16)."""
+        return self.tok_embeddings(tokens).to(self.norm.weight.dtype)
 
     def head(self, h):
         return self.output(self.norm(h)).float()

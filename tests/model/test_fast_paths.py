@@ -22,7 +22,7 @@ PROMPTS = ["The history of the city of Rome begins", "def is_prime(n):",
 build = functools.partial(build_cpu, max_seq_len=256, max_batch_size=4)
 
 
-FAST = {"max_seq_len": 256, "max_batch_size": 4, "device": "cpu", "seed": 0, "dtype": "bfloat16"}  # the int4 path
+FAST = {"max_seq_len": 256, "max_batch_size": 4, "device": "cpu", "seed": 0, "quantize": "int4"}  # the int4 path
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +81,7 @@ def test_int4_path_keeps_the_gguf_blocks_and_compiles(fast):
     from llama_lite.model.aot_step import AotStep
 
     model = fast.model
-    assert model.norm.weight.dtype == torch.bfloat16
+    assert model.norm.weight.dtype == torch.float32  # activations float32: only the kernels' inputs are bfloat16
     attention, feed_forward = model.layers[0].attention, model.layers[0].feed_forward
     assert isinstance(attention.wqkv, Int4Linear) and attention.wq is None  # q, k, v fused into one product
     assert isinstance(feed_forward.w13, Int4Linear) and isinstance(feed_forward.w2, Int4Linear)
@@ -150,7 +150,7 @@ def assert_close_to_float32(llm, other, label, capsys):
 
 
 def test_default_stays_close_to_the_float32_model(llm, fast_eager, capsys):
-    assert_close_to_float32(llm, fast_eager, "int4 + bfloat16", capsys)
+    assert_close_to_float32(llm, fast_eager, "int4", capsys)
 
 
 def test_a_failed_compile_says_why(smollm_path, monkeypatch, tmp_path):
@@ -160,7 +160,7 @@ def test_a_failed_compile_says_why(smollm_path, monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_LITE_CACHE", str(tmp_path))  # nothing built there
     monkeypatch.setattr(precompile, "command", lambda *args: [sys.executable, "-c", "raise SystemExit('no C++ compiler here')"])
     with pytest.raises(RuntimeError, match="compiling the decode step failed: no C\\+\\+ compiler here"):
-        Llama.build(smollm_path, max_seq_len=128, max_batch_size=1, device="cpu", dtype="bfloat16", compile=True)
+        Llama.build(smollm_path, max_seq_len=128, max_batch_size=1, device="cpu", quantize="int4", compile=True)
 
 
 def test_quantize_int4_on_a_float_checkpoint(tmp_path):
@@ -186,7 +186,7 @@ def test_quantize_int4_on_a_float_checkpoint(tmp_path):
     assert gap < 1.5 * bfloat16_gap, f"{gap} vs {bfloat16_gap}: more than bfloat16's own rounding"
     assert (got.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
     with pytest.raises(ValueError, match="int4"):
-        build(tmp_path / "float", quantize="int4")  # float32 activations
+        build(tmp_path / "float", quantize="int4", dtype="float16")
 
 
 # --- float32 compiled --------------------------------------------------------------------------------
