@@ -115,10 +115,13 @@ def _path(settings, ckpt, device, world) -> path_choice.PathChoice:
         return path_choice.PathChoice("", f"asked for ({shown})" if asked else f"{device.type}'s default")
     low = "int4" if "int4" in ckpt.stored.values() else "bfloat16"
     params = _model_args(ckpt, settings.max_seq_len, settings.max_batch_size)
-    measured = path_choice.read(path_choice.choice_file(params, torch.get_num_threads(), low))
-    choice = measured or path_choice.choose(params, torch.get_num_threads(), low)
-    if measured is None and parallel.is_main():
-        print(f"llama_lite: {choice.path} is this machine's path: {choice.why}", file=sys.stderr)
+    file = path_choice.choice_file(params, torch.get_num_threads(), low)
+    choice = path_choice.read(file)
+    if choice is None:  # the first time for this shape on this machine: measured, said once, kept
+        choice = path_choice.measure(params, low)
+        path_choice.write(file, choice)
+        if parallel.is_main():
+            print(f"llama_lite: {choice.path} is this machine's path: {choice.why}", file=sys.stderr)
     return choice
 
 

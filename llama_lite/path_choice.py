@@ -2,7 +2,7 @@
 
 Which is faster depends on the CPU far more than on the model: 4-bit weights with bfloat16
 activations won 5x on an AVX512-BF16 EPYC and lost 2x on an AVX2-only one (docs/performance.md).
-So on first use for a model shape, `choose` times one step's layer products both ways (a second
+So on first use for a model shape, `measure` times one step's layer products both ways (a second
 or so, nothing compiled) and keeps the answer under ~/.cache/llama_lite/paths, keyed by the CPU's
 model and flags, torch, the threads and the shape. The compile process (precompile.py) then times
 the whole compiled step against float32's and corrects the choice where the products misled.
@@ -62,16 +62,6 @@ def write(path: Path, choice: PathChoice) -> None:
         os.replace(partial, path)
     except OSError:
         pass
-
-
-def choose(params, threads: int, low: str) -> PathChoice:
-    """The path this machine decodes `params`' shape fastest on, measured once and remembered."""
-    path = choice_file(params, threads, low)
-    choice = read(path)
-    if choice is None:
-        choice = measure(params, low)
-        write(path, choice)
-    return choice
 
 
 def measure(params, low: str) -> PathChoice:

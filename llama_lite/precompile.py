@@ -101,7 +101,7 @@ def _build(job: dict) -> None:
     warnings.filterwarnings("ignore")
     from .loader import load
     from .model import aot_step
-    from .path_choice import PathChoice, read, write
+    from .path_choice import read, write
     from .settings import BuildSettings
 
     settings = BuildSettings(**job["settings"])
@@ -115,19 +115,20 @@ def _build(job: dict) -> None:
         if job["choice_file"]:
             choice = read(Path(job["choice_file"]))
             if choice is not None and not choice.verified:
-                write(Path(job["choice_file"]), verify(choice, model, folder, settings, threads, PathChoice))
+                write(Path(job["choice_file"]), verify(choice, model, folder, settings))
     finally:
         if _lock(folder).is_file() and _lock(folder).read_text() == str(os.getpid()):
             _lock(folder).unlink(missing_ok=True)
 
 
-def verify(choice, model, folder, settings, threads, PathChoice):
+def verify(choice, model, folder, settings):
     """Time the compiled low-precision step against the float32 eager one at 1 and 8 rows: the whole
     step, not only its products. Keeps the choice where it is faster at both, else float32."""
     from dataclasses import replace
 
     from .loader import load
     from .model.aot_step import AotStep
+    from .path_choice import PathChoice
 
     model.decode_step = AotStep(model, folder)
     float32 = load(replace(settings, dtype="float32", quantize=None)).model

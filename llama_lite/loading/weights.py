@@ -36,8 +36,8 @@ def quantized_weights(ckpt, quantize, dtype, device, world):
     bfloat16 throughout, and keeps a GGUF's 4-bit blocks without quantize."""
     bf16 = dtype in ("bfloat16", torch.bfloat16)
     if quantize == "int4" and (device.type != "cpu" or dtype in ("float16", torch.float16)):
-        raise ValueError("quantize='int4' runs on a CPU, with float32 or bfloat16 activations; pass device='cpu' "
-                         "and dtype None, 'float32' or 'bfloat16', or quantize=None")
+        raise ValueError("quantize='int4' runs on a CPU, with float32 or bfloat16 activations; pass device='cpu' and "
+                         "dtype='float32' or dtype='bfloat16' (or dtype=None), or quantize=None")
     if quantize == "int8" or not (quantize == "int4" or (ckpt.stored and device.type == "cpu" and bf16 and world == 1)):
         return {}, resolve_dtype(dtype, device)
     ends = ("tok_embeddings.weight", "output.weight")  # looked up, or multiplied for every row alike

@@ -64,13 +64,15 @@ def test_api_choice_errors_quote_every_choice(tiny, setting, value, message):
     ("--quantize", "int9", "error: --quantize must be int4 or int8, or leave the flag out; got 'int9'"),
     ("--dtype", "float8", "error: unknown --dtype 'float8'; use float32, bfloat16 or float16, or leave the flag out"),
     ("--device", "tpu", "error: unknown --device 'tpu'; use cpu, cuda or cuda:N"),
-    ("--quantize", "int4", "error: --quantize int4 runs on a CPU with bfloat16 activations; pass --device cpu and "
-                           "--dtype bfloat16 (or no --dtype), or no --quantize"),  # (the other flags say --dtype float32)
+    ("--dtype", "float16", "error: --quantize int4 runs on a CPU, with float32 or bfloat16 activations; pass --device cpu "
+                           "and --dtype float32 or --dtype bfloat16 (or no --dtype), or no --quantize"),  # with --quantize int4
 ])
 @pytest.mark.parametrize("command", ["chat.py", "complete.py"])
 def test_cli_choice_errors_spell_choices_as_typed(tiny, command, flag, value, message):
     args = ["--prompt", "hi"] if command == "chat.py" else ["-"]
     others = [a for pair in zip(TINY_FLAGS[::2], TINY_FLAGS[1::2]) if pair[0] != flag for a in pair]
+    if value == "float16":
+        others += ["--quantize", "int4"]
     done = in_process(command, *args, "--checkpoint", tiny, flag, value, *others, stdin="hi\n")
     assert_fails(done, message)
     [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]

@@ -108,8 +108,9 @@ def test_routing_text_is_where_a_prompt_begins():
     assert routing_text(b"{not json") == "" and routing_text(b"[1]") == ""
 
 
-def aborted(server) -> float:
-    """Requests ended by "abort", summed over both replicas (/metrics answers from either one)."""
+def aborted(server) -> "float | None":
+    """Requests ended by "abort", summed over both replicas (/metrics answers from either one); None
+    while the router sends every request to one (the other still busy with the stream just left)."""
     seen = {}
     for _ in range(50):
         reply = httpx.get(server + "/metrics", timeout=30)
@@ -117,11 +118,12 @@ def aborted(server) -> float:
         seen[reply.headers[REPLICA_HEADER.decode()]] = float(found.group(1)) if found else 0.0
         if len(seen) == 2:
             return sum(seen.values())
-    raise AssertionError(f"/metrics reached only {list(seen)}")
+    return None
 
 
 def test_a_client_that_leaves_mid_stream_is_aborted_on_its_replica(server):
     before = aborted(server)
+    assert before is not None, "/metrics reached only one replica with both idle"
     body = {"model": MODEL, "prompt": f"{uuid.uuid4().hex} the", "max_tokens": 200, "temperature": 0, "stream": True}
     with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as reply:
         lines = reply.iter_lines()

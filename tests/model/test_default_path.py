@@ -38,7 +38,7 @@ def test_the_choice_is_measured_once_and_said(smollm_path, cache, capsys):
 
 @pytest.mark.parametrize("path", ["int4", "float32"])
 def test_the_stored_choice_decides_the_weights(smollm_path, cache, path):
-    """What the choice file says is what loads: int4 layers with bfloat16 activations, or float32 with
+    """What the choice file says is what loads: int4 layers (float32 activations, bfloat16 into the kernel), or float32 with
     the thin product (eager, bit for bit: no compiled step is started for it)."""
     probe = Llama.build(smollm_path, max_seq_len=64, max_batch_size=1, device="cpu", compile=False)
     file = next((cache / "paths").glob("*.json"))
@@ -95,3 +95,18 @@ def test_a_cold_start_builds_in_another_process_and_the_text_stays(tmp_path, cac
     assert second == {**first, "cold": "AotStep", "compiling": False, "compiler": False}, err
     assert first["compiler"] is False  # the parent never imported it, even while its child compiled
 
+
+    # the compile process's check of a measured choice: the whole compiled step timed against float32's
+    from llama_lite import precompile
+    from llama_lite.settings import BuildSettings
+
+    settings = BuildSettings(checkpoint=str(tiny), max_seq_len=128, max_batch_size=2, device="cpu", quantize="int4",
+                             compile=False)
+    model = Llama.build(**{f: getattr(settings, f) for f in ("checkpoint", "max_seq_len", "max_batch_size", "device",
+                                                              "quantize", "compile")}).model
+    folder = next((cache / "compiled").glob("*/graphs.json")).parent
+    checked = precompile.verify(path_choice.PathChoice("int4", "its products", {"int4 products, 1 row(s)": 1.0}), model,
+                                folder, settings)
+    assert checked.verified and checked.path in ("int4", "float32") and checked.figures["int4 products, 1 row(s)"] == 1.0
+    assert checked.figures["int4 compiled step, 1 row(s)"] > 0 and checked.figures["float32 eager step, 2 row(s)"] > 0
+    assert checked.why.startswith(f"its compiled step {'beat' if checked.path == 'int4' else 'lost to'} float32's eager one")
