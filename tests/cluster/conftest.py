@@ -1,5 +1,6 @@
-"""One local Ray cluster for the whole session (2 CPUs, no dashboard): starting one costs seconds, so
-every test of this folder shares it, and a tiny float32 checkpoint with prompts that carry ids."""
+"""One local Ray cluster for this folder's tests (2 CPUs, no dashboard): starting one costs seconds, so
+they share it, and it is shut down after them (an idle cluster's processes slowed later tests' servers
+past their start-up timeout); a tiny float32 checkpoint with prompts that carry ids."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from tests.tiny_gguf import write_tiny_gguf
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason='the cluster tests need Ray: pip install -e ".[ray]"')
     if not ray.is_initialized():
