@@ -12,6 +12,11 @@ import queue
 import threading
 import time
 
+# How long the idle thread blocks before looking again. A signal (SIGTERM, Ctrl-C) the kernel hands to
+# another thread runs its Python handler only when the main thread next runs Python code, and a thread
+# blocked in SimpleQueue.get() without a timeout never does: the server would not stop when idle.
+IDLE_WAKE_S = 0.2
+
 
 class RequestHandle:
     """A handler's view of one engine request: its outputs arrive on `outputs` (an asyncio.Queue);
@@ -70,7 +75,8 @@ class EngineThread:
         """Add, abort and step until `stop`: in the engine's own thread, or in the caller's."""
         while True:
             try:  # wait for work only when there is nothing to step
-                command = self.commands.get_nowait() if self.engine.has_unfinished() else self.commands.get()
+                busy = self.engine.has_unfinished()
+                command = self.commands.get_nowait() if busy else self.commands.get(timeout=IDLE_WAKE_S)
             except queue.Empty:
                 command = None
             while command is not None:

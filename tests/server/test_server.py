@@ -7,6 +7,7 @@ plumbing (body limit, failures, where parsing runs) use it in-process through St
 import asyncio
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -386,8 +387,6 @@ def test_tool_calls_required_named_auto_and_none(llm, tools_client):
         tools_client.chat.completions.create(model=MODEL, messages=joke, tools=[unique], tool_choice="required", max_tokens=4)
 
 
-@pytest.mark.skip(reason="its server does not exit within 60 s of SIGTERM since 2026-12-02 (its requests pass); "
-                         "under investigation, see the issue notes")
 def test_llama31_json_tool_calls_from_the_checkpoints_own_template(tmp_path):
     """A tiny random Llama 3.1 (transformers-made, RoPE scaled), its tokenizer_config's template in
     Llama 3.1's custom-tool format: "required" and a named function give a call in its JSON format,
@@ -656,6 +655,26 @@ def test_a_full_queue_is_429_and_sigterm_ends_running_requests():
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
         assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_an_idle_server_stops_when_sigterm_reaches_another_thread():
+    """The kernel may hand a process's signal to any of its threads; Python runs the handler in the
+    main thread, which an idle server spends waiting for work: it must still stop at once."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "tgkill"):
+        pytest.skip("no tgkill in this C library")
+    proc, url = start_server("--max_batch_size", 1, max_seq_len=128)
+    try:
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+        time.sleep(0.5)  # the engine's thread is waiting for work
+        other = next(int(tid) for tid in sorted(os.listdir(f"/proc/{proc.pid}/task")) if int(tid) != proc.pid)
+        assert libc.tgkill(proc.pid, other, signal.SIGTERM) == 0, ctypes.get_errno()
+        assert proc.wait(timeout=10) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
