@@ -48,7 +48,7 @@ class BuildSettings:
         True, "reuse the K/V of a prompt's beginning that the cache holds; --no_prefix_cache prefills every prompt whole "
               "(to compare). E.g. --no_prefix_cache")
     speculative: str = _setting(
-        "auto", "auto guesses tokens from the text so far and checks them in one step where that costs nothing (the text "
+        "auto", "auto guesses tokens from the text so far and checks them in one step where that pays (the text "
                 "stays the same); ngram always guesses; off never (to compare). E.g. --speculative off")
     draft: None = _setting(
         None, "a draft model for speculation: not supported yet (None only; prompt lookup needs none)")

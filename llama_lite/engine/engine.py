@@ -47,7 +47,7 @@ class Engine:
         """`generator` serves requests without a seed. `max_step_tokens`: the tokens one forward call
         may feed (decoding rows first, then prompt chunks); it bounds how long a step takes.
         `prefix_cache`: reuse the K/V of prompt beginnings the cache's rows still hold.
-        `speculative`: "auto" guesses tokens by prompt lookup where that costs nothing, "ngram" always
+        `speculative`: "auto" guesses tokens by prompt lookup where that pays, "ngram" always
         (speculation.py), "off" never."""
         check_whole("max_step_tokens", max_step_tokens, 1)
         check_speculative(speculative)
@@ -113,8 +113,9 @@ class Engine:
         budget = self.max_step_tokens
         decoding = [r for r in self.running if r.decoding]
         limits = [r.max_tokens - len(r.output_ids) - 1 for r in decoding]  # a guess never passes max_tokens
-        free = self.model.draft_budget(len(decoding)) if self.speculative == "auto" else None  # "ngram": no bound
-        drafts = plan_drafts([r.drafter for r in decoding], limits, free)
+        # "auto": what the model says pays; "ngram": no bound, every request pausing after misses
+        most, free = self.model.draft_budget(len(decoding)) if self.speculative == "auto" else (None, False)
+        drafts = plan_drafts([r.drafter for r in decoding], limits, most, pausing=not free)
         work = [(r, r.output_ids[-1:] + guess) for r, guess in zip(decoding, drafts)]
         budget -= sum(len(ids) for _, ids in work)
         for request in self.running:

@@ -70,15 +70,16 @@ class Drafter:
         self.misses = 0
 
 
-def plan_drafts(drafters, limits, budget=None) -> list:
+def plan_drafts(drafters, limits, budget=None, pausing=True) -> list:
     """Each decoding request's guesses this step ([] for none): `drafters` (None: the request never
     guesses), `limits` (the most each may guess: its max_tokens left), `budget`: the most tokens the
-    decoding rows may feed in all, guesses included, where guesses must fit what costs nothing
-    (earlier requests guess first; no pauses); None: every request guesses its k, pausing after misses."""
+    decoding rows may feed in all, guesses included (earlier requests guess first); None: every
+    request guesses its k. `pausing`: a request that missed waits a few steps (where guesses cost
+    something); where they are free it guesses on."""
     spare = float("inf") if budget is None else budget - len(drafters)
     drafts = []
     for drafter, limit in zip(drafters, limits):
-        guess = drafter.propose(min(limit, spare), pausing=budget is None) if drafter is not None and spare > 0 else []
+        guess = drafter.propose(min(limit, spare), pausing=pausing) if drafter is not None and spare > 0 else []
         spare -= len(guess)
         drafts.append(guess)
     return drafts

@@ -24,12 +24,15 @@ from ..cache import cache_dir
 from .kv_cache import KEY_BLOCK, key_blocks
 
 MATVEC_ROWS = 8  # kernels' int8 products change form above this many rows: a graph of its own beyond
+GUESS_WORTH = 0.5  # a speculative guess is fed where it costs at most this share of a decoding token's step time
+TIMING_ROUNDS = 8  # timed calls per token count (the best is kept)
 
 
 def token_ranges(max_batch_size: int) -> list:
-    """The (fewest, most) tokens of each graph: one token alone, then up to MATVEC_ROWS, then up to a
-    token a row. A step with more (speculation's guesses) runs eagerly."""
-    bounds = [(1, 1), (2, min(MATVEC_ROWS, max_batch_size)), (MATVEC_ROWS + 1, max_batch_size)]
+    """The (fewest, most) tokens of each graph: one token alone; 2 to MATVEC_ROWS (a few rows, or one
+    row and its speculative guesses, even in a one-row cache); then up to a token a row. A step with
+    more runs eagerly."""
+    bounds = [(1, 1), (2, MATVEC_ROWS), (MATVEC_ROWS + 1, max_batch_size)]
     return [(low, high) for low, high in bounds if low <= high]
 
 
@@ -123,7 +126,11 @@ def build(model, folder: Path, threads: int, log=print) -> float:
                                  inductor_configs={"aot_inductor.package_constants_in_so": False, "size_asserts": False})
         graphs.append({"low": low, "high": high, "file": name})
     seconds = time.perf_counter() - started
-    (partial / "graphs.json").write_text(json.dumps({"graphs": graphs, "build_seconds": round(seconds, 1)}))
+    listing = {"graphs": graphs, "build_seconds": round(seconds, 1)}
+    (partial / "graphs.json").write_text(json.dumps(listing))
+    log("llama_lite: timing the compiled step by tokens a step")
+    listing["step_ms"] = time_steps(AotStep(model, partial), model.params.max_seq_len)
+    (partial / "graphs.json").write_text(json.dumps(listing))
     try:
         os.replace(partial, folder)  # atomic: a reader sees the whole folder or none
     except OSError:  # another build finished first: keep its folder
@@ -149,10 +156,25 @@ class AotStep:
             runner.load_constants({name: constants[name] for name in names}, False, True, True)
             self.graphs.append((graph["low"], graph["high"], runner))
         self.key_index = torch.arange(key_blocks(model.params.max_seq_len))
+        # milliseconds of a step by its tokens, as the build measured them (none: never guess)
+        self.step_ms = {int(n): ms for n, ms in listing.get("step_ms", {}).items()}
         self.load_seconds = time.perf_counter() - started
 
     def covers(self, n_tokens: int) -> bool:
         return any(low <= n_tokens <= high for low, high, _ in self.graphs)
+
+    def draft_budget(self, n_decoding: int) -> int:
+        """The most tokens `n_decoding` decoding rows should feed, speculative guesses included: the
+        most whose step costs at most GUESS_WORTH of a decoding token's share more per extra token (a
+        guess accepted half the time or more then pays). The int4 kernel reads each weight once for
+        up to a few rows, so one row's guesses cost little (SmolLM2, 2-core EPYC: 1 token 8.0 ms,
+        4: 9.6, 8: 15.7)."""
+        base = self.step_ms.get(n_decoding)
+        if base is None:
+            return n_decoding
+        per_token = GUESS_WORTH * base / n_decoding
+        fits = [n for n, ms in self.step_ms.items() if n > n_decoding and ms - base <= per_token * (n - n_decoding)]
+        return max(fits, default=n_decoding)
 
     def __call__(self, tokens, segments, logits_at):
         rows = torch.tensor([row for row, _, _ in segments])
@@ -161,6 +183,24 @@ class AotStep:
         runner = next(r for low, high, r in self.graphs if low <= len(segments) <= high)
         # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
         return runner.run([tokens.contiguous(), rows, positions, self.key_index[:width]])[0][logits_at]
+
+
+@torch.inference_mode()
+def time_steps(step: AotStep, max_seq_len: int) -> dict:
+    """{tokens: best milliseconds} of the step for 1 to MATVEC_ROWS tokens, each a one-token segment of
+    row 0 (as speculation feeds them) at positions ~64, the counts taken in turns so that a busy
+    moment does not fall on one of them alone."""
+    counts = [n for n in range(1, MATVEC_ROWS + 1) if step.covers(n) and 64 + n <= max_seq_len]
+    best = dict.fromkeys(counts, float("inf"))
+    for round_ in range(TIMING_ROUNDS + 1):
+        for n in counts:
+            tokens = torch.full((n,), 100, dtype=torch.long)
+            segments = [(0, 64 + i, 1) for i in range(n)]
+            started = time.perf_counter()
+            step(tokens, segments, torch.arange(n))
+            if round_:  # the first round allocates
+                best[n] = min(best[n], 1000 * (time.perf_counter() - started))
+    return {n: round(ms, 3) for n, ms in best.items()}
 
 
 def load(model, folder: Path) -> "AotStep | None":

@@ -94,6 +94,9 @@ class DecodeStep:
     def covers(self, n_tokens: int) -> bool:
         return True
 
+    def draft_budget(self, n_decoding: int) -> int:
+        return n_decoding  # unmeasured on CUDA: no guesses
+
     def __call__(self, tokens, segments, logits_at):
         n = len(segments)
         rows = [row for row, _, _ in segments]

@@ -231,15 +231,15 @@ class Transformer(nn.Module):
             if step is not None:
                 self.decode_step, self.compiled_later = step, None
 
-    def draft_budget(self, n_decoding: int) -> int:
-        """The most tokens `n_decoding` decoding rows may feed in one step, speculative guesses included
-        (speculation.py), at about the cost of their own: eagerly, the rows every product pads to anyway
-        (a memory-bound product of 4 rows costs what 1 does). The compiled step has none to spare: each
-        token more costs ~4 ms there (SmolLM2, 2-core EPYC: 1 token 8.9 ms, 2: 13.4, 4: 21.7, 8: 39.5;
-        its int4 kernel is compute-bound past one row)."""
+    def draft_budget(self, n_decoding: int) -> "tuple[int, bool]":
+        """(the most tokens `n_decoding` decoding rows may feed in one step, speculative guesses
+        included (speculation.py); whether guesses within it are free). Eagerly they are: the rows
+        every product pads to anyway (a memory-bound product of 4 rows costs what 1 does). The
+        compiled step says what pays from its measured step times (AotStep.draft_budget); CUDA's
+        takes none."""
         if self.decode_step is not None and self.decode_step.ready:
-            return n_decoding
-        return whole_blocks(n_decoding)
+            return self.decode_step.draft_budget(n_decoding), False
+        return whole_blocks(n_decoding), True
 
     def use_thin_decode(self, enabled: bool) -> None:
         """Decode through the thin product (kernels.py; float32 on a CPU, a cache of at most

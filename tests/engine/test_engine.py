@@ -248,7 +248,7 @@ class ScriptedModel(nn.Module):
         self.scripts, self.row_script, self.calls = scripts, {}, []
 
     def draft_budget(self, n_decoding):
-        return n_decoding  # no speculative guesses: the calls are exactly as scripted
+        return n_decoding, True  # no speculative guesses: the calls are exactly as scripted
 
     def adopt_compiled_step(self):
         pass  # no compiled step to take between requests

@@ -165,7 +165,8 @@ def test_k_grows_on_full_accepts_and_pauses_after_misses():
     assert drafter.pause == 2 and drafter.propose(5, pausing=False)  # where guesses cost nothing it goes on
     assert drafter.propose(5) == [] and drafter.propose(5) == [] and drafter.propose(5)
     # a budget: rows first, then guesses in order while it lasts; none: each its k
-    assert plan_drafts([Drafter([1, 2, 1, 2, 1, 2]), None, Drafter([1, 2, 1, 2, 1, 2])], [9, 9, 9], 4) == [[1], [], []]
+    both = [Drafter([1, 2, 1, 2, 1, 2]), None, Drafter([1, 2, 1, 2, 1, 2])]
+    assert plan_drafts(both, [9, 9, 9], 4, pausing=False) == [[1], [], []]
     assert (plan_drafts([Drafter([1, 2, 3, 4, 5, 1, 2]), None, Drafter([1, 2, 3, 4, 5, 1, 2])], [9, 9, 2])
             == [[3, 4, 5], [], [3, 4]])
 

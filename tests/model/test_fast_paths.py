@@ -125,18 +125,23 @@ def test_compiled_default_gives_the_eager_default_tokens(fast, fast_eager):
 
 
 def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
-    """bfloat16 promises no bits (a verified token runs in the several-token graph, not the one-token
-    one), but with every request guessing ("ngram") the greedy tokens on the test prompts and on a
-    repeating one are those without speculation, and guesses were accepted."""
+    """The compiled int4 step gives a token the same logits whatever else the step feeds, so guesses
+    verified in the several-token graph keep the greedy tokens: with every request guessing
+    ("ngram") and with "auto" (which guesses there because the build measured that a few more
+    tokens a step cost little), the test prompts and a repeating one give the tokens they give
+    without speculation, and guesses were accepted."""
     from llama_lite.engine.engine import Engine
     from tests.engine.test_prefix_cache import run
 
+    step = fast.model.decode_step
+    assert set(step.step_ms) == set(range(1, 9)) and step.draft_budget(1) > 1  # a row's guesses pay here
     repeating = fast.tokenizer.encode("one two three four five six, one two three four five six, one two", False, False)
     schedule = [(0, ids, SamplingParams(temperature=0, max_tokens=24)) for ids in encode(fast) + [repeating]]
     off, _ = run(Engine(fast.model, fast.tokenizer, fast.generator, speculative="off"), schedule)
-    speculating = Engine(fast.model, fast.tokenizer, fast.generator, speculative="ngram")
-    assert run(speculating, schedule)[0] == off
-    assert speculating.acceptance.accepted > 0
+    for mode in ("ngram", "auto"):
+        speculating = Engine(fast.model, fast.tokenizer, fast.generator, speculative=mode)
+        assert run(speculating, schedule)[0] == off, mode
+        assert speculating.acceptance.accepted > 0, mode
 
 
 def assert_close_to_float32(llm, other, label, capsys):
