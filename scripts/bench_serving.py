@@ -1,5 +1,7 @@
 """The serving case: an OpenAI-compatible server in a subprocess (llama_lite's scripts/serve.py,
-llama-cpp-python's llama_cpp.server or llama.cpp's llama-server), streaming clients in threads."""
+llama-cpp-python's llama_cpp.server or llama.cpp's llama-server), streaming clients in threads: all
+at once (1, 8, 16, 32 clients), and arriving over time (a Poisson stream at ARRIVAL_RATE requests a
+second, the same arrival times for every system)."""
 
 import json
 import os
@@ -10,7 +12,8 @@ from pathlib import Path
 
 from bench_systems import MAX_SEQ_LEN, ROOT, build_options
 
-SERVING_CLIENTS = (1, 8, 32)
+SERVING_CLIENTS = (1, 8, 16, 32)
+ARRIVAL_RATE, ARRIVALS = 4.0, 48  # requests a second, and how many, in the arrivals row
 
 
 def free_port() -> int:
@@ -58,45 +61,91 @@ def start_server(system, checkpoint, threads, rows):
     raise RuntimeError(f"{system}'s server did not start")
 
 
-def stream_clients(url, model, n_clients, max_tokens=64):
-    """n_clients streaming completions at once: aggregate tokens/s, time-to-first-token p50/p99 and
-    how many streams ended without a finish reason (cut short)."""
-    import statistics
-    from concurrent.futures import ThreadPoolExecutor
-
+def stream_one(url, model, i, max_tokens):
+    """One streaming completion: (start, first token, end, tokens, finish reason). Tokens come from the
+    usage chunk where the server sends one (a chunk may carry several: speculation), else one a chunk."""
     import httpx
 
-    def one(i):
-        body = {"model": model, "prompt": f"Once upon a time, in the city of number {i}, there lived", "max_tokens": max_tokens,
-                "temperature": 0, "stream": True}
-        started, first, tokens, reason = time.perf_counter(), None, 0, None
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as reply:
-            for line in reply.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                choice = json.loads(line[6:])["choices"][0]
-                if choice.get("text"):
-                    first = first or time.perf_counter()
-                    tokens += 1
-                reason = choice.get("finish_reason") or reason
-        return started, first, time.perf_counter(), tokens, reason
+    body = {"model": model, "prompt": f"Once upon a time, in the city of number {i}, there lived", "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    started, first, chunks, tokens, reason = time.perf_counter(), None, 0, None, None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if not event.get("choices"):
+                continue
+            choice = event["choices"][0]
+            if choice.get("text"):
+                first = first or time.perf_counter()
+                chunks += 1
+            reason = choice.get("finish_reason") or reason
+    return started, first, time.perf_counter(), chunks if tokens is None else tokens, reason
+
+
+def percentiles(values, name) -> dict:
+    """name_p50 and name_p99 of values (seconds, rounded)."""
+    import statistics
+
+    values = sorted(values) or [float("nan")]
+    return {f"{name}_p50_s": round(statistics.median(values), 3),
+            f"{name}_p99_s": round(values[min(len(values) - 1, int(0.99 * len(values)))], 3)}
+
+
+def summary(runs, span) -> dict:
+    """Aggregate tokens/s over `span` seconds, time to first token and time per token after it (p50,
+    p99 over the requests), and how many streams ended without a finish reason (cut short)."""
+    ttft = [(first or end) - start for start, first, end, _, _ in runs]
+    per_token = [(end - first) / (tokens - 1) for _, first, end, tokens, _ in runs if first and tokens > 1]
+    return {"tok_s": round(sum(r[3] for r in runs) / span, 1), **percentiles(ttft, "ttft"),
+            **percentiles(per_token, "per_token"), "cut_short": sum(1 for r in runs if r[4] is None)}
+
+
+def stream_clients(url, model, n_clients, max_tokens=64):
+    """n_clients streaming completions at once."""
+    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(n_clients) as pool:
-        runs = list(pool.map(one, range(n_clients)))
-    ttft = sorted((first or end) - start for start, first, end, _, _ in runs)
+        runs = list(pool.map(lambda i: stream_one(url, model, i, max_tokens), range(n_clients)))
     span = max(end for _, _, end, _, _ in runs) - min(start for start, *_ in runs)
-    return {"clients": n_clients, "tok_s": round(sum(r[3] for r in runs) / span, 1),
-            "ttft_p50_s": round(statistics.median(ttft), 2),
-            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 2),
-            "cut_short": sum(1 for r in runs if r[4] is None)}
+    return {"clients": n_clients, **summary(runs, span)}
+
+
+def arriving_clients(url, model, rate=ARRIVAL_RATE, n_requests=ARRIVALS, max_tokens=64):
+    """n_requests streaming completions arriving as a Poisson stream of `rate` a second (seeded: the
+    same times for every system)."""
+    import random
+    import threading
+
+    gaps = random.Random(0)
+    times = [0.0]
+    for _ in range(n_requests - 1):
+        times.append(times[-1] + gaps.expovariate(rate))
+    runs = [None] * n_requests
+    started = time.perf_counter()
+
+    def one(i):
+        time.sleep(max(0.0, started + times[i] - time.perf_counter()))
+        runs[i] = stream_one(url, model, i, max_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n_requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"clients": f"{rate:g}/s x {n_requests}", **summary(runs, max(r[2] for r in runs) - started)}
 
 
 def serving(system, checkpoint, threads, rows):
     proc, url, model = start_server(system, checkpoint, threads, rows)
     try:
         stream_clients(url, model, 1, max_tokens=4)  # warm up
-        for n in SERVING_CLIENTS:
-            row = {"system": system, "case": "serving", **stream_clients(url, model, n)}
+        for figures in [*(lambda n=n: stream_clients(url, model, n) for n in SERVING_CLIENTS),
+                        lambda: arriving_clients(url, model)]:
+            row = {"system": system, "case": "serving", **figures()}
             print(json.dumps(row), flush=True)
             yield row
     finally:

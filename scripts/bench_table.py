@@ -84,9 +84,10 @@ def serving_table(served):
     """A row per serving measurement (system, number of clients), after a blank line; none without."""
     if not served:
         return []
-    return ["", "| system | clients | tok/s | first token p50 (s) | p99 (s) | streams cut short |", "|---|---|---|---|---|---|",
-            *(f"| {r['system']} | {r['clients']} | {r['tok_s']} | {r['ttft_p50_s']} | {r['ttft_p99_s']} | {r['cut_short']} |"
-              for r in served)]
+    return ["", "| system | clients | tok/s | first token p50 / p99 (s) | per token after it p50 / p99 (s) | streams cut short |",
+            "|---|---|---|---|---|---|",
+            *(f"| {r['system']} | {r['clients']} | {r['tok_s']} | {r['ttft_p50_s']} / {r['ttft_p99_s']} | "
+              f"{r['per_token_p50_s']} / {r['per_token_p99_s']} | {r['cut_short']} |" for r in served)]
 
 
 def ratio(get, a, case_a, b, case_b, key="tok_s", inverse=False):

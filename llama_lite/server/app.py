@@ -46,7 +46,10 @@ router = APIRouter()
 async def health(request: Request):
     llm, worker = request.app.state.llm, request.app.state.worker
     step = llm.model.decode_step
-    decoding = "eager" if step is None or step.error else "compiled" if step.ready else "compiling"
+    if step is None:  # "compiling" while another process builds the step this one will take (precompile.py)
+        decoding = "eager" if llm.model.compiled_later is None else "compiling"
+    else:
+        decoding = "eager" if step.error else "compiled" if step.ready else "compiling"
     path = {"path": llm.path.path, "why": llm.path.why} if llm.path is not None else {}
     return {"status": "shutting down" if worker.closing else "ok", "decode_step": decoding, **path}
 

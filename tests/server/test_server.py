@@ -638,6 +638,21 @@ def test_allowed_defaults_of_unsupported_fields_pass(server):
     assert httpx.post(server + "/v1/completions", json=body, headers=HEADERS).status_code == 200
 
 
+def test_health_says_compiling_while_another_process_builds_the_step(llm, monkeypatch):
+    """A first start decodes eagerly while its child builds the compiled step: /health says so (a
+    benchmark or a load balancer waits for "compiled"), and "compiled" once it is taken."""
+
+    class Built:
+        ready, error = True, None
+
+    monkeypatch.setattr(llm.model, "compiled_later", lambda: None)
+    with TestClient(create_app(llm, MODEL)) as http:
+        assert http.get("/health").json()["decode_step"] == "compiling"
+        monkeypatch.setattr(llm.model, "compiled_later", None)
+        monkeypatch.setattr(llm.model, "decode_step", Built())
+        assert http.get("/health").json()["decode_step"] == "compiled"
+
+
 # --- limits and shutdown, on a server of one row -------------------------------------------------
 
 def test_a_full_queue_is_429_and_sigterm_ends_running_requests():
