@@ -90,7 +90,8 @@ class EngineThread:
                     command = None
             if self.engine.has_unfinished():
                 self._step()
-            else:
+            else:  # idle: take a compiled step another process has built meanwhile, before the next request
+                self.engine.model.adopt_compiled_step()
                 self.metrics.update_gauges(self.engine)
 
     def _apply(self, command):

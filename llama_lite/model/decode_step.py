@@ -31,26 +31,29 @@ def decode_attention(q, keys, values, visible):
 @torch.compiler.nested_compile_region
 def decode_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v):
     """One transformer block for independent tokens h (tokens, dim); cache_k / cache_v: this layer's
-    cache cut to the attention width, (rows, n_kv_heads, width, head_dim), written in place."""
+    whole cache, (rows, n_kv_heads, positions, head_dim), written in place at (rows, positions) and
+    read for those rows up to the attention width (visible's). Written whole, not through a view
+    cut to the width: the compiled graph would copy such a view (every row of the cache) back each
+    step, a cost that grows with the cache's rows (64 rows: 30 ms a step)."""
     attention = layer.attention
     q, k, v = layer.project(h, cos, sin)  # (tokens, heads, head_dim) each
     cache_k[rows, :, positions] = k
     cache_v[rows, :, positions] = v
+    width = visible.shape[1]
     q = q.view(q.shape[0], attention.n_kv_heads, attention.n_rep, attention.head_dim)  # (tokens, n_kv_heads, n_rep, head_dim)
-    attended = decode_attention(q, cache_k[rows], cache_v[rows], visible)
+    attended = decode_attention(q, cache_k[rows, :, :width], cache_v[rows, :, :width], visible)
     return layer.finish(h, attended.flatten(1))  # (tokens, n_heads * head_dim) -> (tokens, dim)
 
 
 def _step(model, tokens, rows, positions, key_index, cache_k, cache_v):
     """Logits (float32, (tokens, vocab)) of independent tokens; see decode_layer. cache_k, cache_v:
     the layers' cache tensors."""
-    width = key_index.shape[0]
     visible = key_index[None, :] <= positions[:, None]  # (tokens, width)
     cos = model.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
     sin = model.rope_sin[positions][:, None]
     h = model.embed(tokens)  # (tokens, dim)
     for layer, k, v in zip(model.layers, cache_k, cache_v):
-        h = decode_layer(layer, h, cos, sin, rows, positions, visible, k[:, :, :width], v[:, :, :width])
+        h = decode_layer(layer, h, cos, sin, rows, positions, visible, k, v)
     return model.head(h)
 
 
