@@ -51,10 +51,13 @@ def tiny_gguf(tmp_path):
     return write_tiny_gguf(tmp_path / "tiny.gguf")
 
 
-@pytest.fixture(autouse=True)
-def no_background_compiles(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def no_background_compiles():
     """Builds in this process start no compile child (tests that want one run in a subprocess): a
-    child per test model would compile beside the suite for minutes."""
+    child per test model would compile beside the suite for minutes. Session-wide, so that models
+    built by module- and session-scoped fixtures (set up before any test's own fixtures) start none either."""
     from llama_lite import precompile
 
-    monkeypatch.setattr(precompile, "start_in_background", lambda cmd, folder: None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precompile, "start_in_background", lambda cmd, folder: None)
+        yield
