@@ -12,6 +12,7 @@ import pytest
 
 from llama_lite.cluster.replicas import APP_NAME, REPLICA_HEADER, routing_text
 from tests.server.test_server import free_port
+from tests.tiny_gguf import write_tiny_gguf
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -19,11 +20,13 @@ MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny):
+def server(ray_cluster, tmp_path_factory):
     from ray import serve
 
     from llama_lite.cluster.replicas import start_replicas
 
+    # a tiny model with a long context: a stream of ~2,000 tokens outlasts a client's leaving
+    tiny = str(write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", context=2048))
     port = free_port()
     build = {"checkpoint": tiny, "dtype": "float32", "device": "cpu", "max_seq_len": None, "max_batch_size": 16, "seed": 0}
     assert start_replicas(2, "127.0.0.1", port, build, 2, MODEL) == 1  # a thread each
@@ -124,7 +127,8 @@ def aborted(server) -> "float | None":
 def test_a_client_that_leaves_mid_stream_is_aborted_on_its_replica(server):
     before = aborted(server)
     assert before is not None, "/metrics reached only one replica with both idle"
-    body = {"model": MODEL, "prompt": f"{uuid.uuid4().hex} the", "max_tokens": 200, "temperature": 0, "stream": True}
+    # far more tokens than the tiny model writes in the moment a disconnect takes to reach the replica
+    body = {"model": MODEL, "prompt": f"{uuid.uuid4().hex} the", "max_tokens": 1900, "temperature": 0, "stream": True}
     with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as reply:
         lines = reply.iter_lines()
         assert any(next(lines).startswith("data: {") for _ in range(3))
