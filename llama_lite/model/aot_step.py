@@ -2,7 +2,8 @@
 
 The same step as decode_step.py (`_step`: embedding, every layer, the head), exported with
 torch.export and compiled by AOTInductor into a shared library per range of token counts (one
-token alone, 2-8, 9 and up; the attention width dynamic in whole key blocks). The libraries hold
+token alone, 2-8, 9 up to a whole step's; the attention width dynamic in whole key blocks). It
+takes every token of a step, prompts' too, each as a one-token segment. The libraries hold
 no weights: a process loads them with PyTorch's C++ loader (no dynamo, no inductor imported, ~0.1 s)
 and hands them the model's own tensors and KV cache, so nothing is copied. Building takes a minute
 or two of a separate process (precompile.py); it is keyed by everything its code depends on.
@@ -24,16 +25,15 @@ from ..cache import cache_dir
 from .kv_cache import KEY_BLOCK, key_blocks
 
 MATVEC_ROWS = 8  # kernels' int8 products change form above this many rows: a graph of its own beyond
+CALL_TOKENS = 512  # the most tokens one call takes (the engine's default step); a larger step takes several calls
 GUESS_WORTH = 0.5  # a speculative guess is fed where it costs at most this share of a decoding token's step time
 TIMING_ROUNDS = 8  # timed calls per token count (the best is kept)
 
 
-def token_ranges(max_batch_size: int) -> list:
+def token_ranges() -> list:
     """The (fewest, most) tokens of each graph: one token alone; 2 to MATVEC_ROWS (a few rows, or one
-    row and its speculative guesses, even in a one-row cache); then up to a token a row. A step with
-    more runs eagerly."""
-    bounds = [(1, 1), (2, MATVEC_ROWS), (MATVEC_ROWS + 1, max_batch_size)]
-    return [(low, high) for low, high in bounds if low <= high]
+    row and its speculative guesses); then up to CALL_TOKENS (many rows, or prompt chunks)."""
+    return [(1, 1), (2, MATVEC_ROWS), (MATVEC_ROWS + 1, CALL_TOKENS)]
 
 
 def cpu_identity() -> str:
@@ -111,7 +111,7 @@ def build(model, folder: Path, threads: int, log=print) -> float:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     graphs = []
-    for low, high in token_ranges(model.params.max_batch_size):
+    for low, high in token_ranges():
         n = min(low + 1, high)  # an example size of 1 would be taken as fixed
         tokens = torch.zeros(n, dtype=torch.long)
         example = (tokens, torch.arange(n) % model.params.max_batch_size, tokens.clone(),
@@ -129,7 +129,9 @@ def build(model, folder: Path, threads: int, log=print) -> float:
     listing = {"graphs": graphs, "build_seconds": round(seconds, 1)}
     (partial / "graphs.json").write_text(json.dumps(listing))
     log("llama_lite: timing the compiled step by tokens a step")
-    listing["step_ms"] = time_steps(AotStep(model, partial), model.params.max_seq_len)
+    step = AotStep(model, partial)
+    listing["step_ms"] = time_steps(step, model.params.max_seq_len)
+    listing["takes_prompts"] = alike_in_every_graph(step, model.params.max_seq_len)
     (partial / "graphs.json").write_text(json.dumps(listing))
     try:
         os.replace(partial, folder)  # atomic: a reader sees the whole folder or none
@@ -158,17 +160,16 @@ class AotStep:
         self.key_index = torch.arange(key_blocks(model.params.max_seq_len))
         # milliseconds of a step by its tokens, as the build measured them (none: never guess)
         self.step_ms = {int(n): ms for n, ms in listing.get("step_ms", {}).items()}
+        # prompts' tokens too, where the build found each token's logits alike in every graph (else prompts run eagerly)
+        self.takes_prompts = listing.get("takes_prompts", False)
         self.load_seconds = time.perf_counter() - started
-
-    def covers(self, n_tokens: int) -> bool:
-        return any(low <= n_tokens <= high for low, high, _ in self.graphs)
 
     def draft_budget(self, n_decoding: int) -> int:
         """The most tokens `n_decoding` decoding rows should feed, speculative guesses included: the
         most whose step costs at most GUESS_WORTH of a decoding token's share more per extra token (a
         guess accepted half the time or more then pays). The int4 kernel reads each weight once for
-        up to a few rows, so one row's guesses cost little (SmolLM2, 2-core EPYC: 1 token 8.0 ms,
-        4: 9.6, 8: 15.7)."""
+        up to a few rows, so one row's guesses cost little (SmolLM2, 2-core EPYC, one build: 1 token
+        6.1 ms, 4: 8.0, 8: 11.8)."""
         base = self.step_ms.get(n_decoding)
         if base is None:
             return n_decoding
@@ -177,12 +178,33 @@ class AotStep:
         return max(fits, default=n_decoding)
 
     def __call__(self, tokens, segments, logits_at):
-        rows = torch.tensor([row for row, _, _ in segments])
-        positions = torch.tensor([start for _, start, _ in segments])
-        width = key_blocks(int(positions.max()) + 1)
-        runner = next(r for low, high, r in self.graphs if low <= len(segments) <= high)
+        """Logits at `logits_at` of any step, every token fed as a one-token segment: a prompt's tokens in
+        order, each written into the cache before its row's later tokens attend, whether they share a
+        call or not. So a token's logits and K/V depend neither on how its prompt was cut nor on what
+        shared its step, and a prompt's K/V are those decoding it would write. More tokens than the
+        largest graph takes run as several calls, in order."""
+        lengths = torch.tensor([length for _, _, length in segments])
+        offsets = torch.arange(len(tokens)) - (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
+        rows = torch.tensor([row for row, _, _ in segments]).repeat_interleave(lengths)
+        positions = torch.tensor([start for _, start, _ in segments]).repeat_interleave(lengths) + offsets
         # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
-        return runner.run([tokens.contiguous(), rows, positions, self.key_index[:width]])[0][logits_at]
+        tokens = tokens.contiguous()
+        if len(tokens) <= CALL_TOKENS:
+            return self._call(tokens, rows, positions)[logits_at]
+        logits = None
+        for first in range(0, len(tokens), CALL_TOKENS):
+            last = first + CALL_TOKENS
+            out = self._call(tokens[first:last], rows[first:last], positions[first:last])
+            if logits is None:
+                logits = out.new_empty(len(logits_at), out.shape[1])
+            wanted = (logits_at >= first) & (logits_at < last)
+            logits[wanted] = out[logits_at[wanted] - first]
+        return logits
+
+    def _call(self, tokens, rows, positions):
+        runner = next(r for low, high, r in self.graphs if low <= len(tokens) <= high)
+        width = key_blocks(int(positions.max()) + 1)
+        return runner.run([tokens, rows, positions, self.key_index[:width]])[0]
 
 
 @torch.inference_mode()
@@ -190,7 +212,7 @@ def time_steps(step: AotStep, max_seq_len: int) -> dict:
     """{tokens: best milliseconds} of the step for 1 to MATVEC_ROWS tokens, each a one-token segment of
     row 0 (as speculation feeds them) at positions ~64, the counts taken in turns so that a busy
     moment does not fall on one of them alone."""
-    counts = [n for n in range(1, MATVEC_ROWS + 1) if step.covers(n) and 64 + n <= max_seq_len]
+    counts = [n for n in range(1, MATVEC_ROWS + 1) if 64 + n <= max_seq_len]
     best = dict.fromkeys(counts, float("inf"))
     for round_ in range(TIMING_ROUNDS + 1):
         for n in counts:
@@ -201,6 +223,24 @@ def time_steps(step: AotStep, max_seq_len: int) -> dict:
             if round_:  # the first round allocates
                 best[n] = min(best[n], 1000 * (time.perf_counter() - started))
     return {n: round(ms, 3) for n, ms in best.items()}
+
+
+@torch.inference_mode()
+def alike_in_every_graph(step: AotStep, max_seq_len: int) -> bool:
+    """Whether a prompt's logits are bit for bit the same fed in one call and in pieces that take every
+    graph: then a token's logits and K/V do not depend on how a prompt is cut or what shares its step
+    (the int4 kernel's are; float32's products change kernels with the rows, so compiled float32's
+    are not), and the step may take prompts. The pieces rewrite row 0's K/V in place."""
+    n = min(2 * MATVEC_ROWS + 4, max_seq_len)
+    tokens = torch.arange(100, 100 + n)
+    whole = step(tokens, [(0, 0, n)], torch.arange(n)).clone()
+    pieces, first = [], 0
+    for size in (1, MATVEC_ROWS - 1, MATVEC_ROWS + 1, n):
+        last = min(first + size, n)
+        if first < last:
+            pieces.append(step(tokens[first:last], [(0, first, last - first)], torch.arange(last - first)))
+        first = last
+    return torch.equal(whole, torch.cat(pieces))
 
 
 def load(model, folder: Path) -> "AotStep | None":

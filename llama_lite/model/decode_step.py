@@ -1,5 +1,6 @@
 """The decode step compiled whole: embedding, every layer (its K/V written into the cache and attention
-over it) and the output head as one region.
+over it) and the output head as one region. Its tokens are independent one-token segments; a
+prompt fed that way, in order, is a prefill (aot_step.AotStep takes prompts so).
 
 Run eagerly, one token a sequence is ~500 small operators whose overhead dwarfs reading the weights;
 compiled, they fuse into a few loops. On a CPU `_step` is compiled ahead of time in another process
@@ -76,6 +77,7 @@ class DecodeStep:
     step's tokens and segments. `build` compiles it now."""
 
     error = None
+    takes_prompts = False  # decoding tokens alone: a CUDA graph per padded count of a prompt's tokens would not pay
 
     def __init__(self, model):
         self.model = model
@@ -93,9 +95,6 @@ class DecodeStep:
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
         own_step = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
         self.compiled = torch.compile(own_step, fullgraph=True, dynamic=False, mode="reduce-overhead", options=options)
-
-    def covers(self, n_tokens: int) -> bool:
-        return True
 
     def draft_budget(self, n_decoding: int) -> int:
         return n_decoding  # unmeasured on CUDA: no guesses

@@ -172,10 +172,10 @@ class Transformer(nn.Module):
                     f"({p.max_batch_size} rows x {p.max_seq_len} positions); build with a larger max_batch_size or max_seq_len"
                 )
         kinds = {length == 1 for _, _, length in segments}
-        compiled = self.decode_step is not None and self.decode_step.ready
-        if kinds == {True} and compiled and self.decode_step.covers(len(segments)):
-            logits = self.decode_step(tokens, segments, logits_at)
-        elif (self.thin_decode or compiled) and len(kinds) == 2:  # decoding tokens get a pass of their own
+        step = self.decode_step if self.decode_step is not None and self.decode_step.ready else None
+        if step is not None and (step.takes_prompts or kinds == {True}):
+            logits = step(tokens, segments, logits_at)
+        elif (self.thin_decode or step is not None) and len(kinds) == 2:  # decoding tokens get a pass of their own
             return self._two_passes(tokens, segments, logits_at)
         else:
             logits = self._eager(tokens, segments, logits_at)
@@ -225,11 +225,13 @@ class Transformer(nn.Module):
 
     def adopt_compiled_step(self) -> None:
         """Take the compiled step another process has built since this one started, if it has. Called
-        between requests only (the engine), where switching cannot change a running request's tokens."""
+        between requests only (the engine), where switching cannot change a running request's tokens;
+        the K/V the cache holds were computed the other way, so the prefix cache forgets them."""
         if self.compiled_later is not None:
             step = self.compiled_later()
             if step is not None:
                 self.decode_step, self.compiled_later = step, None
+                self.cache.writes += 1  # (PrefixCache.drop_if_overwritten)
 
     def draft_budget(self, n_decoding: int) -> "tuple[int, bool]":
         """(the most tokens `n_decoding` decoding rows may feed in one step, speculative guesses

@@ -144,6 +144,40 @@ def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
         assert speculating.acceptance.accepted > 0, mode
 
 
+def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
+    """Prompt tokens go through the compiled step too, each as a one-token segment: a prompt's logits
+    are bit for bit the same fed whole, in pieces, one token at a time, or beside other rows' prompts
+    in a step of more tokens than one call takes. So on the engine, with the prefix cache and prompts
+    cut into chunks by a small step budget, each request gets the tokens it gets alone."""
+    from llama_lite.engine.engine import Engine
+    from llama_lite.model.aot_step import CALL_TOKENS
+    from tests.engine.test_prefix_cache import run
+
+    model = fast.model
+    assert model.decode_step.takes_prompts  # the build found its graphs alike
+    ids = torch.tensor([t for p in encode(fast) for t in p] * 8)[:150]
+    n = len(ids)
+    with torch.inference_mode():
+        def logits(segments, tokens):
+            return model.forward_segments(tokens, segments, torch.arange(len(tokens))).clone()
+
+        whole = logits([(0, 0, n)], ids)
+        pieces = torch.cat([logits([(1, a, len(ids[a : a + 5]))], ids[a : a + 5]) for a in range(0, n, 5)])
+        one_by_one = torch.cat([logits([(2, i, 1)], ids[i : i + 1]) for i in range(n)])
+        assert 4 * n > CALL_TOKENS
+        beside = logits([(row, 0, n) for row in range(4)], torch.cat([ids.roll(row) for row in range(4)]))
+    assert torch.equal(whole, pieces) and torch.equal(whole, one_by_one) and torch.equal(whole, beside[:n])
+
+    prompts = encode(fast)
+    shared = prompts[2] + prompts[0]  # begins with another request's prompt: the prefix cache reuses its K/V
+    params = SamplingParams(temperature=0, max_tokens=12)
+    schedule = [(0, prompts[2], params), (0, prompts[1], params), (3, shared, params)]
+    alone = [run(Engine(fast.model, fast.tokenizer, fast.generator, prefix_cache=False), [(0, p, params)])[0][0]
+             for _, p, _ in schedule]
+    together, cached = run(Engine(fast.model, fast.tokenizer, fast.generator, max_step_tokens=6), schedule)
+    assert together == alone and cached[2] > 0
+
+
 def assert_close_to_float32(llm, other, label, capsys):
     """other's teacher-forced next tokens agree with the float32 model's on 90% of the test prompts'
     positions, and no logit strays a whole standard deviation (printed: the figures docs/performance.md quotes)."""
