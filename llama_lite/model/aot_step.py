@@ -2,7 +2,7 @@
 
 The same step as decode_step.py (`_step`: embedding, every layer, the head), exported with
 torch.export and compiled by AOTInductor into a shared library per range of token counts (one
-token alone, 2-8, 9 up to a whole step's; the attention width dynamic in whole key blocks). It
+token alone, 2-8, 9 and up to a token a row; the attention width dynamic in whole key blocks). It
 takes every token of a step, prompts' too, each as a one-token segment. The libraries hold
 no weights: a process loads them with PyTorch's C++ loader (no dynamo, no inductor imported, ~0.1 s)
 and hands them the model's own tensors and KV cache, so nothing is copied. Building takes a minute
@@ -25,15 +25,17 @@ from ..cache import cache_dir
 from .kv_cache import KEY_BLOCK, key_blocks
 
 MATVEC_ROWS = 8  # kernels' int8 products change form above this many rows: a graph of its own beyond
-CALL_TOKENS = 512  # the most tokens one call takes (the engine's default step); a larger step takes several calls
 GUESS_WORTH = 0.5  # a speculative guess is fed where it costs at most this share of a decoding token's step time
 TIMING_ROUNDS = 8  # timed calls per token count (the best is kept)
 
 
-def token_ranges() -> list:
+def token_ranges(max_batch_size: int) -> list:
     """The (fewest, most) tokens of each graph: one token alone; 2 to MATVEC_ROWS (a few rows, or one
-    row and its speculative guesses); then up to CALL_TOKENS (many rows, or prompt chunks)."""
-    return [(1, 1), (2, MATVEC_ROWS), (MATVEC_ROWS + 1, CALL_TOKENS)]
+    row and its speculative guesses, even in a one-row cache); then up to a token a row. A step with
+    more (a prompt's chunk) takes several calls. A graph of its own for prompt chunks in a few-row
+    cache would add a minute or two to every build, for ~1.9 against ~1.3 ms a prompt token."""
+    bounds = [(1, 1), (2, MATVEC_ROWS), (MATVEC_ROWS + 1, max_batch_size)]
+    return [(low, high) for low, high in bounds if low <= high]
 
 
 def cpu_identity() -> str:
@@ -111,7 +113,7 @@ def build(model, folder: Path, threads: int, log=print) -> float:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     graphs = []
-    for low, high in token_ranges():
+    for low, high in token_ranges(model.params.max_batch_size):
         n = min(low + 1, high)  # an example size of 1 would be taken as fixed
         tokens = torch.zeros(n, dtype=torch.long)
         example = (tokens, torch.arange(n) % model.params.max_batch_size, tokens.clone(),
@@ -157,6 +159,7 @@ class AotStep:
             # the model's own tensors, not copies (user_managed): the cache the step writes is the engine's
             runner.load_constants({name: constants[name] for name in names}, False, True, True)
             self.graphs.append((graph["low"], graph["high"], runner))
+        self.most_tokens = max(high for _, high, _ in self.graphs)  # in one call
         self.key_index = torch.arange(key_blocks(model.params.max_seq_len))
         # milliseconds of a step by its tokens, as the build measured them (none: never guess)
         self.step_ms = {int(n): ms for n, ms in listing.get("step_ms", {}).items()}
@@ -182,18 +185,18 @@ class AotStep:
         order, each written into the cache before its row's later tokens attend, whether they share a
         call or not. So a token's logits and K/V depend neither on how its prompt was cut nor on what
         shared its step, and a prompt's K/V are those decoding it would write. More tokens than the
-        largest graph takes run as several calls, in order."""
+        largest graph takes (`most_tokens`) run as several calls, in order."""
         lengths = torch.tensor([length for _, _, length in segments])
         offsets = torch.arange(len(tokens)) - (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
         rows = torch.tensor([row for row, _, _ in segments]).repeat_interleave(lengths)
         positions = torch.tensor([start for _, start, _ in segments]).repeat_interleave(lengths) + offsets
         # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
         tokens = tokens.contiguous()
-        if len(tokens) <= CALL_TOKENS:
+        if len(tokens) <= self.most_tokens:
             return self._call(tokens, rows, positions)[logits_at]
         logits = None
-        for first in range(0, len(tokens), CALL_TOKENS):
-            last = first + CALL_TOKENS
+        for first in range(0, len(tokens), self.most_tokens):
+            last = first + self.most_tokens
             out = self._call(tokens[first:last], rows[first:last], positions[first:last])
             if logits is None:
                 logits = out.new_empty(len(logits_at), out.shape[1])

@@ -150,7 +150,6 @@ def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
     in a step of more tokens than one call takes. So on the engine, with the prefix cache and prompts
     cut into chunks by a small step budget, each request gets the tokens it gets alone."""
     from llama_lite.engine.engine import Engine
-    from llama_lite.model.aot_step import CALL_TOKENS
     from tests.engine.test_prefix_cache import run
 
     model = fast.model
@@ -164,7 +163,7 @@ def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
         whole = logits([(0, 0, n)], ids)
         pieces = torch.cat([logits([(1, a, len(ids[a : a + 5]))], ids[a : a + 5]) for a in range(0, n, 5)])
         one_by_one = torch.cat([logits([(2, i, 1)], ids[i : i + 1]) for i in range(n)])
-        assert 4 * n > CALL_TOKENS
+        assert 4 * n > model.decode_step.most_tokens
         beside = logits([(row, 0, n) for row in range(4)], torch.cat([ids.roll(row) for row in range(4)]))
     assert torch.equal(whole, pieces) and torch.equal(whole, one_by_one) and torch.equal(whole, beside[:n])
 
