@@ -2,6 +2,7 @@
 the helpers the test folders share (import them as `from tests.conftest import ...`): the repository's
 paths and a float32 CPU build."""
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ from tests.tiny_gguf import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: scripts/, tokenizer/, tests/
 TESTS = ROOT / "tests"  # schemas.json, templates/
+
+# A suite started in the background of a non-interactive shell (`bash .ci/run &`) inherits SIGINT
+# ignored, and so would the commands it interrupts as a user's Ctrl-C does (they would run on, as a
+# background job should): Python's own handler back, which each child then takes as a fresh start.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def build_cpu(path, **settings):
