@@ -52,7 +52,14 @@ class LlamaLite:
                 "path": self.llm.path.path, "why": self.llm.path.why}
 
     def stream(self, prompt, n_new):
-        return sum(1 for _ in self.llm.stream(prompt, n_new, temperature=0))
+        """Tokens streamed: n_new when the stream ends by length (no stop id matches here). Its pieces
+        are not tokens: one carries several where speculation keeps guesses."""
+        pieces = self.llm.stream(prompt, n_new, temperature=0)
+        try:
+            while True:
+                next(pieces)
+        except StopIteration as end:
+            return n_new if end.value == "length" else 0
 
     def encode(self, text):
         return self.llm.tokenizer.encode(text, bos=False, eos=False)
