@@ -25,7 +25,10 @@ class Checkpoint:
     args: dict  # ModelArgs fields other than the cache sizes
     context_length: Optional[int]  # the longest sequence the model was trained for, if known
     tied: bool  # the output projection is the embedding (no output.weight is stored)
-    tensors: Callable[..., Iterator]  # (as_stored=frozenset()) -> (Meta name, tensor, or stored values for names in as_stored)
+    # (as_stored=frozenset(), dtype_of=None) -> (Meta name, tensor, or stored values for names in as_stored);
+    # dtype_of(name), where a reader heeds it, is the dtype to yield a tensor in (a GGUF's are made in it
+    # directly, with no float32 copy of the whole: the loader's peak memory)
+    tensors: Callable[..., Iterator]
     n_tensors: int
     size: int  # bytes on disk, to decide whether loading deserves a progress bar
     tokenizer_file: Optional[Path] = None  # the tokenizer beside the weights, if any

@@ -181,20 +181,32 @@ def gguf_field(reader: GGUFFile, key: str, default=REQUIRED, kind=None):
     return value
 
 
-def dequantize(tensor: GGUFTensor) -> torch.Tensor:
-    """A GGUF tensor as float32 of its torch shape.
+def dequantize(tensor: GGUFTensor, dtype=torch.float32) -> torch.Tensor:
+    """A GGUF tensor in `dtype` (each value computed in float32, rounded once) of its torch shape.
 
     The types common in Llama GGUFs are unpacked with torch (all cores; ~6x faster than numpy, half
-    the cold start for a 135M model); every other type goes through gguf-py's reference code.
+    the cold start for a 135M model), DEQUANTIZE_VALUES at a time into the result: unpacked whole, a
+    49152 x 576 Q8_0 embedding took two float32 copies (226 MB) at once, which set the peak memory of
+    a whole batch-1 run. Every other type goes through gguf-py's reference code.
     """
     unpack = _TORCH_UNPACKERS.get(tensor.tensor_type)
     if unpack is None:
         from gguf.quants import dequantize as gguf_dequantize
 
-        return torch.from_numpy(gguf_dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape))
+        return torch.from_numpy(gguf_dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)).to(dtype)
     block_size, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
     blocks = torch.from_numpy(tensor.data).view(-1, block_bytes)  # (n_blocks, block_bytes)
-    return unpack(blocks).reshape(tensor.shape)  # (n_blocks, block_size) -> the tensor's shape
+    out = torch.empty(len(blocks), block_size, dtype=dtype)
+    step = -(-DEQUANTIZE_VALUES // block_size)
+    for start in range(0, len(blocks), step):
+        out[start:start + step] = unpack(blocks[start:start + step])
+    return out.reshape(tensor.shape)  # (n_blocks, block_size) -> the tensor's shape
+
+
+# 64 KB of float32 at a time: under glibc's 128 KB mmap threshold. Larger temporaries are mapped and
+# unmapped, and each such free raises the threshold, after which loading's other temporaries come from
+# the heap between kept weights and stay resident as holes (4 MB chunks: +130 MB at the end of loading).
+DEQUANTIZE_VALUES = 1 << 14
 
 
 # Types whose blocks map onto llama_lite's own quantized layers without loss: "int4" (kernels.Int4Linear,
@@ -227,7 +239,7 @@ def _nibbles(packed):
 
 
 _TORCH_UNPACKERS = {
-    GGMLQuantizationType.F32: lambda b: b.view(torch.float32).clone(),  # its own memory, not the map's
+    GGMLQuantizationType.F32: lambda b: b.view(torch.float32),  # copied into the result, not kept as the map's
     GGMLQuantizationType.F16: lambda b: b.view(torch.float16).float(),
     GGMLQuantizationType.BF16: lambda b: b.view(torch.bfloat16).float(),
     # Q8_0: f16 scale d, 32 int8 values: d * q

@@ -4,6 +4,8 @@ names, dequantized to float32 or, for the names asked, kept as their Q4_0 / Q4_1
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
+
 from ..errors import CheckpointError
 from ..model.rope import RopeScaling
 from .checkpoint_types import Checkpoint, Int4Values
@@ -77,9 +79,9 @@ def _gguf_rope_scaling(reader, arch: str, head_dim: int) -> Optional[RopeScaling
     return RopeScaling("linear", factor=factor, freq_factors=freq_factors)
 
 
-def _gguf_tensors(reader, arch: str, args: dict, as_stored=frozenset()) -> Iterator:
-    """(Meta name, tensor) for each tensor, one at a time: float32, or for the names in `as_stored` the
-    values as stored (Int4Values: Q4_0 / Q4_1 blocks)."""
+def _gguf_tensors(reader, arch: str, args: dict, as_stored=frozenset(), dtype_of=None) -> Iterator:
+    """(Meta name, tensor) for each tensor, one at a time: in dtype_of(name) (None: float32), or for the
+    names in `as_stored` the values as stored (Int4Values: Q4_0 / Q4_1 blocks)."""
     for t in reader.tensors:
         if t.name == ROPE_FREQS:  # read with the metadata, into rope_scaling
             continue
@@ -90,7 +92,7 @@ def _gguf_tensors(reader, arch: str, args: dict, as_stored=frozenset()) -> Itera
             if name in as_stored:
                 tensor = Int4Values(*int4_values(t))
             else:
-                tensor = dequantize(t)
+                tensor = dequantize(t, dtype_of(name) if dtype_of else torch.float32)
         except NotImplementedError:
             raise CheckpointError(f"{reader.path}: tensor {t.name} has type {t.tensor_type.name}, "
                                   "which gguf cannot dequantize; convert the model to another type") from None
@@ -116,6 +118,6 @@ def gguf_checkpoint(path: Path) -> Checkpoint:
     arch = gguf_field(reader, "general.architecture")
     stored = {meta_name(t.name): KEPT_TYPES[t.tensor_type] for t in reader.tensors if t.tensor_type in KEPT_TYPES}
     return Checkpoint(path, args, context_length, tied="output.weight" not in names,
-                      tensors=lambda as_stored=frozenset(): _gguf_tensors(reader, arch, args, as_stored),
+                      tensors=lambda as_stored=frozenset(), dtype_of=None: _gguf_tensors(reader, arch, args, as_stored, dtype_of),
                       n_tensors=len(names - {ROPE_FREQS}), size=path.stat().st_size, gguf_reader=reader,
                       stored={k: v for k, v in stored.items() if k is not None})

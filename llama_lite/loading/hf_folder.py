@@ -156,7 +156,7 @@ def hf_folder(folder: Path) -> Checkpoint:
     tied = bool(config.get("tie_word_embeddings", False))
     keys = _safetensors_keys(folder)
 
-    def tensors(as_stored=frozenset()):  # nothing is stored quantized in these files
+    def tensors(as_stored=frozenset(), dtype_of=None):  # nothing is stored quantized in these files; float32
         return _safetensors_tensors(keys, args, tied, config.get("model_type"))
 
     return Checkpoint(folder, args, config.get("max_position_embeddings"), tied, tensors,

@@ -116,7 +116,7 @@ def meta_folder(folder: Path) -> Checkpoint:
     # the way this model splits (mmap: the others are never read).
     same_split = parallel.world_size() == len(loaded) > 1
 
-    def tensors(as_stored=frozenset()):  # nothing is stored quantized in these files
+    def tensors(as_stored=frozenset(), dtype_of=None):  # nothing is stored quantized in these files; float32
         return _meta_tensors(folder, loaded, args, same_split)
 
     return Checkpoint(folder, args, None, False, tensors, n_tensors=len(loaded[0]),

@@ -78,7 +78,15 @@ def _read_state(ckpt, quantized, model, int4_layers, dtype, device) -> dict:
     local_shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     state, int4_parts = {}, {}
     as_stored = frozenset(name for name, kind in quantized.items() if kind == "int4") & ckpt.stored.keys()
-    progress = tqdm(ckpt.tensors(as_stored), total=ckpt.n_tensors, desc="loading",
+
+    def held_dtype(name):
+        """The dtype a weight is assigned in; int4 and int8 layers quantize from float32."""
+        module, _, kind = name.rpartition(".")
+        if module in int4_layers or (kind == "weight" and module + ".scale" in local_shapes):
+            return torch.float32
+        return torch.bfloat16 if quantized.get(name) == "bfloat16" else dtype
+
+    progress = tqdm(ckpt.tensors(as_stored, held_dtype), total=ckpt.n_tensors, desc="loading",
                     unit="tensor", leave=False, file=sys.stderr, delay=PROGRESS_DELAY_S,
                     disable=ckpt.size < PROGRESS_BYTES or not parallel.is_main())
     for name, tensor in progress:
@@ -90,7 +98,7 @@ def _read_state(ckpt, quantized, model, int4_layers, dtype, device) -> dict:
         if kind == "weight" and module + ".scale" in local_shapes:  # an int8 layer (quantize="int8"): quantized as read
             state[name], state[module + ".scale"] = quantize_int8(tensor.to(device))
         else:
-            state[name] = tensor.to(device=device, dtype=torch.bfloat16 if quantized.get(name) == "bfloat16" else dtype)
+            state[name] = tensor.to(device=device, dtype=held_dtype(name))
     if ckpt.tied and "tok_embeddings.weight" in state:
         for part in ("weight", "scale") if "output.scale" in local_shapes else ("weight",):  # the same tensors, not copies
             state[f"output.{part}"] = state[f"tok_embeddings.{part}"]
