@@ -16,7 +16,6 @@ import time
 # another thread runs its Python handler only when the main thread next runs Python code, and a thread
 # blocked in SimpleQueue.get() without a timeout never does: the server would not stop when idle.
 IDLE_WAKE_S = 0.2
-HANDOFF_WAIT_S = 0.05  # the most a step waits for the server's loop to take the last one's outputs
 
 
 class RequestHandle:
@@ -120,7 +119,6 @@ class EngineThread:
 
     def _step(self):
         now = None
-        loops = set()
         for out in self.engine.step():
             handle = self.handles.get(out.request_id)
             if handle is None:
@@ -140,19 +138,5 @@ class EngineThread:
                 self._done(handle, out)
             else:
                 handle.deliver(out)
-            loops.add(handle.loop)
         self.metrics.update_gauges(self.engine)
-        for loop in loops:
-            _wait_for(loop)
 
-
-def _wait_for(loop, timeout=HANDOFF_WAIT_S):
-    """Wait until `loop` has run what was handed to it so far and the tasks that woke (the streams
-    writing their events). The next step's threads take every core: HTTP work running beside them
-    stalls all of them at each of the step's barriers, which cost more than doing it in turn."""
-    done = threading.Event()
-    try:
-        loop.call_soon_threadsafe(loop.call_soon, done.set)
-    except RuntimeError:  # its loop has closed
-        return
-    done.wait(timeout)
