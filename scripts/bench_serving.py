@@ -1,5 +1,5 @@
 """The serving case: an OpenAI-compatible server in a subprocess (llama_lite's scripts/serve.py,
-llama-cpp-python's llama_cpp.server or llama.cpp's llama-server), streaming clients in threads: all
+llama-cpp-python's llama_cpp.server or llama.cpp's llama-server), streaming clients as asyncio tasks: all
 at once (1, 8, 16, 32 clients), and arriving over time (a Poisson stream at ARRIVAL_RATE requests a
 second, the same arrival times for every system)."""
 
@@ -61,16 +61,14 @@ def start_server(system, checkpoint, threads, rows):
     raise RuntimeError(f"{system}'s server did not start")
 
 
-def stream_one(url, model, i, max_tokens):
+async def stream_one(client, url, model, i, max_tokens):
     """One streaming completion: (start, first token, end, tokens, finish reason). Tokens come from the
     usage chunk where the server sends one (a chunk may carry several: speculation), else one a chunk."""
-    import httpx
-
     body = {"model": model, "prompt": f"Once upon a time, in the city of number {i}, there lived", "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     started, first, chunks, tokens, reason = time.perf_counter(), None, 0, None, None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as reply:
-        for line in reply.iter_lines():
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as reply:
+        async for line in reply.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])
@@ -84,6 +82,22 @@ def stream_one(url, model, i, max_tokens):
                 chunks += 1
             reason = choice.get("finish_reason") or reason
     return started, first, time.perf_counter(), chunks if tokens is None else tokens, reason
+
+
+def run_clients(streams) -> list:
+    """The streams (coroutine functions of an httpx.AsyncClient), run at once as tasks of one event loop
+    in this thread, as serving benchmarks' clients run (vLLM's): a thread a client spent a third of a
+    core of the 2 the servers have, on parsing and handing over the GIL."""
+    import asyncio
+
+    import httpx
+
+    async def main():
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(limits=limits, timeout=600) as client:
+            return await asyncio.gather(*(stream(client) for stream in streams))
+
+    return asyncio.run(main())
 
 
 def percentiles(values, name) -> dict:
@@ -106,10 +120,7 @@ def summary(runs, span) -> dict:
 
 def stream_clients(url, model, n_clients, max_tokens=64):
     """n_clients streaming completions at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(n_clients) as pool:
-        runs = list(pool.map(lambda i: stream_one(url, model, i, max_tokens), range(n_clients)))
+    runs = run_clients([lambda client, i=i: stream_one(client, url, model, i, max_tokens) for i in range(n_clients)])
     span = max(end for _, _, end, _, _ in runs) - min(start for start, *_ in runs)
     return {"clients": n_clients, **summary(runs, span)}
 
@@ -117,25 +128,20 @@ def stream_clients(url, model, n_clients, max_tokens=64):
 def arriving_clients(url, model, rate=ARRIVAL_RATE, n_requests=ARRIVALS, max_tokens=64):
     """n_requests streaming completions arriving as a Poisson stream of `rate` a second (seeded: the
     same times for every system)."""
+    import asyncio
     import random
-    import threading
 
     gaps = random.Random(0)
     times = [0.0]
     for _ in range(n_requests - 1):
         times.append(times[-1] + gaps.expovariate(rate))
-    runs = [None] * n_requests
     started = time.perf_counter()
 
-    def one(i):
-        time.sleep(max(0.0, started + times[i] - time.perf_counter()))
-        runs[i] = stream_one(url, model, i, max_tokens)
+    async def one(client, i):
+        await asyncio.sleep(max(0.0, started + times[i] - time.perf_counter()))
+        return await stream_one(client, url, model, i, max_tokens)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n_requests)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    runs = run_clients([lambda client, i=i: one(client, i) for i in range(n_requests)])
     return {"clients": f"{rate:g}/s x {n_requests}", **summary(runs, max(r[2] for r in runs) - started)}
 
 
