@@ -13,10 +13,11 @@ Cases: load (build on a cached file, then the first token), decode_b1 (128 new t
 sequence) with peak RSS after it (a one-row cache), decode_b8 (8 sequences, aggregate tokens/s),
 mixed (--n_prompts prompts of 5-300 tokens, 64 new tokens each: llama_lite with continuous
 batching over --mixed_batch_size rows, transformers in batches of 8, llama.cpp one by one), and
-serving (1, 8 and 32 concurrent streaming clients of an OpenAI-compatible server, 64 tokens each:
+serving (1, 8, 16 and 32 concurrent streaming clients of an OpenAI-compatible server, 64 tokens each, then Poisson arrivals:
 llama_lite's scripts/serve.py with --mixed_batch_size rows, llama-cpp-python's `llama_cpp.server`
 with --interrupt_requests False, or llama.cpp's own llama-server; aggregate tokens/s, time to first token p50/p99,
-streams cut short), and constrained (llama_lite only; structured output over tests/schemas.json: each
+streams cut short; for llama_lite also the server at 8 clients against its engine in process, taken
+in turns), and constrained (llama_lite only; structured output over tests/schemas.json: each
 schema's compile time, the per-token mask cost p50/p99 replaying sampled outputs, and batch-1 /
 batch-8 tok/s of a JSON Schema that cannot end within --new_tokens against the same requests
 unconstrained), and spec_grounded / spec_chat / spec_mixed (llama_lite only; speculative decoding off

@@ -145,13 +145,50 @@ def arriving_clients(url, model, rate=ARRIVAL_RATE, n_requests=ARRIVALS, max_tok
     return {"clients": f"{rate:g}/s x {n_requests}", **summary(runs, max(r[2] for r in runs) - started)}
 
 
+def against_the_engine(system, checkpoint, threads, rows, url, model, clients=8, pairs=8, max_tokens=64):
+    """The server at `clients` streams against the same engine in this process with the same requests
+    all added at once: `pairs` runs of each, taken in turns (these machines' speed drifts by a third
+    within minutes, so only figures taken side by side compare). tok_s is the server's median, the
+    ratio the median of each pair's."""
+    import statistics
+
+    from llama_lite import Llama, SamplingParams
+
+    llm = Llama.build(checkpoint, max_batch_size=rows, max_seq_len=MAX_SEQ_LEN, threads=threads,
+                      **build_options(system.partition(":")[2].split(":")))
+    if llm.compiling is not None:  # the server waited for the same build
+        llm.compiling.wait()
+        llm.model.adopt_compiled_step()
+    tok = llm.tokenizer
+
+    def in_process():
+        for i in range(clients):
+            prompt = f"Once upon a time, in the city of number {i}, there lived"
+            llm.engine.add(tok.encode(prompt, bos=tok.add_bos, eos=False), SamplingParams(temperature=0, max_tokens=max_tokens))
+        started, tokens = time.perf_counter(), 0
+        while llm.engine.has_unfinished():
+            tokens += sum(len(out.token_ids) for out in llm.engine.step())
+        return tokens / (time.perf_counter() - started)
+
+    in_process()  # warm up
+    engine, server = [], []
+    for _ in range(pairs):
+        engine.append(in_process())
+        server.append(stream_clients(url, model, clients, max_tokens)["tok_s"])
+    return {"clients": f"{clients} / in-process engine", "tok_s": round(statistics.median(server), 1),
+            "engine_tok_s": round(statistics.median(engine), 1),
+            "ratio": round(statistics.median(s / e for s, e in zip(server, engine)), 3), "pairs": pairs}
+
+
 def serving(system, checkpoint, threads, rows):
     proc, url, model = start_server(system, checkpoint, threads, rows)
     try:
         stream_clients(url, model, 1, max_tokens=4)  # warm up
-        for figures in [*(lambda n=n: stream_clients(url, model, n) for n in SERVING_CLIENTS),
-                        lambda: arriving_clients(url, model)]:
-            row = {"system": system, "case": "serving", **figures()}
+        figures = [*(lambda n=n: stream_clients(url, model, n) for n in SERVING_CLIENTS), lambda: arriving_clients(url, model)]
+        if system.startswith("llama_lite"):
+            figures.append(lambda: against_the_engine(system, checkpoint, threads, rows, url, model))
+        for figure in figures:
+            row = {"system": system, "case": "serving", **figure()}
             print(json.dumps(row), flush=True)
             yield row
     finally:
