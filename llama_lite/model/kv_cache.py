@@ -26,10 +26,12 @@ def zeros_resident_when_written(shape, dtype, device) -> torch.Tensor:
     system's shared zero page until first written. A 2048-position cache holds a short chat's few
     positions resident, not all of them (torch.zeros writes every page: 94 MB at batch 1 for
     SmolLM2, llama.cpp's whole peak being ~175)."""
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or not hasattr(mmap, "MAP_PRIVATE"):  # (Windows has no such mapping)
         return torch.zeros(shape, dtype=dtype, device=device)
     count = math.prod(shape)
-    pages = mmap.mmap(-1, max(count * dtype.itemsize, 1))  # the tensor keeps the mapping alive
+    # private, as torch's own memory is: a forked process gets a copy, and reading a page never written
+    # maps the zero page (a shared anonymous mapping would allocate it). The tensor keeps the mapping alive.
+    pages = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE)
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
 
 
