@@ -170,3 +170,6 @@ def test_torch_dequantize_equals_gguf_py(type_name):
     want = reference(raw, qtype).reshape(48, 512)
     assert got.dtype == torch.float32 and got.shape == (48, 512)
     assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want)))
+    # made straight in bfloat16 (in chunks: 24,576 values cross DEQUANTIZE_VALUES), each value rounded once
+    in_bf16 = dequantize(GGUFTensor("t", qtype, (48, 512), raw.reshape(-1)), torch.bfloat16)
+    assert in_bf16.dtype == torch.bfloat16 and torch.equal(in_bf16, got.to(torch.bfloat16))

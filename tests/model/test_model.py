@@ -130,3 +130,23 @@ def test_rows_past_the_cache_are_a_clear_error():
         model.forward_segments(torch.zeros(2, dtype=torch.long), [(3, 0, 1), (0, 0, 1)], torch.arange(2))
     with pytest.raises(ValueError, match="do not fit the KV cache"):
         model.forward_segments(torch.zeros(2, dtype=torch.long), [(0, 3, 1), (1, 32, 1)], torch.arange(2))
+
+
+def test_kv_cache_memory_is_zero_private_and_resident_only_where_written():
+    """The cache's CPU tensors read as zeros, hold what is written, and take no memory before that
+    (a 100 MB cache read whole stays out of the resident set)."""
+    import os
+
+    from llama_lite.model.kv_cache import zeros_resident_when_written
+
+    def resident_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    linux = os.path.exists("/proc/self/statm")
+    before = resident_mb() if linux else 0.0
+    cache = zeros_resident_when_written((64, 3, 2049, 64), torch.float32, "cpu")  # 100 MB
+    assert cache.sum().item() == 0.0
+    cache[5, :, 7] = 2.0
+    assert cache.sum().item() == 2.0 * 3 * 64 and cache[4].abs().sum().item() == 0.0
+    if linux:
+        assert resident_mb() - before < 20
