@@ -128,8 +128,9 @@ def _path(settings, ckpt, device, world) -> path_choice.PathChoice:
 def attach_decode_step(model, compile, device, exact, child_settings: dict, path) -> "subprocess.Popen | None":
     """The compiled decode step where asked (compile=True: built now if need be) or, with compile None,
     where it is the measured path's (low precision on a CPU; float32 stays eager, bit for bit): loaded
-    if built before, else built by another process for the next start while this one decodes eagerly."""
-    if compile is False or parallel.world_size() > 1 or (compile is None and exact):
+    if built before, else built by another process for the next start while this one decodes eagerly
+    with the same numbers (aot_step.EagerStep, also compile=False's on a low-precision CPU path)."""
+    if parallel.world_size() > 1 or (not compile and exact):
         return None
     if device.type != "cpu":  # CUDA: compiled in this process, as CUDA graphs
         if compile:
@@ -137,6 +138,9 @@ def attach_decode_step(model, compile, device, exact, child_settings: dict, path
 
             model.decode_step = DecodeStep(model)
             model.decode_step.build()
+        return None
+    if compile is False:  # the compiled step's numbers, eagerly: the text a compiled process gives
+        model.decode_step = aot_step.EagerStep(model)
         return None
     threads = child_settings["threads"]
     folder = aot_step.artifact_folder(model, threads)
@@ -154,6 +158,7 @@ def attach_decode_step(model, compile, device, exact, child_settings: dict, path
         precompile.run_now(cmd)
         model.decode_step = aot_step.load(model, folder)
         return None
+    model.decode_step = aot_step.EagerStep(model)  # until it is built: the same numbers, eagerly
     model.compiled_later = functools.partial(_load_quietly, model, folder)
     child = precompile.start_in_background(cmd, folder)
     if child is not None and parallel.is_main():

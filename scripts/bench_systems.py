@@ -48,7 +48,7 @@ class LlamaLite:
             self.llm.compiling.wait()
             self.llm.model.adopt_compiled_step()
         step = self.llm.model.decode_step
-        return {"compiled": step is not None, "compile_s": round(getattr(step, "build_seconds", 0.0) or 0.0, 1),
+        return {"compiled": step is not None and step.compiled, "compile_s": round(getattr(step, "build_seconds", 0.0) or 0.0, 1),
                 "path": self.llm.path.path, "why": self.llm.path.why}
 
     def stream(self, prompt, n_new):

@@ -67,7 +67,8 @@ def _precompile(llm) -> None:
             raise ValueError(f"compiling the decode step failed; see its log under {cache_dir() / 'compiled'}")
         llm.model.adopt_compiled_step()
     step = llm.model.decode_step
-    built = f"compiled decode step ready (built in {step.build_seconds:.0f} s)" if step is not None else "decoding eager"
+    compiled = step is not None and step.compiled
+    built = f"compiled decode step ready (built in {step.build_seconds:.0f} s)" if compiled else "decoding eager"
     print(f"{llm.path.path}: {built}; {llm.path.why}")
 
 

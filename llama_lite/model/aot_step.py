@@ -101,11 +101,11 @@ def build(model, folder: Path, threads: int, log=print) -> float:
     Imports the compiler: run it in a process of its own. Returns the seconds it took."""
     from torch._inductor import aoti_compile_and_package, config
 
-    from .decode_step import _int4_as_its_own_call
+    from .decode_step import aten_kernels_in_compiled_code
 
     started = time.perf_counter()
     config.cpp.threads = threads  # compiled loops are split across this many threads for good
-    _int4_as_its_own_call()
+    aten_kernels_in_compiled_code()
     module = _Exported(model)
     blocks = key_blocks(model.params.max_seq_len) // KEY_BLOCK
     width = KEY_BLOCK * torch.export.Dim("key_blocks", min=1, max=blocks) if blocks > 1 else None
@@ -124,8 +124,10 @@ def build(model, folder: Path, threads: int, log=print) -> float:
         with torch.inference_mode(False), torch.no_grad():
             exported = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
         name = f"tokens_{low}_{high}.pt2"
-        aoti_compile_and_package(exported, package_path=str(partial / name),
-                                 inductor_configs={"aot_inductor.package_constants_in_so": False, "size_asserts": False})
+        # the code's fingerprint in the configs: inductor's own cache keys on them, not on the lowerings we change
+        configs = {"aot_inductor.package_constants_in_so": False, "size_asserts": False,
+                   "aot_inductor.metadata": {"llama_lite_code": _code_fingerprint()}}
+        aoti_compile_and_package(exported, package_path=str(partial / name), inductor_configs=configs)
         graphs.append({"low": low, "high": high, "file": name})
     seconds = time.perf_counter() - started
     listing = {"graphs": graphs, "build_seconds": round(seconds, 1)}
@@ -142,43 +144,16 @@ def build(model, folder: Path, threads: int, log=print) -> float:
     return seconds
 
 
-class AotStep:
-    """The compiled step loaded from its folder, bound to `model`'s tensors; called as DecodeStep is."""
+class TokenwiseStep:
+    """A step that feeds every token as a one-token segment (see `__call__`); subclasses say how a call
+    of at most `most_tokens` tokens is computed (`_call`)."""
 
-    ready, error = True, None  # loaded whole, or not at all (the same face as DecodeStep's)
+    ready, error, takes_prompts, compiled = True, None, True, True
+    most_tokens: int
 
-    def __init__(self, model, folder: Path):
-        started = time.perf_counter()
-        listing = json.loads((folder / "graphs.json").read_text())
-        self.build_seconds = listing["build_seconds"]
-        constants = _constants(model)
-        self.graphs = []
-        for graph in listing["graphs"]:
-            runner = torch._C._aoti.AOTIModelPackageLoader(str(folder / graph["file"]), "model", False, 1, -1)
-            names = runner.get_constant_fqns()
-            # the model's own tensors, not copies (user_managed): the cache the step writes is the engine's
-            runner.load_constants({name: constants[name] for name in names}, False, True, True)
-            self.graphs.append((graph["low"], graph["high"], runner))
-        self.most_tokens = max(high for _, high, _ in self.graphs)  # in one call
+    def __init__(self, model):
+        self.model = model
         self.key_index = torch.arange(key_blocks(model.params.max_seq_len))
-        # milliseconds of a step by its tokens, as the build measured them (none: never guess)
-        self.step_ms = {int(n): ms for n, ms in listing.get("step_ms", {}).items()}
-        # prompts' tokens too, where the build found each token's logits alike in every graph (else prompts run eagerly)
-        self.takes_prompts = listing.get("takes_prompts", False)
-        self.load_seconds = time.perf_counter() - started
-
-    def draft_budget(self, n_decoding: int) -> int:
-        """The most tokens `n_decoding` decoding rows should feed, speculative guesses included: the
-        most whose step costs at most GUESS_WORTH of a decoding token's share more per extra token (a
-        guess accepted half the time or more then pays). The int4 kernel reads each weight once for
-        up to a few rows, so one row's guesses cost little (SmolLM2, 2-core EPYC, one build: 1 token
-        6.1 ms, 4: 8.0, 8: 11.8)."""
-        base = self.step_ms.get(n_decoding)
-        if base is None:
-            return n_decoding
-        per_token = GUESS_WORTH * base / n_decoding
-        fits = [n for n, ms in self.step_ms.items() if n > n_decoding and ms - base <= per_token * (n - n_decoding)]
-        return max(fits, default=n_decoding)
 
     def __call__(self, tokens, segments, logits_at):
         """Logits at `logits_at` of any step, every token fed as a one-token segment: a prompt's tokens in
@@ -205,9 +180,73 @@ class AotStep:
         return logits
 
     def _call(self, tokens, rows, positions):
+        width = key_blocks(int(positions.max()) + 1)  # the keys the step's furthest token sees, in whole blocks
+        return self._run(tokens, rows, positions, self.key_index[:width])
+
+    def _run(self, tokens, rows, positions, key_index):
+        raise NotImplementedError
+
+
+class AotStep(TokenwiseStep):
+    """The compiled step loaded from its folder, bound to `model`'s tensors; called as DecodeStep is."""
+
+    def __init__(self, model, folder: Path):
+        super().__init__(model)
+        started = time.perf_counter()
+        listing = json.loads((folder / "graphs.json").read_text())
+        self.build_seconds = listing["build_seconds"]
+        constants = _constants(model)
+        self.graphs = []
+        for graph in listing["graphs"]:
+            runner = torch._C._aoti.AOTIModelPackageLoader(str(folder / graph["file"]), "model", False, 1, -1)
+            names = runner.get_constant_fqns()
+            # the model's own tensors, not copies (user_managed): the cache the step writes is the engine's
+            runner.load_constants({name: constants[name] for name in names}, False, True, True)
+            self.graphs.append((graph["low"], graph["high"], runner))
+        self.most_tokens = max(high for _, high, _ in self.graphs)  # in one call
+        # milliseconds of a step by its tokens, as the build measured them (none: never guess)
+        self.step_ms = {int(n): ms for n, ms in listing.get("step_ms", {}).items()}
+        # prompts' tokens too, where the build found each token's logits alike in every graph (else prompts run eagerly)
+        self.takes_prompts = listing.get("takes_prompts", False)
+        self.load_seconds = time.perf_counter() - started
+
+    def draft_budget(self, n_decoding: int) -> int:
+        """The most tokens `n_decoding` decoding rows should feed, speculative guesses included: the
+        most whose step costs at most GUESS_WORTH of a decoding token's share more per extra token (a
+        guess accepted half the time or more then pays). The int4 kernel reads each weight once for
+        up to a few rows, so one row's guesses cost little (SmolLM2, 2-core EPYC, one build: 1 token
+        6.1 ms, 4: 8.0, 8: 11.8)."""
+        base = self.step_ms.get(n_decoding)
+        if base is None:
+            return n_decoding
+        per_token = GUESS_WORTH * base / n_decoding
+        fits = [n for n, ms in self.step_ms.items() if n > n_decoding and ms - base <= per_token * (n - n_decoding)]
+        return max(fits, default=n_decoding)
+
+    def _run(self, tokens, rows, positions, key_index):
         runner = next(r for low, high, r in self.graphs if low <= len(tokens) <= high)
-        width = key_blocks(int(positions.max()) + 1)
-        return runner.run([tokens, rows, positions, self.key_index[:width]])[0]
+        return runner.run([tokens, rows, positions, key_index])[0]
+
+
+class EagerStep(TokenwiseStep):
+    """The compiled step's computation run eagerly: `decode_step._step` with ATen's kernels, the ones the
+    build makes the compiled code call (decode_step.aten_kernels_in_compiled_code). What a low-precision
+    path decodes with until its compiled step is built (or without one: compile=False), so a token's
+    logits and K/V are bit for bit the compiled step's, and no text depends on when a compile finished."""
+
+    build_seconds, compiled = None, False
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.most_tokens = max(high for _, high in token_ranges(model.params.max_batch_size))  # a call's, as compiled
+
+    def draft_budget(self, n_decoding: int) -> int:
+        return n_decoding  # unmeasured eagerly: no guesses until the compiled step says what they cost
+
+    def _run(self, tokens, rows, positions, key_index):
+        from .decode_step import _step
+
+        return _step(self.model, tokens, rows, positions, key_index, self.model.cache.k, self.model.cache.v)
 
 
 @torch.inference_mode()

@@ -20,13 +20,13 @@ from .kv_cache import KEY_BLOCK, key_blocks
 
 
 def decode_attention(q, keys, values, visible):
-    """softmax(q k^T) v for one query token per row of keys.
+    """softmax(q k^T) v for one query token per row of keys, as two batched products (no
+    (tokens, width, head_dim) temporary) and ATen's softmax: the same kernels eager and compiled.
     q: (tokens, n_kv_heads, n_rep, head_dim), scaled; keys, values: (tokens, n_kv_heads, width, head_dim);
     visible: (tokens, width) bool. Returns (tokens, n_kv_heads, n_rep, head_dim) in q's dtype."""
-    scores = (q.float()[:, :, :, None, :] * keys.float()[:, :, None]).sum(-1)  # (tokens, n_kv_heads, n_rep, width)
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2))  # (tokens, n_kv_heads, n_rep, width)
     probs = torch.softmax(scores.masked_fill(~visible[:, None, None, :], float("-inf")), dim=-1)
-    out = (probs[..., None] * values.float()[:, :, None]).sum(-2)  # (tokens, n_kv_heads, n_rep, head_dim)
-    return out.to(q.dtype)
+    return torch.matmul(probs, values.float()).to(q.dtype)  # (tokens, n_kv_heads, n_rep, head_dim)
 
 
 @torch.compiler.nested_compile_region
@@ -58,18 +58,32 @@ def _step(model, tokens, rows, positions, key_index, cache_k, cache_v):
     return model.head(h)
 
 
-def _int4_as_its_own_call():
-    """Have inductor call PyTorch's CPU int4 kernel as it is. Its own lowering passes the group size as
-    a constant tensor, which a reused layer region hands over as something else ("group size must
-    be a scalar", torch 2.13); a Python operator around the kernel instead costs ~2 ms a step."""
-    from torch._inductor import lowering
+# Ops whose compiled loops would round otherwise than ATen's kernels: reductions add in another order,
+# and inductor writes silu as x * sigmoid(x) where ATen divides. (Elementwise float32 arithmetic rounds
+# the same either way: inductor compiles with -ffp-contract=off.)
+ATEN_OPS = ("mean.dim", "_softmax.default", "silu.default")
 
-    op = torch.ops.aten._weight_int4pack_mm_for_cpu
-    if op.default in lowering.lowerings and not getattr(lowering.lowerings[op.default], "_llama_lite", False):
-        for key in (op, op.default):
-            lowering.lowerings.pop(key, None)
-        lowering.make_fallback(op)
-        lowering.lowerings[op.default]._llama_lite = True
+
+def aten_kernels_in_compiled_code():
+    """Have inductor call ATen's own kernels for the int4 product and for ATEN_OPS, and round
+    low-precision results where eager does: so the compiled step's numbers are the eager step's, bit
+    for bit, and a process decoding eagerly until its step is built (aot_step.EagerStep) gives the
+    tokens the built step will. The int4 kernel's own lowering passes the group size as a constant
+    tensor, which a reused layer region hands over as something else ("group size must be a scalar",
+    torch 2.13). For the build process alone: it changes inductor for good."""
+    from torch._inductor import config, decomposition, lowering
+
+    aten = torch.ops.aten
+    config.emulate_precision_casts = True
+    ops = [aten._weight_int4pack_mm_for_cpu.default]
+    ops += [getattr(getattr(aten, name.split(".")[0]), name.split(".")[1]) for name in ATEN_OPS]
+    for op in ops:
+        if not getattr(lowering.lowerings.get(op), "_llama_lite", False):
+            decomposition.decompositions.pop(op, None)
+            lowering.lowerings.pop(op, None)
+            lowering.lowerings.pop(op.overloadpacket, None)
+            lowering.make_fallback(op)
+            lowering.lowerings[op]._llama_lite = True
 
 
 class DecodeStep:
@@ -77,6 +91,7 @@ class DecodeStep:
     step's tokens and segments. `build` compiles it now."""
 
     error = None
+    compiled = True
     takes_prompts = False  # decoding tokens alone: a CUDA graph per padded count of a prompt's tokens would not pay
 
     def __init__(self, model):

@@ -36,8 +36,10 @@ def matvec(x, weight):
 
 
 def _compiled_matvec(x, max_rows: int) -> bool:
-    """Inside torch.compile with at most `max_rows` input rows: take the multiply-and-sum path."""
-    return torch.compiler.is_compiling() and x.numel() <= max_rows * x.shape[-1]
+    """Inside torch.compile with at most `max_rows` float32 input rows: take the multiply-and-sum path.
+    (Half-precision products keep ATen's kernel, so that their compiled step computes what the eager
+    one does: aot_step.EagerStep.)"""
+    return torch.compiler.is_compiling() and x.dtype == torch.float32 and x.numel() <= max_rows * x.shape[-1]
 
 
 THIN_ROWS = 8  # inputs of up to this many rows may take the thin product (W @ x^T)

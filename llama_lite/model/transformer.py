@@ -123,7 +123,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
-        self.decode_step = None  # the compiled one-token step, once built (aot_step.py, decode_step.py)
+        self.decode_step = None  # the step fed token by token: compiled (aot_step.py, decode_step.py) or its eager twin
         self.compiled_later = None  # a function: the compiled step once another process has built it, else None
         self.thin_decode = False
         self.tokenizer_vocab_size = tokenizer_vocab_size or params.vocab_size
@@ -224,14 +224,13 @@ class Transformer(nn.Module):
         return logits
 
     def adopt_compiled_step(self) -> None:
-        """Take the compiled step another process has built since this one started, if it has. Called
-        between requests only (the engine), where switching cannot change a running request's tokens;
-        the K/V the cache holds were computed the other way, so the prefix cache forgets them."""
+        """Take the compiled step another process has built since this one started, if it has. It
+        computes what the eager step did (aot_step.EagerStep), bit for bit, so the K/V the cache holds
+        stay valid; called between requests only (the engine), all the same."""
         if self.compiled_later is not None:
             step = self.compiled_later()
             if step is not None:
                 self.decode_step, self.compiled_later = step, None
-                self.cache.writes += 1  # (PrefixCache.drop_if_overwritten)
 
     def draft_budget(self, n_decoding: int) -> "tuple[int, bool]":
         """(the most tokens `n_decoding` decoding rows may feed in one step, speculative guesses

@@ -46,7 +46,7 @@ router = APIRouter()
 async def health(request: Request):
     llm, worker = request.app.state.llm, request.app.state.worker
     step = llm.model.decode_step
-    if step is None:  # "compiling" while another process builds the step this one will take (precompile.py)
+    if step is None or not step.compiled:  # "compiling" while another process builds the step this one will take (precompile.py)
         decoding = "eager" if llm.model.compiled_later is None else "compiling"
     else:
         decoding = "eager" if step.error else "compiled" if step.ready else "compiling"

@@ -1,6 +1,6 @@
 """The default path: measured once per machine and model shape, remembered, reported; the compiled
 step built by another process and loaded without the compiler; the same greedy text in a process that
-starts cold (eager while the child builds), one that loads the built step, and across the switch."""
+starts cold (the same numbers eagerly while the child builds), one that loads the built step, and across the switch."""
 
 import json
 import os
@@ -90,7 +90,7 @@ def test_a_cold_start_builds_in_another_process_and_the_text_stays(tmp_path, cac
 
     first, err = run()
     logs = "".join(f.read_text()[-1500:] for f in (cache / "compiled").glob("*.log"))
-    assert first["cold"] == "NoneType" and first["compiling"] and first["now"] == "AotStep", logs
+    assert first["cold"] == "EagerStep" and first["compiling"] and first["now"] == "AotStep", logs
     assert "compiling the decode step in another process" in err
     second, err = run()
     assert second == {**first, "cold": "AotStep", "compiling": False, "compiler": False}, err

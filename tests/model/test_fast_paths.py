@@ -114,9 +114,25 @@ def test_int4_kernel_computes_the_stored_weights():
     assert (layer(x).float() - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
-def test_compiled_default_gives_the_eager_default_tokens(fast, fast_eager):
-    """bfloat16 and 4-bit weights promise no bit-for-bit equality, but the compiled step picks the eager
-    step's greedy tokens on the test prompts, one by one and as a batch on the engine."""
+def test_compiled_default_computes_what_the_eager_default_does(fast, fast_eager):
+    """The compiled step calls ATen's kernels wherever its own loops would round otherwise, so a process
+    decoding eagerly until its compile finishes (compile=False here: the same EagerStep) gets the
+    compiled step's logits bit for bit: a prompt fed whole, one token at a time and beside other rows,
+    and the greedy tokens, one by one and as a batch on the engine."""
+    from llama_lite.model.aot_step import AotStep, EagerStep
+
+    assert isinstance(fast.model.decode_step, AotStep) and isinstance(fast_eager.model.decode_step, EagerStep)
+    ids = torch.tensor([t for p in encode(fast) for t in p] * 4)[:90]
+    n = len(ids)
+    with torch.inference_mode():
+        for llm in (fast, fast_eager):
+            model = llm.model
+            llm.logits = [model.forward_segments(ids, [(0, 0, n)], torch.arange(n)).clone(),
+                          torch.cat([model.forward_segments(ids[i : i + 1], [(1, i, 1)], torch.tensor([0])) for i in range(n)]),
+                          model.forward_segments(torch.cat([ids.roll(r) for r in range(3)]), [(r, 0, n) for r in range(3)],
+                                                 torch.arange(n)).clone()]
+    for compiled, eager in zip(fast.logits, fast_eager.logits):
+        assert torch.equal(compiled, eager)
     prompts = encode(fast)
     for ids in prompts:
         assert fast.generate([ids], 24, temperature=0) == fast_eager.generate([ids], 24, temperature=0)

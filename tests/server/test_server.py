@@ -642,10 +642,13 @@ def test_health_says_compiling_while_another_process_builds_the_step(llm, monkey
     """A first start decodes eagerly while its child builds the compiled step: /health says so (a
     benchmark or a load balancer waits for "compiled"), and "compiled" once it is taken."""
 
+    from llama_lite.model.aot_step import EagerStep
+
     class Built:
-        ready, error = True, None
+        ready, error, compiled = True, None, True
 
     monkeypatch.setattr(llm.model, "compiled_later", lambda: None)
+    monkeypatch.setattr(llm.model, "decode_step", EagerStep(llm.model))
     with TestClient(create_app(llm, MODEL)) as http:
         assert http.get("/health").json()["decode_step"] == "compiling"
         monkeypatch.setattr(llm.model, "compiled_later", None)
