@@ -139,8 +139,9 @@ def attach_decode_step(model, compile, device, exact, child_settings: dict, path
             model.decode_step = DecodeStep(model)
             model.decode_step.build()
         return None
+    eager_twin = aot_step.EagerStep(model) if aot_step.has_eager_twin(model) else None
     if compile is False:  # the compiled step's numbers, eagerly: the text a compiled process gives
-        model.decode_step = aot_step.EagerStep(model)
+        model.decode_step = eager_twin
         return None
     threads = child_settings["threads"]
     folder = aot_step.artifact_folder(model, threads)
@@ -158,7 +159,7 @@ def attach_decode_step(model, compile, device, exact, child_settings: dict, path
         precompile.run_now(cmd)
         model.decode_step = aot_step.load(model, folder)
         return None
-    model.decode_step = aot_step.EagerStep(model)  # until it is built: the same numbers, eagerly
+    model.decode_step = eager_twin  # until it is built: the same numbers, eagerly
     model.compiled_later = functools.partial(_load_quietly, model, folder)
     child = precompile.start_in_background(cmd, folder)
     if child is not None and parallel.is_main():

@@ -68,6 +68,16 @@ def artifact_folder(model, threads: int) -> Path:
     return cache_dir() / "compiled" / key
 
 
+def has_eager_twin(model) -> bool:
+    """Whether a process decodes `model` with EagerStep until (or without) its compiled step: where its
+    weights are low precision (4-bit, bfloat16). float32 decodes eagerly its own way, bit for bit, and
+    int8's compiled one-row products are fused loops that no eager step repeats."""
+    from .kernels import Int8Rows
+
+    low = any(t.dtype != torch.float32 for t in model.state_dict().values())
+    return low and not any(isinstance(m, Int8Rows) for m in model.modules())
+
+
 class _Exported(nn.Module):
     """The step as a module whose buffers are the model's tensors and its KV cache (written in place)."""
 
@@ -105,7 +115,7 @@ def build(model, folder: Path, threads: int, log=print) -> float:
 
     started = time.perf_counter()
     config.cpp.threads = threads  # compiled loops are split across this many threads for good
-    aten_kernels_in_compiled_code()
+    aten_kernels_in_compiled_code(has_eager_twin(model))
     module = _Exported(model)
     blocks = key_blocks(model.params.max_seq_len) // KEY_BLOCK
     width = KEY_BLOCK * torch.export.Dim("key_blocks", min=1, max=blocks) if blocks > 1 else None

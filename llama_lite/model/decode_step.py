@@ -61,22 +61,24 @@ def _step(model, tokens, rows, positions, key_index, cache_k, cache_v):
 # Ops whose compiled loops would round otherwise than ATen's kernels: reductions add in another order,
 # and inductor writes silu as x * sigmoid(x) where ATen divides. (Elementwise float32 arithmetic rounds
 # the same either way: inductor compiles with -ffp-contract=off.)
-ATEN_OPS = ("mean.dim", "_softmax.default", "silu.default")
+ATEN_OPS = ("sum.dim_IntList", "_softmax.default", "silu.default")
 
 
-def aten_kernels_in_compiled_code():
-    """Have inductor call ATen's own kernels for the int4 product and for ATEN_OPS, and round
-    low-precision results where eager does: so the compiled step's numbers are the eager step's, bit
-    for bit, and a process decoding eagerly until its step is built (aot_step.EagerStep) gives the
-    tokens the built step will. The int4 kernel's own lowering passes the group size as a constant
-    tensor, which a reused layer region hands over as something else ("group size must be a scalar",
-    torch 2.13). For the build process alone: it changes inductor for good."""
+def aten_kernels_in_compiled_code(eager_twin: bool):
+    """Have inductor call PyTorch's int4 kernel as it is (its own lowering passes the group size as a
+    constant tensor, which a reused layer region hands over as something else: "group size must be a
+    scalar", torch 2.13). With `eager_twin` (aot_step.has_eager_twin), also ATen's kernels for
+    ATEN_OPS, and low-precision results rounded where eager rounds them: so the compiled step's numbers
+    are the eager step's, bit for bit, and a process decoding eagerly until its step is built
+    (aot_step.EagerStep) gives the tokens the built step will. For the build process alone: it
+    changes inductor for good."""
     from torch._inductor import config, decomposition, lowering
 
     aten = torch.ops.aten
-    config.emulate_precision_casts = True
     ops = [aten._weight_int4pack_mm_for_cpu.default]
-    ops += [getattr(getattr(aten, name.split(".")[0]), name.split(".")[1]) for name in ATEN_OPS]
+    if eager_twin:
+        config.emulate_precision_casts = True
+        ops += [getattr(getattr(aten, name.split(".")[0]), name.split(".")[1]) for name in ATEN_OPS]
     for op in ops:
         if not getattr(lowering.lowerings.get(op), "_llama_lite", False):
             decomposition.decompositions.pop(op, None)

@@ -50,9 +50,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the weights' dtype, as the reference does.
+        # Normalise in float32 whatever the weights' dtype, as the reference does. The mean as ATen takes
+        # it (a sum, then a division), written out: a compiled step leaves sums to ATen (decode_step.ATEN_OPS).
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) / xf.shape[-1] + self.eps)
         return xf.type_as(x) * self.weight
 
 
