@@ -225,12 +225,15 @@ class Transformer(nn.Module):
         return logits
 
     def adopt_compiled_step(self) -> None:
-        """Take the compiled step another process has built since this one started, if it has. It
-        computes what the eager step did (aot_step.EagerStep), bit for bit, so the K/V the cache holds
-        stay valid; called between requests only (the engine), all the same."""
+        """Take the compiled step another process has built since this one started, if it has. Called
+        between requests only (the engine), where switching cannot change a running request's tokens.
+        After an eager twin (aot_step.EagerStep: the same bits) the K/V the cache holds stay valid;
+        after the model's own eager pass (int8) they were computed otherwise: the prefix cache forgets them."""
         if self.compiled_later is not None:
             step = self.compiled_later()
             if step is not None:
+                if self.decode_step is None:
+                    self.cache.writes += 1  # (PrefixCache.drop_if_overwritten)
                 self.decode_step, self.compiled_later = step, None
 
     def draft_budget(self, n_decoding: int) -> "tuple[int, bool]":
