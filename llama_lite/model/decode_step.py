@@ -84,7 +84,9 @@ def aten_kernels_in_compiled_code(eager_twin: bool):
             decomposition.decompositions.pop(op, None)
             lowering.lowerings.pop(op, None)
             lowering.lowerings.pop(op.overloadpacket, None)
-            lowering.make_fallback(op)
+            # warn=False: with CI set in the environment, inductor refuses a fallback for an op that has
+            # a decomposition in torch's table (it wants one for its own tests), which is the point here.
+            lowering.make_fallback(op, warn=False)
             lowering.lowerings[op]._llama_lite = True
 
 
