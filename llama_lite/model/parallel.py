@@ -6,6 +6,7 @@ model-parallel group; the model then splits heads, kv heads, FFN width and vocab
 with `ColumnParallelLinear` / `RowParallelLinear` / `VocabParallelEmbedding`.
 """
 
+import atexit
 import contextlib
 import math
 import os
@@ -50,6 +51,16 @@ def _process_group() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        # Destroyed before the interpreter tears down: gloo's threads outliving it abort the process at
+        # exit ("terminate called without an active exception", SIGABRT) now and then.
+        atexit.register(_end_process_groups)
+
+
+def _end_process_groups() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup(device: torch.device) -> torch.device:
