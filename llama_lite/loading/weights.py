@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError
 from ..model import parallel
 from ..model.devices import resolve_dtype
-from ..model.kernels import int4_modules, pack_int4, quantize_int4, quantize_int8, quantize_modules
+from ..model.kernels import int4_modules, int8_head, pack_int4, quantize_int4, quantize_int8, quantize_modules
 from ..model.transformer import Transformer
 from .checkpoint_types import Int4Values
 
@@ -26,13 +26,13 @@ LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo"
 
 
 def quantized_weights(ckpt, quantize, dtype, device, world):
-    """({Meta name: "int4" or "bfloat16"} of the weights held 4-bit or in bfloat16 apart from the
-    activations, the activations' dtype).
+    """({Meta name: "int4", "int8" or "bfloat16"} of the weights held 4-bit, 8-bit or in bfloat16 apart
+    from the activations, the activations' dtype).
 
     quantize="int4" (a CPU): every layer matrix 4-bit for PyTorch's CPU kernel, a GGUF's Q4_0 / Q4_1
     blocks as stored (nothing rounded but their scales, to bfloat16), others quantized; the
-    embedding and output head bfloat16 whatever their blocks (a Q8_0 head multiplied as int8 cost
-    3.3 ms a row where a bfloat16 GEMM takes ~3 ms for 1-8 rows). The kernel takes bfloat16, and
+    embedding bfloat16 and the output head int8 by rows (kernels.Int8Head; a tied embedding shares
+    it) whatever their blocks. The kernels take bfloat16, and
     only its inputs are cast: activations stay float32 (dtype None or "float32"), so the eager and
     the compiled step differ only in how float32 sums are ordered. dtype="bfloat16" computes in
     bfloat16 throughout, and keeps a GGUF's 4-bit blocks without quantize."""
@@ -46,8 +46,8 @@ def quantized_weights(ckpt, quantize, dtype, device, world):
     quantized = {name: "int4" for name, kind in ckpt.stored.items() if kind == "int4" and name not in ends}
     if quantize == "int4":
         quantized.update({f"layers.{i}.{m}.weight": "int4" for i in range(ckpt.args["n_layers"]) for m in LAYER_MATRICES})
-    if not bf16:  # half float32's bytes, one product for any rows
-        quantized.update({name: "bfloat16" for name in ends})
+    if not bf16:  # the embedding: half float32's bytes; the head: a quarter, one kernel for any rows
+        quantized.update({"tok_embeddings.weight": "bfloat16", "output.weight": "int8" if world == 1 else "bfloat16"})
     return quantized, torch.bfloat16 if bf16 else torch.float32
 
 
@@ -64,6 +64,8 @@ def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer
             quantize_modules(model, dtype)
         int4_layers = int4_modules(model, torch.bfloat16, {name.removesuffix(".weight") for name, kind in quantized.items()
                                                            if kind == "int4"})
+        if quantized.get("output.weight") == "int8":
+            int8_head(model, ckpt.tied)
     state = _read_state(ckpt, quantized, model, int4_layers, dtype, device)
     try:
         model.load_state_dict(state, strict=True, assign=True)

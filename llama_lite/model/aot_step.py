@@ -72,10 +72,10 @@ def has_eager_twin(model) -> bool:
     """Whether a process decodes `model` with EagerStep until (or without) its compiled step: where its
     weights are low precision (4-bit, bfloat16). float32 decodes eagerly its own way, bit for bit, and
     int8's compiled one-row products are fused loops that no eager step repeats."""
-    from .kernels import Int8Rows
+    from .kernels import Int8Linear
 
     low = any(t.dtype != torch.float32 for t in model.state_dict().values())
-    return low and not any(isinstance(m, Int8Rows) for m in model.modules())
+    return low and not any(isinstance(m, Int8Linear) for m in model.modules())
 
 
 class _Exported(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llama_lite import Llama, SamplingParams
 from llama_lite.loading.gguf_file import dequantize, int4_values, open_gguf
-from llama_lite.model.kernels import Int4Linear, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
+from llama_lite.model.kernels import Int4Linear, Int8Head, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
 from tests.conftest import build_cpu
 
 PROMPTS = ["The history of the city of Rome begins", "def is_prime(n):",
@@ -85,9 +85,20 @@ def test_int4_path_keeps_the_gguf_blocks_and_compiles(fast):
     attention, feed_forward = model.layers[0].attention, model.layers[0].feed_forward
     assert isinstance(attention.wqkv, Int4Linear) and attention.wq is None  # q, k, v fused into one product
     assert isinstance(feed_forward.w13, Int4Linear) and isinstance(feed_forward.w2, Int4Linear)
-    assert model.output.weight.dtype == torch.bfloat16  # the Q8_0 head: one GEMM for any rows
+    assert isinstance(model.output, Int8Head)  # the Q8_0 head as int8 rows: one kernel for any rows
     assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()  # still tied: one copy
     assert isinstance(model.decode_step, AotStep) and fast.path.path == "int4"
+
+
+def test_the_int8_head_holds_the_stored_head_to_half_a_step(fast, smollm_path):
+    """The head's int8 rows times their scales are the GGUF's (tied) Q8_0 weights, each within half its
+    row's step; the embedding looks up the same numbers."""
+    head = fast.model.output
+    stored = dequantize(next(t for t in open_gguf(smollm_path).tensors if t.name == "token_embd.weight"))
+    values = head.weight.float() * head.scale
+    assert ((values - stored).abs() <= head.scale / 2 * (1 + 1e-6)).all()
+    tokens = torch.tensor([0, 7, 49151])
+    assert torch.equal(fast.model.tok_embeddings(tokens), values[tokens])
 
 
 def test_kept_values_are_the_stored_blocks(smollm_path):
