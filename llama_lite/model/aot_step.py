@@ -171,14 +171,14 @@ class TokenwiseStep:
         call or not. So a token's logits and K/V depend neither on how its prompt was cut nor on what
         shared its step, and a prompt's K/V are those decoding it would write. More tokens than the
         largest graph takes (`most_tokens`) run as several calls, in order."""
-        lengths = torch.tensor([length for _, _, length in segments])
-        offsets = torch.arange(len(tokens)) - (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
-        rows = torch.tensor([row for row, _, _ in segments]).repeat_interleave(lengths)
-        positions = torch.tensor([start for _, start, _ in segments]).repeat_interleave(lengths) + offsets
+        rows, positions = [], []  # each token's row and position, built as lists: a few torch calls cost more
+        for row, start, length in segments:
+            rows += [row] * length
+            positions += range(start, start + length)
         # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
         tokens = tokens.contiguous()
         if len(tokens) <= self.most_tokens:
-            return self._call(tokens, rows, positions)[logits_at]
+            return self._call(tokens, rows, positions).index_select(0, logits_at)
         logits = None
         for first in range(0, len(tokens), self.most_tokens):
             last = first + self.most_tokens
@@ -189,9 +189,9 @@ class TokenwiseStep:
             logits[wanted] = out[logits_at[wanted] - first]
         return logits
 
-    def _call(self, tokens, rows, positions):
-        width = key_blocks(int(positions.max()) + 1)  # the keys the step's furthest token sees, in whole blocks
-        return self._run(tokens, rows, positions, self.key_index[:width])
+    def _call(self, tokens, rows: list, positions: list):
+        width = key_blocks(max(positions) + 1)  # the keys the step's furthest token sees, in whole blocks
+        return self._run(tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[:width])
 
     def _run(self, tokens, rows, positions, key_index):
         raise NotImplementedError
