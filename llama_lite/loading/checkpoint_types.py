@@ -17,6 +17,18 @@ class Int4Values(NamedTuple):
     offset: torch.Tensor
 
 
+class Int8Values(NamedTuple):
+    """A weight quantized by rows as it was read (kernels.quantize_int8): weight ~= q * scale, with q
+    (out, in) int8 and scale (out, 1) float32."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
 @dataclass
 class Checkpoint:
     """What a checkpoint holds, read lazily: `tensors()` yields (Meta name, tensor) one at a time."""
@@ -27,7 +39,8 @@ class Checkpoint:
     tied: bool  # the output projection is the embedding (no output.weight is stored)
     # (as_stored=frozenset(), dtype_of=None) -> (Meta name, tensor, or stored values for names in as_stored);
     # dtype_of(name), where a reader heeds it, is the dtype to yield a tensor in (a GGUF's are made in it
-    # directly, with no float32 copy of the whole: the loader's peak memory)
+    # directly, with no float32 copy of the whole: the loader's peak memory); torch.int8 asks for
+    # Int8Values, which a reader that does not heed it leaves to the loader
     tensors: Callable[..., Iterator]
     n_tensors: int
     size: int  # bytes on disk, to decide whether loading deserves a progress bar

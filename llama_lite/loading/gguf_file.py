@@ -182,25 +182,35 @@ def gguf_field(reader: GGUFFile, key: str, default=REQUIRED, kind=None):
 
 
 def dequantize(tensor: GGUFTensor, dtype=torch.float32) -> torch.Tensor:
-    """A GGUF tensor in `dtype` (each value computed in float32, rounded once) of its torch shape.
+    """A GGUF tensor in `dtype` (each value computed in float32, rounded once) of its torch shape,
+    filled from dequantized_rows: unpacked whole, a 49152 x 576 Q8_0 embedding took two float32 copies
+    (226 MB) at once, which set the peak memory of a whole batch-1 run."""
+    out = torch.empty(tensor.shape, dtype=dtype)
+    rows_of_out = out.view(-1, tensor.shape[-1]) if tensor.shape else out.view(1, 1)
+    start = 0
+    for rows in dequantized_rows(tensor):
+        rows_of_out[start:start + len(rows)] = rows
+        start += len(rows)
+    return out
 
-    The types common in Llama GGUFs are unpacked with torch (all cores; ~6x faster than numpy, half
-    the cold start for a 135M model), DEQUANTIZE_VALUES at a time into the result: unpacked whole, a
-    49152 x 576 Q8_0 embedding took two float32 copies (226 MB) at once, which set the peak memory of
-    a whole batch-1 run. Every other type goes through gguf-py's reference code.
-    """
+
+def dequantized_rows(tensor: GGUFTensor):
+    """A GGUF tensor's rows (its last dimension) in float32, DEQUANTIZE_VALUES at a time. The types
+    common in Llama GGUFs are unpacked with torch (all cores; ~6x faster than numpy, half the cold start
+    for a 135M model); every other type goes through gguf-py's reference code, whole."""
+    row_len = tensor.shape[-1] if tensor.shape else 1
     unpack = _TORCH_UNPACKERS.get(tensor.tensor_type)
     if unpack is None:
         from gguf.quants import dequantize as gguf_dequantize
 
-        return torch.from_numpy(gguf_dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)).to(dtype)
+        yield torch.from_numpy(gguf_dequantize(tensor.data, tensor.tensor_type)).float().view(-1, row_len)
+        return
     block_size, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
-    blocks = torch.from_numpy(tensor.data).view(-1, block_bytes)  # (n_blocks, block_bytes)
-    out = torch.empty(len(blocks), block_size, dtype=dtype)
-    step = -(-DEQUANTIZE_VALUES // block_size)
+    blocks = torch.from_numpy(tensor.data).view(-1, row_len // block_size, block_bytes)  # (rows, blocks a row, bytes)
+    step = max(1, DEQUANTIZE_VALUES // row_len)
     for start in range(0, len(blocks), step):
-        out[start:start + step] = unpack(blocks[start:start + step])
-    return out.reshape(tensor.shape)  # (n_blocks, block_size) -> the tensor's shape
+        part = blocks[start:start + step]
+        yield unpack(part.reshape(-1, block_bytes)).view(len(part), row_len)
 
 
 # 64 KB of float32 at a time: under glibc's 128 KB mmap threshold. Larger temporaries are mapped and

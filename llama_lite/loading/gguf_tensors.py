@@ -7,9 +7,10 @@ from typing import Iterator, Optional
 import torch
 
 from ..errors import CheckpointError
+from ..model.kernels import quantize_int8_rows
 from ..model.rope import RopeScaling
-from .checkpoint_types import Checkpoint, Int4Values
-from .gguf_file import KEPT_TYPES, REQUIRED, dequantize, gguf_field, int4_values, open_gguf
+from .checkpoint_types import Checkpoint, Int4Values, Int8Values
+from .gguf_file import KEPT_TYPES, REQUIRED, dequantize, dequantized_rows, gguf_field, int4_values, open_gguf
 from .meta_names import meta_name, rotate_half_to_pairs
 
 # GGUF architectures read. llama.cpp's converter permutes Q/K of "llama" (Llama, Mistral) into
@@ -80,8 +81,9 @@ def _gguf_rope_scaling(reader, arch: str, head_dim: int) -> Optional[RopeScaling
 
 
 def _gguf_tensors(reader, arch: str, args: dict, as_stored=frozenset(), dtype_of=None) -> Iterator:
-    """(Meta name, tensor) for each tensor, one at a time: in dtype_of(name) (None: float32), or for the
-    names in `as_stored` the values as stored (Int4Values: Q4_0 / Q4_1 blocks)."""
+    """(Meta name, tensor) for each tensor, one at a time: in dtype_of(name) (None: float32; torch.int8:
+    Int8Values, quantized a few rows at a time), or for the names in `as_stored` the values as stored
+    (Int4Values: Q4_0 / Q4_1 blocks)."""
     for t in reader.tensors:
         if t.name == ROPE_FREQS:  # read with the metadata, into rope_scaling
             continue
@@ -91,6 +93,8 @@ def _gguf_tensors(reader, arch: str, args: dict, as_stored=frozenset(), dtype_of
         try:
             if name in as_stored:
                 tensor = Int4Values(*int4_values(t))
+            elif dtype_of and dtype_of(name) == torch.int8:
+                tensor = Int8Values(*quantize_int8_rows(dequantized_rows(t), t.shape))
             else:
                 tensor = dequantize(t, dtype_of(name) if dtype_of else torch.float32)
         except NotImplementedError:
@@ -103,7 +107,8 @@ def _gguf_tensors(reader, arch: str, args: dict, as_stored=frozenset(), dtype_of
 
 
 def _in_meta_pairs(name: str, tensor, args: dict, where: str):
-    """rotate_half_to_pairs of a float tensor, or of each part of stored values (Int4Values)."""
+    """rotate_half_to_pairs of a float tensor, or of each part of stored or quantized values (rows stay
+    rows: per-row int8 commutes with the reordering)."""
     convert = lambda x: rotate_half_to_pairs(name, x, args["n_heads"], args["n_kv_heads"], where)  # noqa: E731
     return type(tensor)(*map(convert, tensor)) if isinstance(tensor, tuple) else convert(tensor)
 

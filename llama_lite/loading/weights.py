@@ -16,7 +16,7 @@ from ..model import parallel
 from ..model.devices import resolve_dtype
 from ..model.kernels import int4_modules, int8_head, pack_int4, quantize_int4, quantize_int8, quantize_modules
 from ..model.transformer import Transformer
-from .checkpoint_types import Int4Values
+from .checkpoint_types import Int4Values, Int8Values
 
 PROGRESS_BYTES = 50 << 20  # show loading progress for files larger than this,
 PROGRESS_DELAY_S = 2.0  # once loading has taken this long (a sub-second load, the usual, shows nothing)
@@ -83,11 +83,17 @@ def _read_state(ckpt, quantized, model, int4_layers, dtype, device) -> dict:
     state, int4_parts = {}, {}
     as_stored = frozenset(name for name, kind in quantized.items() if kind == "int4") & ckpt.stored.keys()
 
-    def held_dtype(name):
-        """The dtype a weight is assigned in; int4 and int8 layers quantize from float32."""
+    def is_int8(name):
         module, _, kind = name.rpartition(".")
-        if module in int4_layers or (kind == "weight" and module + ".scale" in local_shapes):
+        return kind == "weight" and module + ".scale" in local_shapes
+
+    def held_dtype(name):
+        """The dtype a weight is read in: int4 layers quantize from float32; int8 ones are quantized
+        as read (a reader's Int8Values) where no rank cuts a part of a row first."""
+        if name.rpartition(".")[0] in int4_layers:
             return torch.float32
+        if is_int8(name):
+            return torch.int8 if parallel.world_size() == 1 else torch.float32
         return torch.bfloat16 if quantized.get(name) == "bfloat16" else dtype
 
     progress = tqdm(ckpt.tensors(as_stored, held_dtype), total=ckpt.n_tensors, desc="loading",
@@ -101,8 +107,9 @@ def _read_state(ckpt, quantized, model, int4_layers, dtype, device) -> dict:
             _add_int4_part(state, int4_parts, int4_layers[module], name, tensor)
             continue
         tensor = parallel.shard(name, tensor, local_shapes.get(name, tensor.shape))
-        if kind == "weight" and module + ".scale" in local_shapes:  # an int8 layer (quantize="int8"): quantized as read
-            state[name], state[module + ".scale"] = quantize_int8(tensor.to(device))
+        if is_int8(name):  # an int8 layer (the head, or quantize="int8"): quantized as read
+            q, scale = tensor if isinstance(tensor, Int8Values) else quantize_int8(tensor.to(device))
+            state[name], state[module + ".scale"] = q.to(device), scale.to(device)
         else:
             state[name] = tensor.to(device=device, dtype=held_dtype(name))
     return_freed_memory()

@@ -80,13 +80,25 @@ _ROWS_AT_A_TIME = 4096  # int8 matrices are cast or quantized in slices of this 
 
 def quantize_int8(weight: torch.Tensor):
     """Symmetric per-row int8: (int8 weight, float32 scale (rows, 1)) with weight ~= q * scale."""
-    q, scales = [], []
-    for rows in weight.split(_ROWS_AT_A_TIME):  # a float temporary of a few MB, not of the whole matrix
+    return quantize_int8_rows(weight.split(_ROWS_AT_A_TIME), weight.shape)
+
+
+def quantize_int8_rows(blocks, shape):
+    """quantize_int8 of a `shape` matrix given as consecutive blocks of its rows: a reader dequantizes a
+    few rows at a time, so no float copy of the whole matrix is ever held (a 49152 x 576 head's would be
+    113 MB, the largest allocation of a batch-1 run)."""
+    q = scale = None
+    start = 0
+    for rows in blocks:
         rows = rows.float()
-        scale = rows.abs().amax(dim=1).clamp(min=1e-12) / 127  # (rows,)
-        q.append((rows / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8))  # (rows, in)
-        scales.append(scale)
-    return torch.cat(q), torch.cat(scales)[:, None]
+        if q is None:
+            q = torch.empty(shape, dtype=torch.int8, device=rows.device)
+            scale = torch.empty(shape[0], 1, device=rows.device)
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (rows, 1)
+        q[start:start + len(rows)] = (rows / row_scale).round_().clamp_(-127, 127)
+        scale[start:start + len(rows)] = row_scale
+        start += len(rows)
+    return q, scale
 
 
 def quantize_modules(model: nn.Module, dtype: torch.dtype) -> None:
@@ -160,7 +172,7 @@ def int8_head(model: nn.Module, tied: bool) -> None:
 
 
 class Int8Embedding(Int8Rows):
-    """Token embeddings stored as int8 rows and their scales (shared with a tied Int8Linear output)."""
+    """Token embeddings stored as int8 rows and their scales (shared with a tied Int8Head output)."""
 
     def forward(self, tokens):
         return self.values(self.weight[tokens], self.scale[tokens], self.dtype)  # (..., dim)
