@@ -10,6 +10,7 @@ one server's own; a client that leaves cancels the call, which the app sees as a
 
 import asyncio
 import json
+import queue
 import signal
 import sys
 import threading
@@ -63,12 +64,13 @@ class EngineReplica:
     """One replica: a Llama and create_app over it, the app called in-process for each request."""
 
     def __init__(self, build: dict, model_name: str, api_key, max_queue: int, max_body_mb: float):
-        from ..generation import Llama
-        from ..server.app import create_app
-
-        self.app = create_app(Llama.build(**build), model_name, api_key=api_key, max_queue=max_queue,
-                              max_body_mb=max_body_mb)
-        self.app.state.worker.start()  # what the app's lifespan does under uvicorn
+        built = queue.SimpleQueue()
+        options = dict(api_key=api_key, max_queue=max_queue, max_body_mb=max_body_mb)
+        threading.Thread(target=_build_and_step, args=(build, model_name, options, built), name="llama_lite-engine",
+                         daemon=True).start()
+        self.app = built.get()
+        if isinstance(self.app, BaseException):
+            raise self.app
         from ray import serve
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -104,6 +106,24 @@ class EngineReplica:
         finally:  # the client left (the call was cancelled) or the response is whole
             gone.set()
             task.cancel()
+
+
+def _build_and_step(build: dict, model_name: str, options: dict, built: queue.SimpleQueue) -> None:
+    """Build a replica's Llama and app, hand the app to `built`, then step its engine, all in this one
+    thread: torch's OpenMP threads are fast only for the thread that used them first. Built in one
+    thread and stepped in another, a decode step ran 4.6x slower (2-core EPYC: 41 against 194 steps
+    a second; docs/performance.md#threads)."""
+    from ..generation import Llama
+    from ..server.app import create_app
+
+    try:
+        app = create_app(Llama.build(**build), model_name, **options)
+    except BaseException as e:  # the replica's constructor raises it
+        built.put(e)
+        return
+    app.state.worker.own_thread = False  # stepped here, not in a thread of its own
+    built.put(app)
+    app.state.worker.run()
 
 
 def front_deployment(serve):
