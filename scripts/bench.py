@@ -155,7 +155,10 @@ def run_all(systems, checkpoint, threads, cases, n_prompts, new_tokens, mixed_ba
                     continue
                 system = f"llama_server:{server}"
             print(f"running {system}: serving ({threads} threads)...", file=sys.stderr)
-            rows += list(serving(system, checkpoint, threads, mixed_batch_size))
+            try:
+                rows += list(serving(system, checkpoint, threads, mixed_batch_size))
+            except RuntimeError as e:  # a server that would not start: the table keeps the other systems' rows
+                print(f"note: {e}", file=sys.stderr)
     return rows
 
 

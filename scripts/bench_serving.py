@@ -49,6 +49,9 @@ def start_server(system, checkpoint, threads, rows):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(3000):
+        if proc.poll() is not None:  # e.g. llama.cpp's AMX kernels crash on some Xeons: say so, do not wait it out
+            raise RuntimeError(f"{system}'s server exited with status {proc.returncode} before it answered: "
+                               f"run {' '.join(map(str, cmd))} to see why")
         try:
             health = httpx.get(url + "/health", timeout=1)
             # llama_lite's server answers before its compiled step is built: the bench measures what follows
