@@ -3,7 +3,8 @@
 The same step as decode_step.py (`_step`: embedding, every layer, the head), exported with
 torch.export and compiled by AOTInductor into a shared library per range of token counts (one
 token alone, 2-8, 9 and up to a token a row; the attention width dynamic in whole key blocks). It
-takes every token of a step, prompts' too, each as a one-token segment. The libraries hold
+takes every token of a step, prompts' too, each as a one-token segment, and runs the head only on
+the tokens whose logits are wanted (`logits_at`). The libraries hold
 no weights: a process loads them with PyTorch's C++ loader (no dynamo, no inductor imported, ~0.1 s)
 and hands them the model's own tensors and KV cache, so nothing is copied. Building takes a minute
 or two of a separate process (precompile.py); it is keyed by everything its code depends on.
@@ -89,12 +90,12 @@ class _Exported(nn.Module):
             self.register_buffer(f"cache_k{i}", k, persistent=False)
             self.register_buffer(f"cache_v{i}", v, persistent=False)
 
-    def forward(self, tokens, rows, positions, key_index):
+    def forward(self, tokens, rows, positions, key_index, logits_at):
         from .decode_step import _step
 
         cache_k = [getattr(self, f"cache_k{i}") for i in range(self.n_layers)]
         cache_v = [getattr(self, f"cache_v{i}") for i in range(self.n_layers)]
-        return _step(self.model, tokens, rows, positions, key_index, cache_k, cache_v)
+        return _step(self.model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at)
 
 
 def _constants(model) -> dict:
@@ -127,9 +128,10 @@ def build(model, folder: Path, threads: int, log=print) -> float:
         n = min(low + 1, high)  # an example size of 1 would be taken as fixed
         tokens = torch.zeros(n, dtype=torch.long)
         example = (tokens, torch.arange(n) % model.params.max_batch_size, tokens.clone(),
-                   torch.arange(min(2, blocks) * KEY_BLOCK))
+                   torch.arange(min(2, blocks) * KEY_BLOCK), torch.arange(min(2, n)))
         count = torch.export.Dim(f"tokens_{low}", min=low, max=high) if low < high else None
-        dims = ({0: count}, {0: count}, {0: count}, {0: width})
+        wanted = torch.export.Dim(f"logits_{low}", min=1, max=high) if low < high else None
+        dims = ({0: count}, {0: count}, {0: count}, {0: width}, {0: wanted})
         log(f"llama_lite: compiling the decode step for {low}-{high} token(s) a step")
         with torch.inference_mode(False), torch.no_grad():
             exported = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
@@ -178,22 +180,26 @@ class TokenwiseStep:
         # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
         tokens = tokens.contiguous()
         if len(tokens) <= self.most_tokens:
-            return self._call(tokens, rows, positions).index_select(0, logits_at)
+            return self._call(tokens, rows, positions, logits_at)
         logits = None
         for first in range(0, len(tokens), self.most_tokens):
             last = first + self.most_tokens
-            out = self._call(tokens[first:last], rows[first:last], positions[first:last])
+            wanted = (logits_at >= first) & (logits_at < last)
+            out = self._call(tokens[first:last], rows[first:last], positions[first:last], logits_at[wanted] - first)
             if logits is None:
                 logits = out.new_empty(len(logits_at), out.shape[1])
-            wanted = (logits_at >= first) & (logits_at < last)
-            logits[wanted] = out[logits_at[wanted] - first]
+            logits[wanted] = out
         return logits
 
-    def _call(self, tokens, rows: list, positions: list):
+    def _call(self, tokens, rows: list, positions: list, logits_at):
+        """Logits at `logits_at` of at most `most_tokens` tokens: the head runs on those rows alone (a
+        prompt chunk's other tokens need none; the head costs ~0.75 ms a row at SmolLM2's vocabulary)."""
         width = key_blocks(max(positions) + 1)  # the keys the step's furthest token sees, in whole blocks
-        return self._run(tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[:width])
+        wanted = logits_at.contiguous() if len(logits_at) else logits_at.new_zeros(1)  # a graph takes at least one
+        out = self._run(tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[:width], wanted)
+        return out if len(logits_at) else out[:0]
 
-    def _run(self, tokens, rows, positions, key_index):
+    def _run(self, tokens, rows, positions, key_index, logits_at):
         raise NotImplementedError
 
 
@@ -233,9 +239,9 @@ class AotStep(TokenwiseStep):
         fits = [n for n, ms in self.step_ms.items() if n > n_decoding and ms - base <= per_token * (n - n_decoding)]
         return max(fits, default=n_decoding)
 
-    def _run(self, tokens, rows, positions, key_index):
+    def _run(self, tokens, rows, positions, key_index, logits_at):
         runner = next(r for low, high, r in self.graphs if low <= len(tokens) <= high)
-        return runner.run([tokens, rows, positions, key_index])[0]
+        return runner.run([tokens, rows, positions, key_index, logits_at])[0]
 
 
 class EagerStep(TokenwiseStep):
@@ -253,10 +259,10 @@ class EagerStep(TokenwiseStep):
     def draft_budget(self, n_decoding: int) -> int:
         return n_decoding  # unmeasured eagerly: no guesses until the compiled step says what they cost
 
-    def _run(self, tokens, rows, positions, key_index):
+    def _run(self, tokens, rows, positions, key_index, logits_at):
         from .decode_step import _step
 
-        return _step(self.model, tokens, rows, positions, key_index, self.model.cache.k, self.model.cache.v)
+        return _step(self.model, tokens, rows, positions, key_index, self.model.cache.k, self.model.cache.v, logits_at)
 
 
 @torch.inference_mode()

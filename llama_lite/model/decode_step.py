@@ -46,16 +46,17 @@ def decode_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v)
     return layer.finish(h, attended.flatten(1))  # (tokens, n_heads * head_dim) -> (tokens, dim)
 
 
-def _step(model, tokens, rows, positions, key_index, cache_k, cache_v):
+def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at=None):
     """Logits (float32, (tokens, vocab)) of independent tokens; see decode_layer. cache_k, cache_v:
-    the layers' cache tensors."""
+    the layers' cache tensors. logits_at: the tokens whose logits are wanted (None: all); the head,
+    a vocabulary-wide product, runs on those rows alone (a prompt's other tokens need none)."""
     visible = key_index[None, :] <= positions[:, None]  # (tokens, width)
     cos = model.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
     sin = model.rope_sin[positions][:, None]
     h = model.embed(tokens)  # (tokens, dim)
     for layer, k, v in zip(model.layers, cache_k, cache_v):
         h = decode_layer(layer, h, cos, sin, rows, positions, visible, k, v)
-    return model.head(h)
+    return model.head(h if logits_at is None else h.index_select(0, logits_at))
 
 
 # Ops whose compiled loops would round otherwise than ATen's kernels: reductions add in another order,

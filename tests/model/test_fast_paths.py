@@ -174,8 +174,9 @@ def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
 def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
     """Prompt tokens go through the compiled step too, each as a one-token segment: a prompt's logits
     are bit for bit the same fed whole, in pieces, one token at a time, or beside other rows' prompts
-    in a step of more tokens than one call takes. So on the engine, with the prefix cache and prompts
-    cut into chunks by a small step budget, each request gets the tokens it gets alone."""
+    in a step of more tokens than one call takes, and with the head run only on the tokens asked for.
+    So on the engine, with the prefix cache and prompts cut into chunks by a small step budget, each
+    request gets the tokens it gets alone."""
     from llama_lite.engine.engine import Engine
     from tests.engine.test_prefix_cache import run
 
@@ -192,7 +193,12 @@ def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
         one_by_one = torch.cat([logits([(2, i, 1)], ids[i : i + 1]) for i in range(n)])
         assert 4 * n > model.decode_step.most_tokens
         beside = logits([(row, 0, n) for row in range(4)], torch.cat([ids.roll(row) for row in range(4)]))
+        # the head runs only where logits are wanted: calls with none wanted, and none at all
+        some = torch.tensor([n - 1, 3, 77])
+        picked = model.forward_segments(ids, [(0, 0, n)], some).clone()
+        nothing = model.forward_segments(ids, [(0, 0, n)], some[:0])
     assert torch.equal(whole, pieces) and torch.equal(whole, one_by_one) and torch.equal(whole, beside[:n])
+    assert torch.equal(picked, whole[some]) and nothing.shape == (0, whole.shape[1])
 
     prompts = encode(fast)
     shared = prompts[2] + prompts[0]  # begins with another request's prompt: the prefix cache reuses its K/V
