@@ -193,7 +193,7 @@ class TokenwiseStep:
 
     def _call(self, tokens, rows: list, positions: list, logits_at):
         """Logits at `logits_at` of at most `most_tokens` tokens: the head runs on those rows alone (a
-        prompt chunk's other tokens need none; the head costs ~0.75 ms a row at SmolLM2's vocabulary)."""
+        prompt chunk's other tokens need none; SmolLM2's vocabulary-wide head costs what a layer's products do)."""
         width = key_blocks(max(positions) + 1)  # the keys the step's furthest token sees, in whole blocks
         wanted = logits_at.contiguous() if len(logits_at) else logits_at.new_zeros(1)  # a graph takes at least one
         out = self._run(tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[:width], wanted)
