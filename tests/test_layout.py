@@ -6,7 +6,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llama_lite"
 # Lowest first: a module may import from its own layer and the ones before it.
-LAYERS = [{"errors", "checks", "cache"}, {"model"}, {"loading"}, {"text"}, {"engine"}, {"settings"},
+LAYERS = [{"errors", "checks", "cache", "mkl_strict"}, {"model"}, {"loading"}, {"text"}, {"engine"}, {"settings"},
           {"loader", "path_choice", "precompile"}, {"generation"}, {"prompt_records"}, {"server"}, {"cluster"}, {"cli"},
           {"__init__"}]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
