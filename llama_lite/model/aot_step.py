@@ -2,9 +2,9 @@
 
 The same step as decode_step.py (`_step`: embedding, every layer, the head), exported with
 torch.export and compiled by AOTInductor into a shared library per range of token counts (one
-token alone, 2-8, 9 and up to a token a row; the attention width dynamic in whole key blocks). It
-takes every token of a step, prompts' too, each as a one-token segment, and runs the head only on
-the tokens whose logits are wanted (`logits_at`). The libraries hold
+token alone, 2-8, 9 and up to a token a row) and one for a prompt chunk (one row's tokens in
+order); the attention width is dynamic in whole key blocks. It takes every token of a step,
+prompts' too, and runs the head only on the tokens whose logits are wanted (`logits_at`). The libraries hold
 no weights: a process loads them with PyTorch's C++ loader (no dynamo, no inductor imported, ~0.1 s)
 and hands them the model's own tensors and KV cache, so nothing is copied. Building takes a minute
 or two of a separate process (precompile.py); it is keyed by everything its code depends on.
@@ -82,9 +82,9 @@ def has_eager_twin(model) -> bool:
 class _Exported(nn.Module):
     """The step as a module whose buffers are the model's tensors and its KV cache (written in place)."""
 
-    def __init__(self, model):
+    def __init__(self, model, one_row: bool):
         super().__init__()
-        self.model = model
+        self.model, self.one_row = model, one_row
         self.n_layers = len(model.cache.k)
         for i, (k, v) in enumerate(zip(model.cache.k, model.cache.v)):
             self.register_buffer(f"cache_k{i}", k, persistent=False)
@@ -95,7 +95,16 @@ class _Exported(nn.Module):
 
         cache_k = [getattr(self, f"cache_k{i}") for i in range(self.n_layers)]
         cache_v = [getattr(self, f"cache_v{i}") for i in range(self.n_layers)]
-        return _step(self.model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at)
+        return _step(self.model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at, self.one_row)
+
+
+def graph_shapes(model) -> list:
+    """(fewest tokens, most, one_row) of each graph: token_ranges' decoding tokens, and where the step
+    may take prompts (low precision: ATen's kernels, whose rows do not depend on the others; float32's
+    few-row products take another kernel) a prompt chunk of one row, up to the cache's length."""
+    params = model.params
+    prompts = [(2, max(3, params.max_seq_len), True)] if has_eager_twin(model) else []
+    return [(low, high, False) for low, high in token_ranges(params.max_batch_size)] + prompts
 
 
 def _constants(model) -> dict:
@@ -117,30 +126,31 @@ def build(model, folder: Path, threads: int, log=print) -> float:
     started = time.perf_counter()
     config.cpp.threads = threads  # compiled loops are split across this many threads for good
     aten_kernels_in_compiled_code(has_eager_twin(model))
-    module = _Exported(model)
     blocks = key_blocks(model.params.max_seq_len) // KEY_BLOCK
     width = KEY_BLOCK * torch.export.Dim("key_blocks", min=1, max=blocks) if blocks > 1 else None
     partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     graphs = []
-    for low, high in token_ranges(model.params.max_batch_size):
+    for low, high, one_row in graph_shapes(model):
         n = min(low + 1, high)  # an example size of 1 would be taken as fixed
         tokens = torch.zeros(n, dtype=torch.long)
-        example = (tokens, torch.arange(n) % model.params.max_batch_size, tokens.clone(),
+        rows = tokens.clone() if one_row else torch.arange(n) % model.params.max_batch_size
+        example = (tokens, rows, torch.arange(n) if one_row else tokens.clone(),
                    torch.arange(min(2, blocks) * KEY_BLOCK), torch.arange(min(2, n)))
-        count = torch.export.Dim(f"tokens_{low}", min=low, max=high) if low < high else None
-        wanted = torch.export.Dim(f"logits_{low}", min=1, max=high) if low < high else None
+        name = f"prompt_{high}" if one_row else f"tokens_{low}_{high}"
+        count = torch.export.Dim(name, min=low, max=high) if low < high else None
+        wanted = torch.export.Dim(f"logits_of_{name}", min=1, max=high) if low < high else None
         dims = ({0: count}, {0: count}, {0: count}, {0: width}, {0: wanted})
-        log(f"llama_lite: compiling the decode step for {low}-{high} token(s) a step")
+        log(f"llama_lite: compiling the {'prompt chunk' if one_row else 'decode'} step for {low}-{high} token(s) a call")
         with torch.inference_mode(False), torch.no_grad():
-            exported = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
-        name = f"tokens_{low}_{high}.pt2"
+            exported = torch.export.export(_Exported(model, one_row), example, dynamic_shapes=dims, strict=False)
+        name += ".pt2"
         # the code's fingerprint in the configs: inductor's own cache keys on them, not on the lowerings we change
         configs = {"aot_inductor.package_constants_in_so": False, "size_asserts": False,
                    "aot_inductor.metadata": {"llama_lite_code": _code_fingerprint()}}
         aoti_compile_and_package(exported, package_path=str(partial / name), inductor_configs=configs)
-        graphs.append({"low": low, "high": high, "file": name})
+        graphs.append({"low": low, "high": high, "one_row": one_row, "file": name})
     seconds = time.perf_counter() - started
     listing = {"graphs": graphs, "build_seconds": round(seconds, 1)}
     (partial / "graphs.json").write_text(json.dumps(listing))
@@ -168,39 +178,54 @@ class TokenwiseStep:
         self.key_index = torch.arange(key_blocks(model.params.max_seq_len))
 
     def __call__(self, tokens, segments, logits_at):
-        """Logits at `logits_at` of any step, every token fed as a one-token segment: a prompt's tokens in
-        order, each written into the cache before its row's later tokens attend, whether they share a
-        call or not. So a token's logits and K/V depend neither on how its prompt was cut nor on what
-        shared its step, and a prompt's K/V are those decoding it would write. More tokens than the
-        largest graph takes (`most_tokens`) run as several calls, in order."""
-        rows, positions = [], []  # each token's row and position, built as lists: a few torch calls cost more
-        for row, start, length in segments:
-            rows += [row] * length
-            positions += range(start, start + length)
+        """Logits at `logits_at` of any step. A prompt chunk (a segment of two or more tokens) is a call
+        of its own, its tokens attending through one read of its row's keys; one-token segments
+        (decoding tokens, guesses) share calls of at most `most_tokens`, each attending alone. Both
+        compute a token as decoding it alone would, and calls run in the tokens' order, so a token's
+        logits and K/V depend neither on how its prompt was cut nor on what shared its step, and a
+        prompt's K/V are those decoding it would write."""
         # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
         tokens = tokens.contiguous()
-        if len(tokens) <= self.most_tokens:
-            return self._call(tokens, rows, positions, logits_at)
+        calls = _calls(segments, self.most_tokens)
+        if len(calls) == 1:
+            return self._call(tokens, *calls[0][1:], logits_at)
         logits = None
-        for first in range(0, len(tokens), self.most_tokens):
-            last = first + self.most_tokens
+        for first, rows, positions, one_row in calls:
+            last = first + len(rows)
             wanted = (logits_at >= first) & (logits_at < last)
-            out = self._call(tokens[first:last], rows[first:last], positions[first:last], logits_at[wanted] - first)
+            out = self._call(tokens[first:last], rows, positions, one_row, logits_at[wanted] - first)
             if logits is None:
                 logits = out.new_empty(len(logits_at), out.shape[1])
             logits[wanted] = out
         return logits
 
-    def _call(self, tokens, rows: list, positions: list, logits_at):
-        """Logits at `logits_at` of at most `most_tokens` tokens: the head runs on those rows alone (a
-        prompt chunk's other tokens need none; SmolLM2's vocabulary-wide head costs what a layer's products do)."""
-        width = key_blocks(max(positions) + 1)  # the keys the step's furthest token sees, in whole blocks
+    def _call(self, tokens, rows: list, positions: list, one_row: bool, logits_at):
+        """Logits at `logits_at` of one call's tokens: the head runs on those rows alone (a prompt
+        chunk's other tokens need none; SmolLM2's vocabulary-wide head costs what a layer's products do)."""
+        width = key_blocks(max(positions) + 1)  # the keys the call's furthest token sees, in whole blocks
         wanted = logits_at.contiguous() if len(logits_at) else logits_at.new_zeros(1)  # a graph takes at least one
-        out = self._run(tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[:width], wanted)
+        out = self._run(tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[:width], wanted, one_row)
         return out if len(logits_at) else out[:0]
 
-    def _run(self, tokens, rows, positions, key_index, logits_at):
+    def _run(self, tokens, rows, positions, key_index, logits_at, one_row):
         raise NotImplementedError
+
+
+def _calls(segments, most_tokens: int) -> list:
+    """(first token, rows, positions, one_row) of each call a step's segments take, in order: a
+    segment of two or more tokens alone (one_row), runs of one-token segments together, at most
+    `most_tokens` a call. rows and positions are lists: a few torch calls a token cost more."""
+    calls, first = [], 0
+    for row, start, length in segments:
+        if length > 1:
+            calls.append((first, [row] * length, list(range(start, start + length)), True))
+        elif calls and not calls[-1][3] and len(calls[-1][1]) < most_tokens:
+            calls[-1][1].append(row)
+            calls[-1][2].append(start)
+        else:
+            calls.append((first, [row], [start], False))
+        first += length
+    return calls
 
 
 class AotStep(TokenwiseStep):
@@ -218,8 +243,8 @@ class AotStep(TokenwiseStep):
             names = runner.get_constant_fqns()
             # the model's own tensors, not copies (user_managed): the cache the step writes is the engine's
             runner.load_constants({name: constants[name] for name in names}, False, True, True)
-            self.graphs.append((graph["low"], graph["high"], runner))
-        self.most_tokens = max(high for _, high, _ in self.graphs)  # in one call
+            self.graphs.append((graph["low"], graph["high"], graph.get("one_row", False), runner))
+        self.most_tokens = max(high for _, high, one_row, _ in self.graphs if not one_row)  # decoding tokens in one call
         # milliseconds of a step by its tokens, as the build measured them (none: never guess)
         self.step_ms = {int(n): ms for n, ms in listing.get("step_ms", {}).items()}
         # prompts' tokens too, where the build found each token's logits alike in every graph (else prompts run eagerly)
@@ -239,8 +264,8 @@ class AotStep(TokenwiseStep):
         fits = [n for n, ms in self.step_ms.items() if n > n_decoding and ms - base <= per_token * (n - n_decoding)]
         return max(fits, default=n_decoding)
 
-    def _run(self, tokens, rows, positions, key_index, logits_at):
-        runner = next(r for low, high, r in self.graphs if low <= len(tokens) <= high)
+    def _run(self, tokens, rows, positions, key_index, logits_at, one_row):
+        runner = next(r for low, high, prompt, r in self.graphs if prompt == one_row and low <= len(tokens) <= high)
         return runner.run([tokens, rows, positions, key_index, logits_at])[0]
 
 
@@ -259,10 +284,11 @@ class EagerStep(TokenwiseStep):
     def draft_budget(self, n_decoding: int) -> int:
         return n_decoding  # unmeasured eagerly: no guesses until the compiled step says what they cost
 
-    def _run(self, tokens, rows, positions, key_index, logits_at):
+    def _run(self, tokens, rows, positions, key_index, logits_at, one_row):
         from .decode_step import _step
 
-        return _step(self.model, tokens, rows, positions, key_index, self.model.cache.k, self.model.cache.v, logits_at)
+        return _step(self.model, tokens, rows, positions, key_index, self.model.cache.k, self.model.cache.v, logits_at,
+                     one_row)
 
 
 @torch.inference_mode()
@@ -285,20 +311,29 @@ def time_steps(step: AotStep, max_seq_len: int) -> dict:
 
 @torch.inference_mode()
 def alike_in_every_graph(step: AotStep, max_seq_len: int) -> bool:
-    """Whether a prompt's logits are bit for bit the same fed in one call and in pieces that take every
-    graph: then a token's logits and K/V do not depend on how a prompt is cut or what shares its step
-    (the int4 kernel's are; float32's products change kernels with the rows, so compiled float32's
-    are not), and the step may take prompts. The pieces rewrite row 0's K/V in place."""
-    n = min(2 * MATVEC_ROWS + 4, max_seq_len)
+    """Whether a prompt's logits are bit for bit the same fed token by token through every decoding
+    graph and in chunks through the prompt graph, whole or cut: then a token's logits and K/V depend
+    neither on how its prompt is cut nor on what shares its step, and the step may take prompts. (The
+    int4 kernel's rows and attention's products are alike however many rows they have, MKL's on an
+    Intel CPU in its strict mode; MKL's AVX2 code without it differed at ~100 queries over 1,024 keys.)
+    Long enough for that where the cache is (a few seconds of a build). It rewrites row 0's K/V."""
+    if isinstance(step, AotStep) and not any(one_row for _, _, one_row, _ in step.graphs):
+        return False  # built without a prompt graph (graph_shapes)
+    n = min(8 * KEY_BLOCK + 2 * MATVEC_ROWS + 4, max_seq_len)
     tokens = torch.arange(100, 100 + n)
-    whole = step(tokens, [(0, 0, n)], torch.arange(n)).clone()
-    pieces, first = [], 0
-    for size in (1, MATVEC_ROWS - 1, MATVEC_ROWS + 1, n):
-        last = min(first + size, n)
-        if first < last:
-            pieces.append(step(tokens[first:last], [(0, first, last - first)], torch.arange(last - first)))
-        first = last
-    return torch.equal(whole, torch.cat(pieces))
+
+    def fed(sizes, one_token: bool):
+        pieces, first = [], 0
+        for size in sizes:
+            last = min(first + size, n)
+            if first < last:
+                segments = [(0, p, 1) for p in range(first, last)] if one_token else [(0, first, last - first)]
+                pieces.append(step(tokens[first:last], segments, torch.arange(last - first)))
+            first = last
+        return torch.cat(pieces)
+
+    alone = fed((1, MATVEC_ROWS - 1, MATVEC_ROWS + 1, n), one_token=True)
+    return all(torch.equal(alone, fed(sizes, one_token=False)) for sizes in ((n,), (2, MATVEC_ROWS + 1, n)))
 
 
 def load(model, folder: Path) -> "AotStep | None":

@@ -1,6 +1,7 @@
 """The decode step compiled whole: embedding, every layer (its K/V written into the cache and attention
-over it) and the output head as one region. Its tokens are independent one-token segments; a
-prompt fed that way, in order, is a prefill (aot_step.AotStep takes prompts so).
+over it) and the output head as one region. Its tokens are independent one-token segments, or
+(`one_row`) one row's prompt chunk in order, attending through one read of the row's keys; either
+way, a prompt fed in order is a prefill (aot_step.AotStep takes prompts so).
 
 Run eagerly, one token a sequence is ~500 small operators whose overhead dwarfs reading the weights;
 compiled, they fuse into a few loops. On a CPU `_step` is compiled ahead of time in another process
@@ -29,33 +30,66 @@ def decode_attention(q, keys, values, visible):
     return torch.matmul(probs, values.float()).to(q.dtype)  # (tokens, n_kv_heads, n_rep, head_dim)
 
 
-@torch.compiler.nested_compile_region
-def decode_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v):
-    """One transformer block for independent tokens h (tokens, dim); cache_k / cache_v: this layer's
-    whole cache, (rows, n_kv_heads, positions, head_dim), written in place at (rows, positions) and
-    read for those rows up to the attention width (visible's). Written whole, not through a view
-    cut to the width: the compiled graph would copy such a view (every row of the cache) back each
-    step, a cost that grows with the cache's rows (64 rows: 30 ms a step)."""
+def prompt_attention(q, keys, values, visible):
+    """decode_attention for the tokens of one row's prompt chunk, reading the row's keys once instead
+    of a copy per token (which cost more than the chunk's weight products at a few hundred keys).
+    The same products row for row: the query rows of all the chunk's tokens go through one product
+    per key head, and a product's row does not depend on how many rows it has (checked where a step
+    is built: aot_step.alike_in_every_graph). q: (tokens, n_kv_heads, n_rep, head_dim); keys, values:
+    (n_kv_heads, width, head_dim); visible: (tokens, width). Returns decode_attention's shape."""
+    n, n_kv, n_rep, head_dim = q.shape
+    grouped = q.float().transpose(0, 1).reshape(n_kv, n * n_rep, head_dim)  # a key head's queries together
+    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).view(n_kv, n, n_rep, -1)
+    probs = torch.softmax(scores.masked_fill(~visible[None, :, None, :], float("-inf")), dim=-1)
+    out = torch.matmul(probs.view(n_kv, n * n_rep, -1), values.float())  # (n_kv_heads, tokens * n_rep, head_dim)
+    return out.view(n_kv, n, n_rep, head_dim).transpose(0, 1).to(q.dtype)
+
+
+def _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v):
+    """The layer's q, k, v for tokens h, k and v written into the cache at (rows, positions). The
+    cache is written whole, not through a view cut to the width: the compiled graph would copy such
+    a view (every row of the cache) back each step, a cost that grows with the cache's rows (64
+    rows: 30 ms a step). q: (tokens, n_kv_heads, n_rep, head_dim)."""
     attention = layer.attention
     q, k, v = layer.project(h, cos, sin)  # (tokens, heads, head_dim) each
     cache_k[rows, :, positions] = k
     cache_v[rows, :, positions] = v
+    return q.view(q.shape[0], attention.n_kv_heads, attention.n_rep, attention.head_dim)
+
+
+@torch.compiler.nested_compile_region
+def decode_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v):
+    """One transformer block for independent tokens h (tokens, dim); cache_k / cache_v: this layer's
+    whole cache, (rows, n_kv_heads, positions, head_dim), written at (rows, positions) and read for
+    those rows up to the attention width (visible's)."""
+    q = _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v)
     width = visible.shape[1]
-    q = q.view(q.shape[0], attention.n_kv_heads, attention.n_rep, attention.head_dim)  # (tokens, n_kv_heads, n_rep, head_dim)
     attended = decode_attention(q, cache_k[rows, :, :width], cache_v[rows, :, :width], visible)
     return layer.finish(h, attended.flatten(1))  # (tokens, n_heads * head_dim) -> (tokens, dim)
 
 
-def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at=None):
+@torch.compiler.nested_compile_region
+def prompt_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v):
+    """decode_layer for tokens of one row (rows all alike: a prompt chunk), attending through
+    prompt_attention: the same numbers."""
+    q = _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v)
+    width = visible.shape[1]
+    row = rows[:1]  # (1,): a tensor index, as a number would be data the exported graph cannot hold
+    attended = prompt_attention(q, cache_k[row, :, :width][0], cache_v[row, :, :width][0], visible)
+    return layer.finish(h, attended.flatten(1))
+
+
+def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at=None, one_row=False):
     """Logits (float32, (tokens, vocab)) of independent tokens; see decode_layer. cache_k, cache_v:
     the layers' cache tensors. logits_at: the tokens whose logits are wanted (None: all); the head,
-    a vocabulary-wide product, runs on those rows alone (a prompt's other tokens need none)."""
+    a vocabulary-wide product, runs on those rows alone (a prompt's other tokens need none).
+    one_row: the tokens are one row's, in order (a prompt chunk), and attend through prompt_layer."""
     visible = key_index[None, :] <= positions[:, None]  # (tokens, width)
     cos = model.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
     sin = model.rope_sin[positions][:, None]
     h = model.embed(tokens)  # (tokens, dim)
     for layer, k, v in zip(model.layers, cache_k, cache_v):
-        h = decode_layer(layer, h, cos, sin, rows, positions, visible, k, v)
+        h = (prompt_layer if one_row else decode_layer)(layer, h, cos, sin, rows, positions, visible, k, v)
     return model.head(h if logits_at is None else h.index_select(0, logits_at))
 
 

@@ -172,7 +172,7 @@ def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
 
 
 def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
-    """Prompt tokens go through the compiled step too, each as a one-token segment: a prompt's logits
+    """Prompt tokens go through the compiled step too, a chunk through its prompt graph: a prompt's logits
     are bit for bit the same fed whole, in pieces, one token at a time, or beside other rows' prompts
     in a step of more tokens than one call takes, and with the head run only on the tokens asked for.
     So on the engine, with the prefix cache and prompts cut into chunks by a small step budget, each
