@@ -90,12 +90,13 @@ class _Exported(nn.Module):
             self.register_buffer(f"cache_k{i}", k, persistent=False)
             self.register_buffer(f"cache_v{i}", v, persistent=False)
 
-    def forward(self, tokens, rows, positions, key_index, logits_at):
+    def forward(self, tokens, rows, positions, key_index, logits_at, slots=None, slot_positions=None):
         from .decode_step import _step
 
         cache_k = [getattr(self, f"cache_k{i}") for i in range(self.n_layers)]
         cache_v = [getattr(self, f"cache_v{i}") for i in range(self.n_layers)]
-        return _step(self.model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at, self.one_row)
+        return _step(self.model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at, self.one_row, slots,
+                     slot_positions)
 
 
 def graph_shapes(model) -> list:
@@ -134,14 +135,20 @@ def build(model, folder: Path, threads: int, log=print) -> float:
     graphs = []
     for low, high, one_row in graph_shapes(model):
         n = min(low + 1, high)  # an example size of 1 would be taken as fixed
-        tokens = torch.zeros(n, dtype=torch.long)
-        rows = tokens.clone() if one_row else torch.arange(n) % model.params.max_batch_size
-        example = (tokens, rows, torch.arange(n) if one_row else tokens.clone(),
-                   torch.arange(min(2, blocks) * KEY_BLOCK), torch.arange(min(2, n)))
+        tokens = torch.zeros(n, dtype=torch.long)  # n tokens of row 0, positions 0..n-1
+        example = (tokens, tokens.clone(), torch.arange(n), torch.arange(min(2, blocks) * KEY_BLOCK), torch.arange(min(2, n)))
         name = f"prompt_{high}" if one_row else f"tokens_{low}_{high}"
         count = torch.export.Dim(name, min=low, max=high) if low < high else None
         wanted = torch.export.Dim(f"logits_of_{name}", min=1, max=high) if low < high else None
         dims = ({0: count}, {0: count}, {0: count}, {0: width}, {0: wanted})
+        if not one_row:  # the tokens are slots 0..n-1 of row 0, beside an empty row 1
+            rows = model.params.max_batch_size
+            grid = torch.zeros(min(2, rows), n, dtype=torch.long)
+            grid[0] = torch.arange(n)
+            example += (torch.arange(n), grid)
+            grid_rows = torch.export.Dim(f"rows_of_{name}", min=1, max=rows) if rows > 1 else None
+            grid_slots = torch.export.Dim(f"slots_of_{name}", min=1, max=high) if low < high else None
+            dims += ({0: count}, {0: grid_rows, 1: grid_slots})
         log(f"llama_lite: compiling the {'prompt chunk' if one_row else 'decode'} step for {low}-{high} token(s) a call")
         with torch.inference_mode(False), torch.no_grad():
             exported = torch.export.export(_Exported(model, one_row), example, dynamic_shapes=dims, strict=False)
@@ -204,11 +211,26 @@ class TokenwiseStep:
         chunk's other tokens need none; SmolLM2's vocabulary-wide head costs what a layer's products do)."""
         width = key_blocks(max(positions) + 1)  # the keys the call's furthest token sees, in whole blocks
         wanted = logits_at.contiguous() if len(logits_at) else logits_at.new_zeros(1)  # a graph takes at least one
-        out = self._run(tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[:width], wanted, one_row)
+        inputs = [tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[:width], wanted]
+        if not one_row:
+            inputs += slot_grid(rows, positions)
+        out = self._run(inputs, one_row)
         return out if len(logits_at) else out[:0]
 
-    def _run(self, tokens, rows, positions, key_index, logits_at, one_row):
+    def _run(self, inputs: list, one_row: bool):
         raise NotImplementedError
+
+
+def slot_grid(rows: list, positions: list) -> list:
+    """[each token's slot in its row (its row's tokens before it in the call), the (row, slot) grid of
+    positions over rows 0..max(rows)] for decode_layer's attention by row; unused cells position 0."""
+    slots, taken = [], {}
+    for row in rows:
+        slots.append(taken.get(row, 0))
+        taken[row] = slots[-1] + 1
+    grid = torch.zeros(max(rows) + 1, max(taken.values()), dtype=torch.long)
+    grid[rows, slots] = torch.tensor(positions)
+    return [torch.tensor(slots), grid]
 
 
 def _calls(segments, most_tokens: int) -> list:
@@ -264,9 +286,10 @@ class AotStep(TokenwiseStep):
         fits = [n for n, ms in self.step_ms.items() if n > n_decoding and ms - base <= per_token * (n - n_decoding)]
         return max(fits, default=n_decoding)
 
-    def _run(self, tokens, rows, positions, key_index, logits_at, one_row):
-        runner = next(r for low, high, prompt, r in self.graphs if prompt == one_row and low <= len(tokens) <= high)
-        return runner.run([tokens, rows, positions, key_index, logits_at])[0]
+    def _run(self, inputs: list, one_row: bool):
+        n = len(inputs[0])
+        runner = next(r for low, high, prompt, r in self.graphs if prompt == one_row and low <= n <= high)
+        return runner.run(inputs)[0]
 
 
 class EagerStep(TokenwiseStep):
@@ -284,11 +307,12 @@ class EagerStep(TokenwiseStep):
     def draft_budget(self, n_decoding: int) -> int:
         return n_decoding  # unmeasured eagerly: no guesses until the compiled step says what they cost
 
-    def _run(self, tokens, rows, positions, key_index, logits_at, one_row):
+    def _run(self, inputs: list, one_row: bool):
         from .decode_step import _step
 
+        tokens, rows, positions, key_index, logits_at, *slots = inputs
         return _step(self.model, tokens, rows, positions, key_index, self.model.cache.k, self.model.cache.v, logits_at,
-                     one_row)
+                     one_row, *slots)
 
 
 @torch.inference_mode()

@@ -20,29 +20,19 @@ from ..cache import cache_dir
 from .kv_cache import KEY_BLOCK, key_blocks
 
 
-def decode_attention(q, keys, values, visible):
-    """softmax(q k^T) v for one query token per row of keys, as two batched products (no
-    (tokens, width, head_dim) temporary) and ATen's softmax: the same kernels eager and compiled.
-    q: (tokens, n_kv_heads, n_rep, head_dim), scaled; keys, values: (tokens, n_kv_heads, width, head_dim);
-    visible: (tokens, width) bool. Returns (tokens, n_kv_heads, n_rep, head_dim) in q's dtype."""
-    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2))  # (tokens, n_kv_heads, n_rep, width)
-    probs = torch.softmax(scores.masked_fill(~visible[:, None, None, :], float("-inf")), dim=-1)
-    return torch.matmul(probs, values.float()).to(q.dtype)  # (tokens, n_kv_heads, n_rep, head_dim)
-
-
-def prompt_attention(q, keys, values, visible):
-    """decode_attention for the tokens of one row's prompt chunk, reading the row's keys once instead
-    of a copy per token (which cost more than the chunk's weight products at a few hundred keys).
-    The same products row for row: the query rows of all the chunk's tokens go through one product
-    per key head, and a product's row does not depend on how many rows it has (checked where a step
-    is built: aot_step.alike_in_every_graph). q: (tokens, n_kv_heads, n_rep, head_dim); keys, values:
-    (n_kv_heads, width, head_dim); visible: (tokens, width). Returns decode_attention's shape."""
-    n, n_kv, n_rep, head_dim = q.shape
-    grouped = q.float().transpose(0, 1).reshape(n_kv, n * n_rep, head_dim)  # a key head's queries together
-    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).view(n_kv, n, n_rep, -1)
-    probs = torch.softmax(scores.masked_fill(~visible[None, :, None, :], float("-inf")), dim=-1)
-    out = torch.matmul(probs.view(n_kv, n * n_rep, -1), values.float())  # (n_kv_heads, tokens * n_rep, head_dim)
-    return out.view(n_kv, n, n_rep, head_dim).transpose(0, 1).to(q.dtype)
+def grid_attention(q, keys, values, visible):
+    """softmax(q k^T) v for query tokens laid out by cache row and slot, as two batched products per
+    row and key head (no (tokens, width, head_dim) temporary) and ATen's softmax: the same kernels
+    eager and compiled. A query's numbers do not depend on the slots beside it (a product's row does
+    not depend on how many rows it has; checked where a step is built: aot_step.alike_in_every_graph).
+    q: (rows, n_kv_heads, slots, n_rep, head_dim), scaled; keys, values: (rows, n_kv_heads, width,
+    head_dim); visible: (rows, slots, width) bool. Returns q's shape and dtype."""
+    n_rows, n_kv, n_slots, n_rep, head_dim = q.shape
+    grouped = q.float().reshape(n_rows, n_kv, n_slots * n_rep, head_dim)  # a key head's queries together
+    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).view(n_rows, n_kv, n_slots, n_rep, -1)
+    probs = torch.softmax(scores.masked_fill(~visible[:, None, :, None, :], float("-inf")), dim=-1)
+    out = torch.matmul(probs.view(n_rows, n_kv, n_slots * n_rep, -1), values.float())
+    return out.view(q.shape).to(q.dtype)
 
 
 def _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v):
@@ -58,38 +48,59 @@ def _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v):
 
 
 @torch.compiler.nested_compile_region
-def decode_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v):
+def decode_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v, slots=None):
     """One transformer block for independent tokens h (tokens, dim); cache_k / cache_v: this layer's
-    whole cache, (rows, n_kv_heads, positions, head_dim), written at (rows, positions) and read for
-    those rows up to the attention width (visible's)."""
+    whole cache, (rows, n_kv_heads, positions, head_dim), written at (rows, positions). With `slots`
+    (each token's query slot in its row: a row's guesses take several) the tokens attend by cache
+    row over rows 0.. up to visible's (rows, slots, width), through a view of the cache: a copy of
+    its row's keys per token cost 4x the products at 64 rows. Without (CUDA's step), each token
+    attends through such a copy (visible: (tokens, width))."""
     q = _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v)
-    width = visible.shape[1]
-    attended = decode_attention(q, cache_k[rows, :, :width], cache_v[rows, :, :width], visible)
+    width = visible.shape[-1]
+    if slots is None:
+        keys, values = cache_k[rows, :, :width], cache_v[rows, :, :width]
+        attended = grid_attention(q[:, :, None], keys, values, visible[:, None])[:, :, 0]
+    else:
+        n_rows, n_slots = visible.shape[:2]
+        grid = q.new_zeros(n_rows, q.shape[1], n_slots, *q.shape[2:])  # (rows, n_kv_heads, slots, n_rep, head_dim)
+        grid[rows, :, slots] = q
+        keys, values = cache_k[:n_rows, :, :width], cache_v[:n_rows, :, :width]
+        attended = grid_attention(grid, keys, values, visible)[rows, :, slots]
     return layer.finish(h, attended.flatten(1))  # (tokens, n_heads * head_dim) -> (tokens, dim)
 
 
 @torch.compiler.nested_compile_region
 def prompt_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v):
-    """decode_layer for tokens of one row (rows all alike: a prompt chunk), attending through
-    prompt_attention: the same numbers."""
+    """decode_layer for tokens of one row (rows all alike: a prompt chunk), its tokens the slots of
+    one row, attending through one read of the row's keys: the same numbers."""
     q = _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v)
     width = visible.shape[1]
     row = rows[:1]  # (1,): a tensor index, as a number would be data the exported graph cannot hold
-    attended = prompt_attention(q, cache_k[row, :, :width][0], cache_v[row, :, :width][0], visible)
-    return layer.finish(h, attended.flatten(1))
+    grid = q.transpose(0, 1)[None]  # (1, n_kv_heads, tokens, n_rep, head_dim)
+    attended = grid_attention(grid, cache_k[row, :, :width], cache_v[row, :, :width], visible[None])
+    return layer.finish(h, attended[0].transpose(0, 1).flatten(1))
 
 
-def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at=None, one_row=False):
+def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at=None, one_row=False, slots=None,
+          slot_positions=None):
     """Logits (float32, (tokens, vocab)) of independent tokens; see decode_layer. cache_k, cache_v:
     the layers' cache tensors. logits_at: the tokens whose logits are wanted (None: all); the head,
     a vocabulary-wide product, runs on those rows alone (a prompt's other tokens need none).
-    one_row: the tokens are one row's, in order (a prompt chunk), and attend through prompt_layer."""
-    visible = key_index[None, :] <= positions[:, None]  # (tokens, width)
+    one_row: the tokens are one row's, in order (a prompt chunk), and attend through prompt_layer.
+    slots, slot_positions: each token's query slot in its row, and the position of each (row, slot)
+    (rows 0.., slots; unused ones any position), for decode_layer's attention by row."""
+    if slot_positions is None:
+        visible = key_index[None, :] <= positions[:, None]  # (tokens, width)
+    else:
+        visible = key_index[None, None, :] <= slot_positions[:, :, None]  # (rows, slots, width)
     cos = model.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
     sin = model.rope_sin[positions][:, None]
     h = model.embed(tokens)  # (tokens, dim)
     for layer, k, v in zip(model.layers, cache_k, cache_v):
-        h = (prompt_layer if one_row else decode_layer)(layer, h, cos, sin, rows, positions, visible, k, v)
+        if one_row:
+            h = prompt_layer(layer, h, cos, sin, rows, positions, visible, k, v)
+        else:
+            h = decode_layer(layer, h, cos, sin, rows, positions, visible, k, v, slots)
     return model.head(h if logits_at is None else h.index_select(0, logits_at))
 
 
