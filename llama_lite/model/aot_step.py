@@ -187,7 +187,7 @@ class TokenwiseStep:
     def __call__(self, tokens, segments, logits_at):
         """Logits at `logits_at` of any step. A prompt chunk (a segment of two or more tokens) is a call
         of its own, its tokens attending through one read of its row's keys; one-token segments
-        (decoding tokens, guesses) share calls of at most `most_tokens`, each attending alone. Both
+        (decoding tokens, guesses) share calls of at most `most_tokens`, attending by cache row. Both
         compute a token as decoding it alone would, and calls run in the tokens' order, so a token's
         logits and K/V depend neither on how its prompt was cut nor on what shared its step, and a
         prompt's K/V are those decoding it would write."""
