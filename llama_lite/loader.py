@@ -20,7 +20,7 @@ from .errors import CheckpointError
 from .loading.checkpoint import read_checkpoint
 from .loading.download import default_checkpoint
 from .loading.weights import load_model, quantized_weights
-from .model import aot_step, parallel
+from .model import aot_build, aot_step, parallel
 from .model.devices import CpuLoad, default_threads, resolve_device, warn_if_oversubscribed
 from .model.kernels import THIN_ROWS
 from .model.kv_cache import KVCache
@@ -144,7 +144,7 @@ def attach_decode_step(model, compile, device, exact, child_settings: dict, path
         model.decode_step = eager_twin
         return None
     threads = child_settings["threads"]
-    folder = aot_step.artifact_folder(model, threads)
+    folder = aot_build.artifact_folder(model, threads)
     try:
         model.decode_step = aot_step.load(model, folder)
     except Exception as e:  # built by another torch, or damaged: built again

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .cache import cache_dir
-from .model.aot_step import cpu_identity
+from .model.aot_build import cpu_identity
 from .model.kernels import pack_int4, quantize_int4
 
 LOW = ("int4", "bfloat16")  # the low-precision candidate: int4 where the checkpoint holds 4-bit blocks

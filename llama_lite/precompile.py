@@ -100,17 +100,17 @@ def _build(job: dict) -> None:
     logging.getLogger("torch").setLevel(logging.ERROR)  # its warnings about its own internals are not the user's
     warnings.filterwarnings("ignore")
     from .loader import load
-    from .model import aot_step
+    from .model import aot_build
     from .path_choice import read, write
     from .settings import BuildSettings
 
     settings = BuildSettings(**job["settings"])
     threads = job["threads"]
     model = load(settings).model
-    folder = aot_step.artifact_folder(model, threads)
+    folder = aot_build.artifact_folder(model, threads)
     try:
         if not (folder / "graphs.json").is_file():  # (two builds at once: the second to finish keeps the first's)
-            seconds = aot_step.build(model, folder, threads, log=lambda line: print(line, flush=True))
+            seconds = aot_build.build(model, folder, threads, log=lambda line: print(line, flush=True))
             print(f"llama_lite: compiled the decode step in {seconds:.0f} s into {folder}", flush=True)
         if job["choice_file"]:
             choice = read(Path(job["choice_file"]))

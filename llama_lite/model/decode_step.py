@@ -24,7 +24,7 @@ def grid_attention(q, keys, values, visible):
     """softmax(q k^T) v for query tokens laid out by cache row and slot, as two batched products per
     row and key head (no (tokens, width, head_dim) temporary) and ATen's softmax: the same kernels
     eager and compiled. A query's numbers do not depend on the slots beside it (a product's row does
-    not depend on how many rows it has; checked where a step is built: aot_step.alike_in_every_graph).
+    not depend on how many rows it has; checked where a step is built: aot_build.alike_in_every_graph).
     q: (rows, n_kv_heads, slots, n_rep, head_dim), scaled; keys, values: (rows, n_kv_heads, width,
     head_dim); visible: (rows, slots, width) bool. Returns q's shape and dtype."""
     n_rows, n_kv, n_slots, n_rep, head_dim = q.shape

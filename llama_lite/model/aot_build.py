@@ -1,0 +1,185 @@
+"""The compiled decode step built: exported with torch.export, compiled by AOTInductor, timed and
+checked, in a process of its own (precompile.py) -- it imports the compiler, which a serving process
+never does. What it builds is loaded by aot_step.py.
+
+A graph per range of token counts (aot_step.token_ranges) and, where the step may take prompts, one
+for a prompt chunk; the attention width is dynamic in whole key blocks. Building takes a minute or
+two; the artifact is keyed by everything its code depends on (`artifact_folder`).
+"""
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..cache import cache_dir
+from .aot_step import MATVEC_ROWS, AotStep, _constants, has_eager_twin, token_ranges
+from .kv_cache import KEY_BLOCK, key_blocks
+
+TIMING_ROUNDS = 8  # timed calls per token count (the best is kept)
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and instruction-set flags: compiled code is only valid on the CPU kind it was made for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    return f"{fields.get('model name', '').strip()} | {' '.join(sorted(fields.get('flags', '').split()))}"
+
+
+def _code_fingerprint() -> str:
+    """The model package's source: a change to the step's code makes a new artifact."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def artifact_folder(model, threads: int) -> Path:
+    """Where the step for this model's shapes, tensors, thread count, CPU, torch and code lives."""
+    signature = {
+        "torch": torch.__version__, "cpu": cpu_identity(), "threads": threads, "code": _code_fingerprint(),
+        "params": {k: repr(v) for k, v in vars(model.params).items()},
+        "tensors": [(name, tuple(t.shape), str(t.dtype)) for name, t in _constants(model).items()],
+    }
+    key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "compiled" / key
+
+
+class _Exported(nn.Module):
+    """The step as a module whose buffers are the model's tensors and its KV cache (written in place)."""
+
+    def __init__(self, model, one_row: bool):
+        super().__init__()
+        self.model, self.one_row = model, one_row
+        self.n_layers = len(model.cache.k)
+        for i, (k, v) in enumerate(zip(model.cache.k, model.cache.v)):
+            self.register_buffer(f"cache_k{i}", k, persistent=False)
+            self.register_buffer(f"cache_v{i}", v, persistent=False)
+
+    def forward(self, tokens, rows, positions, key_index, logits_at, slots=None, slot_positions=None):
+        from .decode_step import _step
+
+        cache_k = [getattr(self, f"cache_k{i}") for i in range(self.n_layers)]
+        cache_v = [getattr(self, f"cache_v{i}") for i in range(self.n_layers)]
+        return _step(self.model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at, self.one_row, slots,
+                     slot_positions)
+
+
+def graph_shapes(model) -> list:
+    """(fewest tokens, most, one_row) of each graph: token_ranges' decoding tokens, and where the step
+    may take prompts (low precision: ATen's kernels, whose rows do not depend on the others; float32's
+    few-row products take another kernel) a prompt chunk of one row, up to the cache's length."""
+    params = model.params
+    prompts = [(2, max(3, params.max_seq_len), True)] if has_eager_twin(model) else []
+    return [(low, high, False) for low, high in token_ranges(params.max_batch_size)] + prompts
+
+
+def build(model, folder: Path, threads: int, log=print) -> float:
+    """Export and compile the step's graphs for `model` into `folder` (made whole or not at all).
+    Imports the compiler: run it in a process of its own. Returns the seconds it took."""
+    from torch._inductor import aoti_compile_and_package, config
+
+    from .decode_step import aten_kernels_in_compiled_code
+
+    started = time.perf_counter()
+    config.cpp.threads = threads  # compiled loops are split across this many threads for good
+    aten_kernels_in_compiled_code(has_eager_twin(model))
+    blocks = key_blocks(model.params.max_seq_len) // KEY_BLOCK
+    width = KEY_BLOCK * torch.export.Dim("key_blocks", min=1, max=blocks) if blocks > 1 else None
+    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    graphs = []
+    for low, high, one_row in graph_shapes(model):
+        n = min(low + 1, high)  # an example size of 1 would be taken as fixed
+        tokens = torch.zeros(n, dtype=torch.long)  # n tokens of row 0, positions 0..n-1
+        example = (tokens, tokens.clone(), torch.arange(n), torch.arange(min(2, blocks) * KEY_BLOCK), torch.arange(min(2, n)))
+        name = f"prompt_{high}" if one_row else f"tokens_{low}_{high}"
+        count = torch.export.Dim(name, min=low, max=high) if low < high else None
+        wanted = torch.export.Dim(f"logits_of_{name}", min=1, max=high) if low < high else None
+        dims = ({0: count}, {0: count}, {0: count}, {0: width}, {0: wanted})
+        if not one_row:  # the tokens are slots 0..n-1 of row 0, beside an empty row 1
+            rows = model.params.max_batch_size
+            grid = torch.zeros(min(2, rows), n, dtype=torch.long)
+            grid[0] = torch.arange(n)
+            example += (torch.arange(n), grid)
+            grid_rows = torch.export.Dim(f"rows_of_{name}", min=1, max=rows) if rows > 1 else None
+            grid_slots = torch.export.Dim(f"slots_of_{name}", min=1, max=high) if low < high else None
+            dims += ({0: count}, {0: grid_rows, 1: grid_slots})
+        log(f"llama_lite: compiling the {'prompt chunk' if one_row else 'decode'} step for {low}-{high} token(s) a call")
+        with torch.inference_mode(False), torch.no_grad():
+            exported = torch.export.export(_Exported(model, one_row), example, dynamic_shapes=dims, strict=False)
+        name += ".pt2"
+        # the code's fingerprint in the configs: inductor's own cache keys on them, not on the lowerings we change
+        configs = {"aot_inductor.package_constants_in_so": False, "size_asserts": False,
+                   "aot_inductor.metadata": {"llama_lite_code": _code_fingerprint()}}
+        aoti_compile_and_package(exported, package_path=str(partial / name), inductor_configs=configs)
+        graphs.append({"low": low, "high": high, "one_row": one_row, "file": name})
+    seconds = time.perf_counter() - started
+    listing = {"graphs": graphs, "build_seconds": round(seconds, 1)}
+    (partial / "graphs.json").write_text(json.dumps(listing))
+    log("llama_lite: timing the compiled step by tokens a step")
+    step = AotStep(model, partial)
+    listing["step_ms"] = time_steps(step, model.params.max_seq_len)
+    listing["takes_prompts"] = alike_in_every_graph(step, model.params.max_seq_len)
+    (partial / "graphs.json").write_text(json.dumps(listing))
+    try:
+        os.replace(partial, folder)  # atomic: a reader sees the whole folder or none
+    except OSError:  # another build finished first: keep its folder
+        shutil.rmtree(partial, ignore_errors=True)
+    return seconds
+
+
+@torch.inference_mode()
+def time_steps(step: AotStep, max_seq_len: int) -> dict:
+    """{tokens: best milliseconds} of the step for 1 to MATVEC_ROWS tokens, each a one-token segment of
+    row 0 (as speculation feeds them) at positions ~64, the counts taken in turns so that a busy
+    moment does not fall on one of them alone."""
+    counts = [n for n in range(1, MATVEC_ROWS + 1) if 64 + n <= max_seq_len]
+    best = dict.fromkeys(counts, float("inf"))
+    for round_ in range(TIMING_ROUNDS + 1):
+        for n in counts:
+            tokens = torch.full((n,), 100, dtype=torch.long)
+            segments = [(0, 64 + i, 1) for i in range(n)]
+            started = time.perf_counter()
+            step(tokens, segments, torch.arange(n))
+            if round_:  # the first round allocates
+                best[n] = min(best[n], 1000 * (time.perf_counter() - started))
+    return {n: round(ms, 3) for n, ms in best.items()}
+
+
+@torch.inference_mode()
+def alike_in_every_graph(step: AotStep, max_seq_len: int) -> bool:
+    """Whether a prompt's logits are bit for bit the same fed token by token through every decoding
+    graph and in chunks through the prompt graph, whole or cut: then a token's logits and K/V depend
+    neither on how its prompt is cut nor on what shares its step, and the step may take prompts. (The
+    int4 kernel's rows and attention's products are alike however many rows they have, MKL's on an
+    Intel CPU in its strict mode; MKL's AVX2 code without it differed at ~100 queries over 1,024 keys.)
+    Long enough for that where the cache is (a few seconds of a build). It rewrites row 0's K/V."""
+    if isinstance(step, AotStep) and not any(one_row for _, _, one_row, _ in step.graphs):
+        return False  # built without a prompt graph (graph_shapes)
+    n = min(8 * KEY_BLOCK + 2 * MATVEC_ROWS + 4, max_seq_len)
+    tokens = torch.arange(100, 100 + n)
+
+    def fed(sizes, one_token: bool):
+        pieces, first = [], 0
+        for size in sizes:
+            last = min(first + size, n)
+            if first < last:
+                segments = [(0, p, 1) for p in range(first, last)] if one_token else [(0, first, last - first)]
+                pieces.append(step(tokens[first:last], segments, torch.arange(last - first)))
+            first = last
+        return torch.cat(pieces)
+
+    alone = fed((1, MATVEC_ROWS - 1, MATVEC_ROWS + 1, n), one_token=True)
+    return all(torch.equal(alone, fed(sizes, one_token=False)) for sizes in ((n,), (2, MATVEC_ROWS + 1, n)))
