@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..cache import cache_dir
-from .aot_step import MATVEC_ROWS, AotStep, _constants, has_eager_twin, token_ranges
+from .aot_step import MATVEC_ROWS, AotStep, _constants, has_eager_twin, takes_prompt_chunks, token_ranges
 from .kv_cache import KEY_BLOCK, key_blocks
 
 TIMING_ROUNDS = 8  # timed calls per token count (the best is kept)
@@ -77,10 +77,9 @@ class _Exported(nn.Module):
 
 def graph_shapes(model) -> list:
     """(fewest tokens, most, one_row) of each graph: token_ranges' decoding tokens, and where the step
-    may take prompts (low precision: ATen's kernels, whose rows do not depend on the others; float32's
-    few-row products take another kernel) a prompt chunk of one row, up to the cache's length."""
+    takes prompts (aot_step.takes_prompt_chunks) a prompt chunk of one row, up to the cache's length."""
     params = model.params
-    prompts = [(2, max(3, params.max_seq_len), True)] if has_eager_twin(model) else []
+    prompts = [(2, max(3, params.max_seq_len), True)] if takes_prompt_chunks(model) else []
     return [(low, high, False) for low, high in token_ranges(params.max_batch_size)] + prompts
 
 

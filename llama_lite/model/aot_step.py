@@ -40,6 +40,16 @@ def has_eager_twin(model) -> bool:
     return low and not any(isinstance(m, Int8Linear) for m in model.modules())
 
 
+def takes_prompt_chunks(model) -> bool:
+    """Whether the step (compiled, and its eager twin alike) takes prompt chunks: where the products are
+    the int4 kernel's, whose rows do not depend on how many it has. bfloat16's products change kernels
+    with their rows (its compiled prompt chunks were found unlike its decoding), so its prompts go
+    through the model's own pass, in a process that has the compiled step and in one that has not."""
+    from .kernels import Int4Linear
+
+    return any(isinstance(m, Int4Linear) for m in model.modules())
+
+
 def _constants(model) -> dict:
     """The tensors a compiled step reads, by the names the export gives them."""
     named = {f"model.{name}": t for name, t in model.state_dict(keep_vars=False).items()}
@@ -179,6 +189,7 @@ class EagerStep(TokenwiseStep):
     def __init__(self, model):
         super().__init__(model)
         self.most_tokens = max(high for _, high in token_ranges(model.params.max_batch_size))  # a call's, as compiled
+        self.takes_prompts = takes_prompt_chunks(model)  # as its compiled step will
 
     def draft_budget(self, n_decoding: int) -> int:
         return n_decoding  # unmeasured eagerly: no guesses until the compiled step says what they cost

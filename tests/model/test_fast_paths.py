@@ -14,6 +14,7 @@ from llama_lite import Llama, SamplingParams
 from llama_lite.loading.gguf_file import dequantize, int4_values, open_gguf
 from llama_lite.model.kernels import Int4Linear, Int8Head, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
 from tests.conftest import build_cpu
+from tests.tiny_gguf import write_tiny_gguf
 
 PROMPTS = ["The history of the city of Rome begins", "def is_prime(n):",
            "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
@@ -37,8 +38,12 @@ def fast_eager(smollm_path):
 
 
 @pytest.fixture(scope="module")
-def compiled32(smollm_path):
-    return build(smollm_path, compile=True)
+def tiny32(tmp_path_factory):
+    """float32 compiled, eager and compiled, on a random 2-layer model: its graph is compiled layer by
+    layer, so SmolLM2's 30 take ~4 minutes where 2 take ~40 s, for the same code. (Its greedy tokens'
+    top two logits lie >= 0.016 apart, far beyond the 2e-4 the compiled sums may move them.)"""
+    path = write_tiny_gguf(tmp_path_factory.mktemp("tiny32") / "tiny.gguf", dim=128, hidden=256)
+    return build(path), build(path, compile=True)
 
 
 @pytest.fixture(scope="module")
@@ -262,14 +267,15 @@ def test_quantize_int4_on_a_float_checkpoint(tmp_path):
 
 # --- float32 compiled --------------------------------------------------------------------------------
 
-def test_compiled_float32_decode_equals_eager(llm, compiled32):
+def test_compiled_float32_decode_equals_eager(tiny32):
     """Same greedy tokens (one by one, batched, continuous) and decode-step logits within 2e-4."""
+    llm, compiled32 = tiny32
     prompts = encode(llm)
     for ids in prompts:
         eager, _ = llm.generate([ids], 24, temperature=0)
         assert compiled32.generate([ids], 24, temperature=0)[0] == eager
         gap = (step_logits(compiled32, ids, eager[0]) - step_logits(llm, ids, eager[0])).abs().max().item()
-        assert gap <= 2e-4, gap  # float32 sums in another order; logits reach ~30
+        assert gap <= 2e-4, gap  # float32 sums in another order
     assert compiled32.generate(prompts, 24, temperature=0)[0] == llm.generate(prompts, 24, temperature=0)[0]
     texts = llm.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0)
     assert compiled32.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0) == texts
