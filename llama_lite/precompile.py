@@ -8,9 +8,11 @@ and its folder appears whole or not at all. Where the path was the measured defa
 also times the whole compiled step against float32's and corrects the choice (path_choice.py).
 """
 
+import functools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +27,10 @@ VERIFY_STEPS = 16  # decode steps timed per path and batch size when checking th
 def command(settings: dict, threads: int, choice_file: "Path | None") -> list:
     """The child's command line: the model's settings (the path's dtype resolved, compile off), the
     threads its code is made for, and the choice to check (None: the path was asked for)."""
-    job = {"settings": settings, "threads": threads, "choice_file": None if choice_file is None else str(choice_file)}
+    return _command({"settings": settings, "threads": threads, "choice_file": None if choice_file is None else str(choice_file)})
+
+
+def _command(job: dict) -> list:
     return [sys.executable, "-c", "import sys; from llama_lite.precompile import main; main(sys.argv[1])", json.dumps(job)]
 
 
@@ -107,10 +112,15 @@ def _build(job: dict) -> None:
     settings = BuildSettings(**job["settings"])
     threads = job["threads"]
     model = load(settings).model
+    if "graphs_into" in job:  # a helper of another build: some of its graphs, nothing more
+        aot_build.compile_graphs(model, Path(job["graphs_into"]), [tuple(s) for s in job["shapes"]], threads,
+                                 log=lambda line: print(line, flush=True))
+        return
     folder = aot_build.artifact_folder(model, threads)
     try:
         if not (folder / "graphs.json").is_file():  # (two builds at once: the second to finish keeps the first's)
-            seconds = aot_build.build(model, folder, threads, log=lambda line: print(line, flush=True))
+            seconds = aot_build.build(model, folder, threads, log=lambda line: print(line, flush=True),
+                                      helper=functools.partial(_helper, job))
             print(f"llama_lite: compiled the decode step in {seconds:.0f} s into {folder}", flush=True)
         if job["choice_file"]:
             choice = read(Path(job["choice_file"]))
@@ -119,6 +129,23 @@ def _build(job: dict) -> None:
     finally:
         if _lock(folder).is_file() and _lock(folder).read_text() == str(os.getpid()):
             _lock(folder).unlink(missing_ok=True)
+
+
+def _helper(job: dict, folder: Path, shapes: list) -> subprocess.Popen:
+    """A process compiling `shapes` of the step's graphs into `folder` beside this one (aot_build.build),
+    its output on this one's, ended if this one ends first."""
+    helper_job = {**job, "choice_file": None, "graphs_into": str(folder), "shapes": shapes}
+    return subprocess.Popen(_command(helper_job), stdin=subprocess.DEVNULL, preexec_fn=_end_with_parent)
+
+
+def _end_with_parent():
+    """Linux: the kernel kills this process when the one that started it dies (a killed build leaves no helper)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def verify(choice, model, folder, settings):

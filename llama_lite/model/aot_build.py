@@ -83,27 +83,66 @@ def graph_shapes(model) -> list:
     return [(low, high, False) for low, high in token_ranges(params.max_batch_size)] + prompts
 
 
-def build(model, folder: Path, threads: int, log=print) -> float:
+def graph_name(shape) -> str:
+    """A graph's name (its file's, less .pt2, and its dynamic dimensions' prefix) by its (fewest, most, one_row)."""
+    low, high, one_row = shape
+    return f"prompt_{high}" if one_row else f"tokens_{low}_{high}"
+
+
+def build(model, folder: Path, threads: int, log=print, helper=None) -> float:
     """Export and compile the step's graphs for `model` into `folder` (made whole or not at all).
-    Imports the compiler: run it in a process of its own. Returns the seconds it took."""
+    Imports the compiler: run it in a process of its own. Returns the seconds it took.
+    `helper(partial_folder, shapes)`, if given, starts a process that compiles those of graph_shapes
+    into the folder too (a subprocess.Popen): the compiler's work is single-threaded Python (a minute
+    or more a graph, its C++ compile ~10 s), so up to `threads` processes share the graphs."""
+    started = time.perf_counter()
+    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    shapes = graph_shapes(model)
+    ways = max(1, min(len(shapes), threads)) if helper is not None else 1
+    helpers = [helper(partial, shapes[i::ways]) for i in range(1, ways)]
+    try:
+        compile_graphs(model, partial, shapes[::ways], threads, log)
+        for child in helpers:
+            if child.wait():
+                raise RuntimeError(f"a process compiling some of the graphs failed (exit status {child.returncode})")
+    finally:
+        for child in helpers:
+            if child.poll() is None:  # this one failed: theirs would be for nothing
+                child.kill()
+    seconds = time.perf_counter() - started
+    graphs = [{"low": low, "high": high, "one_row": one_row, "file": graph_name((low, high, one_row)) + ".pt2"}
+              for low, high, one_row in shapes]
+    listing = {"graphs": graphs, "build_seconds": round(seconds, 1)}
+    (partial / "graphs.json").write_text(json.dumps(listing))
+    log("llama_lite: timing the compiled step by tokens a step")
+    step = AotStep(model, partial)
+    listing["step_ms"] = time_steps(step, model.params.max_seq_len)
+    listing["takes_prompts"] = alike_in_every_graph(step, model.params.max_seq_len)
+    (partial / "graphs.json").write_text(json.dumps(listing))
+    try:
+        os.replace(partial, folder)  # atomic: a reader sees the whole folder or none
+    except OSError:  # another build finished first: keep its folder
+        shutil.rmtree(partial, ignore_errors=True)
+    return seconds
+
+
+def compile_graphs(model, folder: Path, shapes, threads: int, log=print) -> None:
+    """Export and compile each of `shapes` (graph_shapes' (fewest, most, one_row)) into `folder`."""
     from torch._inductor import aoti_compile_and_package, config
 
     from .decode_step import aten_kernels_in_compiled_code
 
-    started = time.perf_counter()
     config.cpp.threads = threads  # compiled loops are split across this many threads for good
     aten_kernels_in_compiled_code(has_eager_twin(model))
     blocks = key_blocks(model.params.max_seq_len) // KEY_BLOCK
     width = KEY_BLOCK * torch.export.Dim("key_blocks", min=1, max=blocks) if blocks > 1 else None
-    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    graphs = []
-    for low, high, one_row in graph_shapes(model):
+    for low, high, one_row in shapes:
         n = min(low + 1, high)  # an example size of 1 would be taken as fixed
         tokens = torch.zeros(n, dtype=torch.long)  # n tokens of row 0, positions 0..n-1
         example = (tokens, tokens.clone(), torch.arange(n), torch.arange(min(2, blocks) * KEY_BLOCK), torch.arange(min(2, n)))
-        name = f"prompt_{high}" if one_row else f"tokens_{low}_{high}"
+        name = graph_name((low, high, one_row))
         count = torch.export.Dim(name, min=low, max=high) if low < high else None
         wanted = torch.export.Dim(f"logits_of_{name}", min=1, max=high) if low < high else None
         dims = ({0: count}, {0: count}, {0: count}, {0: width}, {0: wanted})
@@ -118,25 +157,10 @@ def build(model, folder: Path, threads: int, log=print) -> float:
         log(f"llama_lite: compiling the {'prompt chunk' if one_row else 'decode'} step for {low}-{high} token(s) a call")
         with torch.inference_mode(False), torch.no_grad():
             exported = torch.export.export(_Exported(model, one_row), example, dynamic_shapes=dims, strict=False)
-        name += ".pt2"
         # the code's fingerprint in the configs: inductor's own cache keys on them, not on the lowerings we change
         configs = {"aot_inductor.package_constants_in_so": False, "size_asserts": False,
                    "aot_inductor.metadata": {"llama_lite_code": _code_fingerprint()}}
-        aoti_compile_and_package(exported, package_path=str(partial / name), inductor_configs=configs)
-        graphs.append({"low": low, "high": high, "one_row": one_row, "file": name})
-    seconds = time.perf_counter() - started
-    listing = {"graphs": graphs, "build_seconds": round(seconds, 1)}
-    (partial / "graphs.json").write_text(json.dumps(listing))
-    log("llama_lite: timing the compiled step by tokens a step")
-    step = AotStep(model, partial)
-    listing["step_ms"] = time_steps(step, model.params.max_seq_len)
-    listing["takes_prompts"] = alike_in_every_graph(step, model.params.max_seq_len)
-    (partial / "graphs.json").write_text(json.dumps(listing))
-    try:
-        os.replace(partial, folder)  # atomic: a reader sees the whole folder or none
-    except OSError:  # another build finished first: keep its folder
-        shutil.rmtree(partial, ignore_errors=True)
-    return seconds
+        aoti_compile_and_package(exported, package_path=str(folder / f"{name}.pt2"), inductor_configs=configs)
 
 
 @torch.inference_mode()
