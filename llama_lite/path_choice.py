@@ -98,7 +98,7 @@ def _products_ms(params, kind: str, rows: int) -> float:
             weight = torch.randn(out_features, in_features)
             x = torch.randn(rows, in_features)
             if kind == "int4":
-                packed, scales = pack_int4(*quantize_int4(weight), dtype=torch.bfloat16)
+                packed, scales, _ = pack_int4(*quantize_int4(weight), dtype=torch.bfloat16)
                 products.append(lambda x=x.bfloat16(), p=packed, s=scales:
                                 torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 32, s))
             else:  # the eager step's product for these rows: the thin one (kernels.Linear) in float32

@@ -143,6 +143,6 @@ def _add_int4_part(state, parts, target, name, tensor):
     del parts[(fused, kind)]
     if kind == "weight":
         q, scale, offset = (torch.cat(x) for x in zip(*ordered))
-        state[fused + ".weight"], state[fused + ".scales_and_zeros"] = pack_int4(q, scale, offset)
+        state[fused + ".weight"], state[fused + ".scales_and_zeros"], state[fused + ".group_scales"] = pack_int4(q, scale, offset)
     else:
         state[fused + "." + kind] = torch.cat(ordered).to(torch.bfloat16)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..cache import cache_dir
 from .aot_step import MATVEC_ROWS, AotStep, _constants, has_eager_twin, takes_prompt_chunks, token_ranges
+from .kernels import PROMPT_TILE, tiles_pay
 from .kv_cache import KEY_BLOCK, key_blocks
 
 TIMING_ROUNDS = 8  # timed calls per token count (the best is kept)
@@ -77,9 +78,9 @@ class _Exported(nn.Module):
 
 def graph_shapes(model) -> list:
     """(fewest tokens, most, one_row) of each graph: token_ranges' decoding tokens, and where the step
-    takes prompts (aot_step.takes_prompt_chunks) a prompt chunk of one row, up to the cache's length."""
+    takes prompts (aot_step.takes_prompt_chunks) a prompt chunk of one row, up to PROMPT_TILE tokens."""
     params = model.params
-    prompts = [(2, max(3, params.max_seq_len), True)] if takes_prompt_chunks(model) else []
+    prompts = [(2, PROMPT_TILE, True)] if takes_prompt_chunks(model) else []
     return [(low, high, False) for low, high in token_ranges(params.max_batch_size)] + prompts
 
 
@@ -136,6 +137,7 @@ def compile_graphs(model, folder: Path, shapes, threads: int, log=print) -> None
 
     config.cpp.threads = threads  # compiled loops are split across this many threads for good
     aten_kernels_in_compiled_code(has_eager_twin(model))
+    tiles_pay()  # probed now, outside the trace (an export sees fake tensors)
     blocks = key_blocks(model.params.max_seq_len) // KEY_BLOCK
     width = KEY_BLOCK * torch.export.Dim("key_blocks", min=1, max=blocks) if blocks > 1 else None
     for low, high, one_row in shapes:
@@ -183,12 +185,13 @@ def time_steps(step: AotStep, max_seq_len: int) -> dict:
 
 @torch.inference_mode()
 def alike_in_every_graph(step: AotStep, max_seq_len: int) -> bool:
-    """Whether a prompt's logits are bit for bit the same fed token by token through every decoding
-    graph and in chunks through the prompt graph, whole or cut: then a token's logits and K/V depend
-    neither on how its prompt is cut nor on what shares its step, and the step may take prompts. (The
-    int4 kernel's rows and attention's products are alike however many rows they have, MKL's on an
-    Intel CPU in its strict mode; MKL's AVX2 code without it differed at ~100 queries over 1,024 keys.)
-    Long enough for that where the cache is (a few seconds of a build). It rewrites row 0's K/V."""
+    """Whether a prompt's logits are bit for bit the same fed whole or cut (its chunks in calls of at
+    most PROMPT_TILE tokens through the prompt graph), and decoding tokens' the same through every decoding graph: then a token's
+    logits and K/V depend neither on how its prompt is cut nor on what shares its step, and the step
+    may take prompts. (The int4 kernel's rows and attention's products are alike however many rows
+    they have, MKL's on an Intel CPU in its strict mode; MKL's AVX2 code without it differed at ~100
+    queries over 1,024 keys; kernels.prompt_tiles' GEMMs at their fixed count.) Long
+    enough for that where the cache is (a few seconds of a build). It rewrites row 0's K/V."""
     if isinstance(step, AotStep) and not any(one_row for _, _, one_row, _ in step.graphs):
         return False  # built without a prompt graph (graph_shapes)
     n = min(8 * KEY_BLOCK + 2 * MATVEC_ROWS + 4, max_seq_len)
@@ -204,5 +207,7 @@ def alike_in_every_graph(step: AotStep, max_seq_len: int) -> bool:
             first = last
         return torch.cat(pieces)
 
-    alone = fed((1, MATVEC_ROWS - 1, MATVEC_ROWS + 1, n), one_token=True)
-    return all(torch.equal(alone, fed(sizes, one_token=False)) for sizes in ((n,), (2, MATVEC_ROWS + 1, n)))
+    decoded = fed((1, MATVEC_ROWS - 1, MATVEC_ROWS + 1, n), one_token=True)
+    prompt = fed((n,), one_token=False)
+    return (torch.equal(decoded, fed((MATVEC_ROWS + 1, 2, n), one_token=True))
+            and torch.equal(prompt, fed((2, MATVEC_ROWS + 1, PROMPT_TILE + 3, n), one_token=False)))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .kernels import PROMPT_TILE, tiles_pay
 from .kv_cache import key_blocks
 
 MATVEC_ROWS = 8  # kernels' int8 products change form above this many rows: a graph of its own beyond
@@ -42,9 +43,10 @@ def has_eager_twin(model) -> bool:
 
 def takes_prompt_chunks(model) -> bool:
     """Whether the step (compiled, and its eager twin alike) takes prompt chunks: where the products are
-    the int4 kernel's, whose rows do not depend on how many it has. bfloat16's products change kernels
-    with their rows (its compiled prompt chunks were found unlike its decoding), so its prompts go
-    through the model's own pass, in a process that has the compiled step and in one that has not."""
+    4-bit, whose rows do not depend on how many the call has (the int4 kernel's; kernels.prompt_tiles'
+    GEMM of a fixed count). bfloat16's products change kernels with their rows (its compiled prompt
+    chunks were found unlike themselves cut otherwise), so its prompts go through the model's own
+    pass, in a process that has the compiled step and in one that has not."""
     from .kernels import Int4Linear
 
     return any(isinstance(m, Int4Linear) for m in model.modules())
@@ -69,17 +71,18 @@ class TokenwiseStep:
     def __init__(self, model):
         self.model = model
         self.key_index = torch.arange(key_blocks(model.params.max_seq_len))
+        tiles_pay()  # probed now, outside any trace (an export would see fake tensors)
 
     def __call__(self, tokens, segments, logits_at):
-        """Logits at `logits_at` of any step. A prompt chunk (a segment of two or more tokens) is a call
-        of its own, its tokens attending through one read of its row's keys; one-token segments
-        (decoding tokens, guesses) share calls of at most `most_tokens`, attending by cache row. Both
-        compute a token as decoding it alone would, and calls run in the tokens' order, so a token's
-        logits and K/V depend neither on how its prompt was cut nor on what shared its step, and a
-        prompt's K/V are those decoding it would write."""
+        """Logits at `logits_at` of any step. A prompt chunk (a segment of two or more tokens) takes calls
+        of its own, of at most `most_prompt_tokens`, its tokens attending through one read of its row's
+        keys and its products in kernels.prompt_tiles; one-token segments (decoding tokens, guesses)
+        share calls of at most `most_tokens`, attending by cache row, computed as decoding alone would.
+        Calls run in the tokens' order, so a token's logits and K/V depend neither on how its prompt was
+        cut nor on what shared its step."""
         # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
         tokens = tokens.contiguous()
-        calls = _calls(segments, self.most_tokens)
+        calls = _calls(segments, self.most_tokens, self.most_prompt_tokens)
         if len(calls) == 1:
             return self._call(tokens, *calls[0][1:], logits_at)
         logits = None
@@ -119,14 +122,18 @@ def slot_grid(rows: list, positions: list) -> list:
     return [torch.tensor(slots), grid]
 
 
-def _calls(segments, most_tokens: int) -> list:
+def _calls(segments, most_tokens: int, most_prompt_tokens: int) -> list:
     """(first token, rows, positions, one_row) of each call a step's segments take, in order: a
-    segment of two or more tokens alone (one_row), runs of one-token segments together, at most
-    `most_tokens` a call. rows and positions are lists: a few torch calls a token cost more."""
+    segment of two or more tokens alone (one_row), in near-equal pieces of at most `most_prompt_tokens`
+    (each of two or more), runs of one-token segments together, at most `most_tokens` a call. rows and
+    positions are lists: a few torch calls a token cost more."""
     calls, first = [], 0
     for row, start, length in segments:
         if length > 1:
-            calls.append((first, [row] * length, list(range(start, start + length)), True))
+            pieces = -(-length // most_prompt_tokens)
+            for i in range(pieces):
+                low, high = length * i // pieces, length * (i + 1) // pieces
+                calls.append((first + low, [row] * (high - low), list(range(start + low, start + high)), True))
         elif calls and not calls[-1][3] and len(calls[-1][1]) < most_tokens:
             calls[-1][1].append(row)
             calls[-1][2].append(start)
@@ -153,6 +160,7 @@ class AotStep(TokenwiseStep):
             runner.load_constants({name: constants[name] for name in names}, False, True, True)
             self.graphs.append((graph["low"], graph["high"], graph.get("one_row", False), runner))
         self.most_tokens = max(high for _, high, one_row, _ in self.graphs if not one_row)  # decoding tokens in one call
+        self.most_prompt_tokens = PROMPT_TILE
         # milliseconds of a step by its tokens, as the build measured them (none: never guess)
         self.step_ms = {int(n): ms for n, ms in listing.get("step_ms", {}).items()}
         # prompts' tokens too, where the build found each token's logits alike in every graph (else prompts run eagerly)
@@ -189,6 +197,7 @@ class EagerStep(TokenwiseStep):
     def __init__(self, model):
         super().__init__(model)
         self.most_tokens = max(high for _, high in token_ranges(model.params.max_batch_size))  # a call's, as compiled
+        self.most_prompt_tokens = PROMPT_TILE  # as compiled (kernels.prompt_tiles takes a tile a call)
         self.takes_prompts = takes_prompt_chunks(model)  # as its compiled step will
 
     def draft_budget(self, n_decoding: int) -> int:

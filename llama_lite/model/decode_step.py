@@ -1,7 +1,7 @@
 """The decode step compiled whole: embedding, every layer (its K/V written into the cache and attention
 over it) and the output head as one region. Its tokens are independent one-token segments, or
-(`one_row`) one row's prompt chunk in order, attending through one read of the row's keys; either
-way, a prompt fed in order is a prefill (aot_step.AotStep takes prompts so).
+(`one_row`) one row's prompt chunk in order, attending through one read of the row's keys, its
+products in kernels.prompt_tiles; a prompt fed in order is a prefill (aot_step.AotStep takes prompts so).
 
 Run eagerly, one token a sequence is ~500 small operators whose overhead dwarfs reading the weights;
 compiled, they fuse into a few loops. On a CPU `_step` is compiled ahead of time in another process
@@ -17,6 +17,7 @@ import types
 import torch
 
 from ..cache import cache_dir
+from .kernels import prompt_tiles
 from .kv_cache import KEY_BLOCK, key_blocks
 
 
@@ -86,7 +87,8 @@ def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at
     """Logits (float32, (tokens, vocab)) of independent tokens; see decode_layer. cache_k, cache_v:
     the layers' cache tensors. logits_at: the tokens whose logits are wanted (None: all); the head,
     a vocabulary-wide product, runs on those rows alone (a prompt's other tokens need none).
-    one_row: the tokens are one row's, in order (a prompt chunk), and attend through prompt_layer.
+    one_row: the tokens are one row's, in order (a prompt chunk of at most PROMPT_TILE), and attend
+    through prompt_layer, their products in kernels.prompt_tiles.
     slots, slot_positions: each token's query slot in its row, and the position of each (row, slot)
     (rows 0.., slots; unused ones any position), for decode_layer's attention by row."""
     if slot_positions is None:
@@ -98,7 +100,8 @@ def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at
     h = model.embed(tokens)  # (tokens, dim)
     for layer, k, v in zip(model.layers, cache_k, cache_v):
         if one_row:
-            h = prompt_layer(layer, h, cos, sin, rows, positions, visible, k, v)
+            with prompt_tiles(model):  # a prompt chunk's products: a GEMM, where the int4 kernel is slow
+                h = prompt_layer(layer, h, cos, sin, rows, positions, visible, k, v)
         else:
             h = decode_layer(layer, h, cos, sin, rows, positions, visible, k, v, slots)
     return model.head(h if logits_at is None else h.index_select(0, logits_at))

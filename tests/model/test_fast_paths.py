@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from llama_lite import Llama, SamplingParams
 from llama_lite.loading.gguf_file import dequantize, int4_values, open_gguf
+from llama_lite.model import kernels
 from llama_lite.model.kernels import Int4Linear, Int8Head, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
 from tests.conftest import build_cpu
 from tests.tiny_gguf import write_tiny_gguf
@@ -124,10 +125,32 @@ def test_int4_kernel_computes_the_stored_weights():
     weight = q.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
     assert ((weight - w).abs() <= scale.repeat_interleave(32, 1) / 2 + 1e-6).all()
     layer = Int4Linear(64, 96)
-    layer.weight, layer.scales_and_zeros = pack_int4(q, scale, offset)
+    layer.weight, layer.scales_and_zeros, layer.group_scales = pack_int4(q, scale, offset)
     x = torch.randn(5, 64).bfloat16()
     expected = x.float() @ weight.T
     assert (layer(x).float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.skipif(not kernels.tiles_pay(), reason="prompt tiles run where the CPU multiplies bfloat16 (AVX512-BF16, AMX)")
+def test_prompt_tiles_multiply_the_kernels_weights_alike_whatever_else_is_in_the_tile():
+    """Inside prompt_tiles an int4 layer multiplies the weights the int4 kernel computes (read back from
+    its packed layout), in a GEMM of a whole tile: a row's output is the same bits beside any other rows
+    and wherever it sits, and close to the kernel's."""
+    torch.manual_seed(0)
+    q, scale, offset = quantize_int4(torch.randn(192, 64))
+    layer = Int4Linear(64, 192)
+    layer.weight, layer.scales_and_zeros, layer.group_scales = pack_int4(q, scale, offset)
+    eye = torch.eye(64, dtype=torch.bfloat16)
+    weights = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.weight, 32, layer.scales_and_zeros)  # (in, out)
+    assert torch.equal(layer.dequantized(), weights)
+    x, other = torch.randn(5, 64).bfloat16(), torch.randn(kernels.PROMPT_TILE, 64).bfloat16()
+    with kernels.prompt_tiles(layer):
+        alone = layer(x)
+        beside = layer(torch.cat((other[:7], x, other[7:20])))[7:12]
+        last = layer(torch.cat((other[: kernels.PROMPT_TILE - 5], x)))[-5:]
+    assert torch.equal(alone, beside) and torch.equal(alone, last)
+    kernel = layer(x).float()
+    assert (alone.float() - kernel).abs().max() <= 0.02 * kernel.abs().max()
 
 
 def test_compiled_default_computes_what_the_eager_default_does(fast, fast_eager):
@@ -178,10 +201,11 @@ def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
 
 def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
     """Prompt tokens go through the compiled step too, a chunk through its prompt graph: a prompt's logits
-    are bit for bit the same fed whole, in pieces, one token at a time, or beside other rows' prompts
-    in a step of more tokens than one call takes, and with the head run only on the tokens asked for.
-    So on the engine, with the prefix cache and prompts cut into chunks by a small step budget, each
-    request gets the tokens it gets alone."""
+    are bit for bit the same fed whole (longer than one call takes), in pieces, or beside other rows'
+    prompts in a step of more tokens than one call takes, and with the head run only on the tokens
+    asked for; fed one token at a time (decoded: the int4 kernel, not prompt_tiles' GEMM) they pick
+    the same next tokens. So on the engine, with the prefix cache and prompts cut into chunks by a
+    small step budget, each request gets the tokens it gets alone."""
     from llama_lite.engine.engine import Engine
     from tests.engine.test_prefix_cache import run
 
@@ -202,7 +226,9 @@ def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
         some = torch.tensor([n - 1, 3, 77])
         picked = model.forward_segments(ids, [(0, 0, n)], some).clone()
         nothing = model.forward_segments(ids, [(0, 0, n)], some[:0])
-    assert torch.equal(whole, pieces) and torch.equal(whole, one_by_one) and torch.equal(whole, beside[:n])
+    assert n > kernels.PROMPT_TILE and torch.equal(whole, pieces) and torch.equal(whole, beside[:n])
+    assert (whole.argmax(-1) == one_by_one.argmax(-1)).float().mean() >= 0.95
+    assert (whole - one_by_one).abs().max() < one_by_one.std()
     assert torch.equal(picked, whole[some]) and nothing.shape == (0, whole.shape[1])
 
     prompts = encode(fast)
