@@ -29,14 +29,16 @@ from .sampling import SamplingParams
 from .speculation import Acceptance, Drafter, check_speculative, plan_drafts
 
 
-def prompt_chunk(remaining: int, budget: int) -> int:
-    """How many of a prompt's remaining tokens to feed this step: all that fit the budget, but never
-    a one-token piece of a longer prompt (a one-token segment is computed as decoding is, and batch
-    invariance needs every token computed the same way, however the prompt was cut)."""
+def prompt_chunk(remaining: int, budget: int, least: int = 2) -> int:
+    """How many of a prompt's remaining tokens to feed this step: all that fit the budget, but never a
+    piece of fewer than `least` tokens, now or left for later. Batch invariance needs every token of a
+    prompt computed the same way however the prompt was cut, and a one-token segment is computed as
+    decoding is; on the compiled int4 path, chunks of the model's tiled_chunks or more are computed in
+    tiles, shorter ones not (Engine._least_chunk)."""
     n = min(remaining, budget)
     if n < remaining:
-        n = min(n, remaining - 2)  # leave two or more for later
-        if n < 2:
+        n = min(n, remaining - least)  # leave `least` or more for later
+        if n < least:
             return 0
     return n
 
@@ -119,14 +121,15 @@ class Engine:
         work = [(r, r.output_ids[-1:] + guess) for r, guess in zip(decoding, drafts)]
         budget -= sum(len(ids) for _, ids in work)
         for request in self.running:
-            n = 0 if request.decoding else prompt_chunk(len(request.prompt) - request.n_cached, budget)
+            n = 0 if request.decoding else prompt_chunk(len(request.prompt) - request.n_cached, budget,
+                                                        self._least_chunk(request))
             if n:
                 work.append((request, request.prompt[request.n_cached : request.n_cached + n]))
                 budget -= n
         while self.waiting and self.free_rows:
             request = self.waiting[0]
             reuse = self._place(request)
-            n = reuse and prompt_chunk(len(request.prompt) - reuse.length, budget)
+            n = reuse and prompt_chunk(len(request.prompt) - reuse.length, budget, self._least_chunk(request))
             if not n:  # it waits for its shared beginning (see PrefixCache.plan) or for budget
                 break
             self.waiting.popleft()
@@ -134,7 +137,8 @@ class Engine:
             request.row = reuse.row
             self.running.append(request)
             if self.prefix:
-                self.prefix.take(reuse, request.prompt, request.params.cache_salt, not request.scores_prompt)
+                self.prefix.take(reuse, request.prompt, self._cache_key(request), not request.scores_prompt,
+                                 self._least_chunk(request))
             request.n_cached = request.cached_tokens = reuse.length
             work.append((request, request.prompt[reuse.length : reuse.length + n]))
             budget -= n
@@ -146,7 +150,20 @@ class Engine:
         reuses; None: it waits."""
         if self.prefix is None:
             return Reuse(min(self.free_rows), min(self.free_rows), 0)
-        return self.prefix.plan(request.prompt, request.params.cache_salt, self.free_rows, not request.scores_prompt)
+        return self.prefix.plan(request.prompt, self._cache_key(request), self.free_rows, not request.scores_prompt,
+                                self._least_chunk(request))
+
+    def _least_chunk(self, request) -> int:
+        """The fewest tokens a piece of this request's prompt may have (prompt_chunk): the model's
+        tiled_chunks for a prompt at least that long (each piece is then computed in tiles), else 2
+        (each piece, shorter, is not). Where the step budget cannot hold such a piece, none is tiled."""
+        tiled = getattr(self.model, "tiled_chunks", None)
+        return tiled if tiled and tiled <= self.max_step_tokens and len(request.prompt) >= tiled else 2
+
+    def _cache_key(self, request) -> tuple:
+        """What the prefix cache keeps a request's K/V under: its cache_salt, and whether its prompt is
+        computed in tiles (_least_chunk), whose K/V are not the bits the other kind's would be."""
+        return request.params.cache_salt, self._least_chunk(request)
 
     @torch.inference_mode()
     def step(self) -> list:

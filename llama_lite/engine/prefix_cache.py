@@ -1,19 +1,20 @@
 """Prefix caching: a request reuses the K/V of its prompt's beginning that a KV-cache row still holds.
 
 Rows keep their K/V after their request ends (evicted empty rows first, then least recently used); a
-radix tree over token ids, one per `cache_salt`, finds the longest beginning any row holds, which is
-then used in place or copied into the admitted request's row (`PrefixCache.plan`). Only K/V that a
-prefill wrote are reused, so the tokens are bit for bit those with the cache off (float32): why, and
-what is never reused, in docs/design/prefix-cache.md.
+radix tree over token ids, one per key (the engine's: `cache_salt`, and how the prompt is prefilled),
+finds the longest beginning any row holds, which is then used in place or copied into the admitted
+request's row (`PrefixCache.plan`). Only K/V that a prefill wrote are reused, so the tokens are bit for
+bit those with the cache off (float32): why, and what is never reused, in docs/design/prefix-cache.md.
 """
 
 import itertools
 from dataclasses import dataclass
 
 
-def reusable(prompt, may_reuse=True) -> int:
-    """The most positions a prompt may reuse: all but the last two (a shorter rest would be decoded)."""
-    return max(0, len(prompt) - 2) if may_reuse else 0
+def reusable(prompt, may_reuse=True, least=2) -> int:
+    """The most positions a prompt may reuse: all but the last `least` (its pieces' fewest tokens,
+    engine.prompt_chunk: two, as a one-token rest would be decoded)."""
+    return max(0, len(prompt) - least) if may_reuse else 0
 
 
 def common_length(edge: tuple, prompt, start: int) -> int:
@@ -107,15 +108,15 @@ class PrefixCache:
 
     def __init__(self, kv_cache):
         self.kv = kv_cache
-        self.trees = {}  # cache_salt -> PrefixTree of the prompts rows hold
-        self.prompt_of = {}  # row -> (cache_salt, prompt) whose K/V it holds, from position 0 ..
+        self.trees = {}  # key (Engine._cache_key) -> PrefixTree of the prompts rows hold
+        self.prompt_of = {}  # row -> (key, prompt) whose K/V it holds, from position 0 ..
         self.n_prefilled = {}  # row -> .. up to this position (not included), all written by prefill
         self.last_used = {}  # free row -> when it was last used (a tick), for least-recently-used eviction
         self.clock = itertools.count()
         self.writes_seen = kv_cache.writes
         self.hits = self.misses = self.reused_tokens = 0  # over admitted requests, for /metrics
 
-    def plan(self, prompt, salt, free_rows, may_reuse=True) -> "Reuse | None":
+    def plan(self, prompt, salt, free_rows, may_reuse=True, least=2) -> "Reuse | None":
         """Where a request with this prompt and cache_salt goes, and what it reuses; None when it should
         wait: a running row is still prefilling a shared beginning of half its prompt or more (so `n`
         copies of one prompt prefill it once).
@@ -124,7 +125,7 @@ class PrefixCache:
         highest decoding row, so busy rows stay together. The K/V that row holds beyond this prompt's
         beginning move to the row to evict (one holding nothing, else the least recently used), so
         eviction goes by use, not by row number. Copies cost a few milliseconds; a prefill, seconds."""
-        limit = reusable(prompt, may_reuse)
+        limit = reusable(prompt, may_reuse, least)
         tree = self.trees.get(salt)
         shared = tree.shared(prompt) if tree and limit > 0 else {}
         usable = {row: min(n, self.n_prefilled[row], limit) for row, n in shared.items()}
@@ -141,7 +142,7 @@ class PrefixCache:
         evict = min(others, key=lambda r: (self.n_prefilled.get(r, 0) > 0, self.last_used.get(r, -1), r))
         return Reuse(row, source, length, evict)
 
-    def take(self, reuse: Reuse, prompt, salt, may_reuse=True) -> None:
+    def take(self, reuse: Reuse, prompt, salt, may_reuse=True, least=2) -> None:
         """A request with this prompt now holds reuse.row: what the row held moves out (if asked), and
         the row gets the reused K/V (a copy unless in place). A one-token prompt is decoded, so its
         row holds nothing. Each step forgets before it copies, so an interruption leaves no lie."""
@@ -158,7 +159,7 @@ class PrefixCache:
                 self.last_used[reuse.source] = next(self.clock)
         if len(prompt) >= 2:
             self._hold(reuse.row, salt, tuple(prompt), reuse.length)
-        if reusable(prompt, may_reuse):
+        if reusable(prompt, may_reuse, least):
             self.hits += reuse.length > 0
             self.misses += reuse.length == 0
             self.reused_tokens += reuse.length

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..cache import cache_dir
+from . import aot_step
 from .aot_step import MATVEC_ROWS, AotStep, _constants, has_eager_twin, takes_prompt_chunks, token_ranges
 from .kernels import PROMPT_TILE, tiles_pay
 from .kv_cache import KEY_BLOCK, key_blocks
@@ -59,9 +60,10 @@ def artifact_folder(model, threads: int) -> Path:
 class _Exported(nn.Module):
     """The step as a module whose buffers are the model's tensors and its KV cache (written in place)."""
 
-    def __init__(self, model, one_row: bool):
+    def __init__(self, model, shape):
         super().__init__()
-        self.model, self.one_row = model, one_row
+        low, _, self.one_row = shape
+        self.model, self.tiled = model, self.one_row and low >= aot_step.TILED_CHUNK
         self.n_layers = len(model.cache.k)
         for i, (k, v) in enumerate(zip(model.cache.k, model.cache.v)):
             self.register_buffer(f"cache_k{i}", k, persistent=False)
@@ -73,21 +75,28 @@ class _Exported(nn.Module):
         cache_k = [getattr(self, f"cache_k{i}") for i in range(self.n_layers)]
         cache_v = [getattr(self, f"cache_v{i}") for i in range(self.n_layers)]
         return _step(self.model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at, self.one_row, slots,
-                     slot_positions)
+                     slot_positions, self.tiled)
 
 
 def graph_shapes(model) -> list:
     """(fewest tokens, most, one_row) of each graph: token_ranges' decoding tokens, and where the step
-    takes prompts (aot_step.takes_prompt_chunks) a prompt chunk of one row, up to PROMPT_TILE tokens."""
+    takes prompts (aot_step.takes_prompt_chunks) prompt chunks of one row, up to PROMPT_TILE tokens a
+    call: where some are tiled (aot_step.tiled_chunks), a graph for those and one for shorter ones."""
     params = model.params
-    prompts = [(2, PROMPT_TILE, True)] if takes_prompt_chunks(model) else []
+    prompts = []
+    if takes_prompt_chunks(model):
+        least = aot_step.tiled_chunks(model)
+        if least is None:
+            prompts = [(2, PROMPT_TILE, True)]
+        else:
+            prompts = [(2, least - 1, True)] + ([(least, PROMPT_TILE, True)] if params.max_seq_len >= least else [])
     return [(low, high, False) for low, high in token_ranges(params.max_batch_size)] + prompts
 
 
 def graph_name(shape) -> str:
     """A graph's name (its file's, less .pt2, and its dynamic dimensions' prefix) by its (fewest, most, one_row)."""
     low, high, one_row = shape
-    return f"prompt_{high}" if one_row else f"tokens_{low}_{high}"
+    return f"prompt_{low}_{high}" if one_row else f"tokens_{low}_{high}"
 
 
 def build(model, folder: Path, threads: int, log=print, helper=None) -> float:
@@ -158,7 +167,7 @@ def compile_graphs(model, folder: Path, shapes, threads: int, log=print) -> None
             dims += ({0: count}, {0: grid_rows, 1: grid_slots})
         log(f"llama_lite: compiling the {'prompt chunk' if one_row else 'decode'} step for {low}-{high} token(s) a call")
         with torch.inference_mode(False), torch.no_grad():
-            exported = torch.export.export(_Exported(model, one_row), example, dynamic_shapes=dims, strict=False)
+            exported = torch.export.export(_Exported(model, (low, high, one_row)), example, dynamic_shapes=dims, strict=False)
         # the code's fingerprint in the configs: inductor's own cache keys on them, not on the lowerings we change
         configs = {"aot_inductor.package_constants_in_so": False, "size_asserts": False,
                    "aot_inductor.metadata": {"llama_lite_code": _code_fingerprint()}}
@@ -185,12 +194,13 @@ def time_steps(step: AotStep, max_seq_len: int) -> dict:
 
 @torch.inference_mode()
 def alike_in_every_graph(step: AotStep, max_seq_len: int) -> bool:
-    """Whether a prompt's logits are bit for bit the same fed whole or cut (its chunks in calls of at
-    most PROMPT_TILE tokens through the prompt graph), and decoding tokens' the same through every decoding graph: then a token's
-    logits and K/V depend neither on how its prompt is cut nor on what shares its step, and the step
-    may take prompts. (The int4 kernel's rows and attention's products are alike however many rows
-    they have, MKL's on an Intel CPU in its strict mode; MKL's AVX2 code without it differed at ~100
-    queries over 1,024 keys; kernels.prompt_tiles' GEMMs at their fixed count.) Long
+    """Whether decoding tokens' logits are bit for bit the same through every decoding graph, a prompt's
+    short chunks (the int4 kernel's products) give decoding's, and its long ones (tiled, at least
+    step.tiled_chunks tokens) the same however the prompt was cut: then a token's logits and K/V depend
+    neither on how its prompt is cut (into chunks on one side of tiled_chunks) nor on what shares its
+    step, and the step may take prompts. (The int4 kernel's rows and attention's products are alike
+    however many rows they have, MKL's on an Intel CPU in its strict mode; MKL's AVX2 code without it
+    differed at ~100 queries over 1,024 keys; kernels.prompt_tiles' GEMM at its fixed count.) Long
     enough for that where the cache is (a few seconds of a build). It rewrites row 0's K/V."""
     if isinstance(step, AotStep) and not any(one_row for _, _, one_row, _ in step.graphs):
         return False  # built without a prompt graph (graph_shapes)
@@ -208,6 +218,9 @@ def alike_in_every_graph(step: AotStep, max_seq_len: int) -> bool:
         return torch.cat(pieces)
 
     decoded = fed((1, MATVEC_ROWS - 1, MATVEC_ROWS + 1, n), one_token=True)
-    prompt = fed((n,), one_token=False)
-    return (torch.equal(decoded, fed((MATVEC_ROWS + 1, 2, n), one_token=True))
-            and torch.equal(prompt, fed((2, MATVEC_ROWS + 1, PROMPT_TILE + 3, n), one_token=False)))
+    least = step.tiled_chunks or n + 1
+    short = fed((2, MATVEC_ROWS + 1, least - 1), one_token=False)  # chunks the int4 kernel computes
+    alike = torch.equal(decoded, fed((MATVEC_ROWS + 1, 2, n), one_token=True)) and torch.equal(short, decoded[: len(short)])
+    if least <= n:
+        alike = alike and torch.equal(fed((n,), one_token=False), fed((least, PROMPT_TILE + 3, n), one_token=False))
+    return alike

@@ -19,6 +19,10 @@ from .kernels import PROMPT_TILE, tiles_pay
 from .kv_cache import key_blocks
 
 MATVEC_ROWS = 8  # kernels' int8 products change form above this many rows: a graph of its own beyond
+# A prompt chunk of at least this many tokens is computed in kernels.prompt_tiles (~80 ms a call of up to
+# PROMPT_TILE tokens for SmolLM2 on 2 cores); a shorter one with the int4 kernel (~2 ms a token), as
+# decoding computes its tokens: a chat turn or a served request's short prompt stays cheap.
+TILED_CHUNK = 48
 GUESS_WORTH = 0.5  # a speculative guess is fed where it costs at most this share of a decoding token's step time
 
 
@@ -52,6 +56,12 @@ def takes_prompt_chunks(model) -> bool:
     return any(isinstance(m, Int4Linear) for m in model.modules())
 
 
+def tiled_chunks(model) -> "int | None":
+    """The fewest tokens of a prompt chunk the step computes in kernels.prompt_tiles (TILED_CHUNK), or
+    None where it computes none so (no 4-bit layers, or the tiles do not pay on this CPU)."""
+    return TILED_CHUNK if takes_prompt_chunks(model) and tiles_pay() else None
+
+
 def _constants(model) -> dict:
     """The tensors a compiled step reads, by the names the export gives them."""
     named = {f"model.{name}": t for name, t in model.state_dict(keep_vars=False).items()}
@@ -67,6 +77,7 @@ class TokenwiseStep:
 
     ready, error, takes_prompts, compiled = True, None, True, True
     most_tokens: int
+    tiled_chunks: "int | None"  # the fewest tokens of a prompt chunk computed in tiles (None: none is)
 
     def __init__(self, model):
         self.model = model
@@ -75,14 +86,15 @@ class TokenwiseStep:
 
     def __call__(self, tokens, segments, logits_at):
         """Logits at `logits_at` of any step. A prompt chunk (a segment of two or more tokens) takes calls
-        of its own, of at most `most_prompt_tokens`, its tokens attending through one read of its row's
-        keys and its products in kernels.prompt_tiles; one-token segments (decoding tokens, guesses)
-        share calls of at most `most_tokens`, attending by cache row, computed as decoding alone would.
-        Calls run in the tokens' order, so a token's logits and K/V depend neither on how its prompt was
-        cut nor on what shared its step."""
+        of its own, its tokens attending through one read of its row's keys, its products in
+        kernels.prompt_tiles if it has `tiled_chunks` tokens or more (else the int4 kernel's, as
+        decoding's); one-token segments (decoding tokens, guesses) share calls of at most `most_tokens`,
+        attending by cache row, computed as decoding alone would. Calls run in the tokens' order, so a
+        token's logits and K/V depend neither on how its prompt was cut (the engine keeps a prompt's
+        chunks on one side of `tiled_chunks`) nor on what shared its step."""
         # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
         tokens = tokens.contiguous()
-        calls = _calls(segments, self.most_tokens, self.most_prompt_tokens)
+        calls = _calls(segments, self.most_tokens, self.tiled_chunks)
         if len(calls) == 1:
             return self._call(tokens, *calls[0][1:], logits_at)
         logits = None
@@ -122,15 +134,16 @@ def slot_grid(rows: list, positions: list) -> list:
     return [torch.tensor(slots), grid]
 
 
-def _calls(segments, most_tokens: int, most_prompt_tokens: int) -> list:
+def _calls(segments, most_tokens: int, tiled_chunks: "int | None") -> list:
     """(first token, rows, positions, one_row) of each call a step's segments take, in order: a
-    segment of two or more tokens alone (one_row), in near-equal pieces of at most `most_prompt_tokens`
-    (each of two or more), runs of one-token segments together, at most `most_tokens` a call. rows and
-    positions are lists: a few torch calls a token cost more."""
+    segment of two or more tokens alone (one_row), in near-equal pieces of at most PROMPT_TILE (a
+    segment of `tiled_chunks` or more: each piece too, as each has over PROMPT_TILE / 2), runs of
+    one-token segments together, at most `most_tokens` a call. rows and positions are lists: a few
+    torch calls a token cost more."""
     calls, first = [], 0
     for row, start, length in segments:
         if length > 1:
-            pieces = -(-length // most_prompt_tokens)
+            pieces = -(-length // PROMPT_TILE) if tiled_chunks is None or length >= tiled_chunks else 1
             for i in range(pieces):
                 low, high = length * i // pieces, length * (i + 1) // pieces
                 calls.append((first + low, [row] * (high - low), list(range(start + low, start + high)), True))
@@ -160,7 +173,7 @@ class AotStep(TokenwiseStep):
             runner.load_constants({name: constants[name] for name in names}, False, True, True)
             self.graphs.append((graph["low"], graph["high"], graph.get("one_row", False), runner))
         self.most_tokens = max(high for _, high, one_row, _ in self.graphs if not one_row)  # decoding tokens in one call
-        self.most_prompt_tokens = PROMPT_TILE
+        self.tiled_chunks = min((low for low, _, one_row, _ in self.graphs if one_row and low >= TILED_CHUNK), default=None)
         # milliseconds of a step by its tokens, as the build measured them (none: never guess)
         self.step_ms = {int(n): ms for n, ms in listing.get("step_ms", {}).items()}
         # prompts' tokens too, where the build found each token's logits alike in every graph (else prompts run eagerly)
@@ -197,7 +210,7 @@ class EagerStep(TokenwiseStep):
     def __init__(self, model):
         super().__init__(model)
         self.most_tokens = max(high for _, high in token_ranges(model.params.max_batch_size))  # a call's, as compiled
-        self.most_prompt_tokens = PROMPT_TILE  # as compiled (kernels.prompt_tiles takes a tile a call)
+        self.tiled_chunks = tiled_chunks(model)  # as its compiled step will
         self.takes_prompts = takes_prompt_chunks(model)  # as its compiled step will
 
     def draft_budget(self, n_decoding: int) -> int:
@@ -207,8 +220,9 @@ class EagerStep(TokenwiseStep):
         from .decode_step import _step
 
         tokens, rows, positions, key_index, logits_at, *slots = inputs
+        tiled = one_row and self.tiled_chunks is not None and len(tokens) >= self.tiled_chunks
         return _step(self.model, tokens, rows, positions, key_index, self.model.cache.k, self.model.cache.v, logits_at,
-                     one_row, *slots)
+                     one_row, *slots, tiled=tiled)
 
 
 def load(model, folder: Path) -> "AotStep | None":

@@ -1,7 +1,7 @@
 """The decode step compiled whole: embedding, every layer (its K/V written into the cache and attention
 over it) and the output head as one region. Its tokens are independent one-token segments, or
-(`one_row`) one row's prompt chunk in order, attending through one read of the row's keys, its
-products in kernels.prompt_tiles; a prompt fed in order is a prefill (aot_step.AotStep takes prompts so).
+(`one_row`) one row's prompt chunk in order, attending through one read of the row's keys (a long
+chunk's products in kernels.prompt_tiles); a prompt fed in order is a prefill (aot_step.AotStep takes prompts so).
 
 Run eagerly, one token a sequence is ~500 small operators whose overhead dwarfs reading the weights;
 compiled, they fuse into a few loops. On a CPU `_step` is compiled ahead of time in another process
@@ -10,6 +10,7 @@ compiled, they fuse into a few loops. On a CPU `_step` is compiled ahead of time
 (`nested_compile_region`). Measurements and what it promises: docs/design/compiled-step.md.
 """
 
+import contextlib
 import os
 import time
 import types
@@ -83,12 +84,12 @@ def prompt_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v)
 
 
 def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at=None, one_row=False, slots=None,
-          slot_positions=None):
+          slot_positions=None, tiled=False):
     """Logits (float32, (tokens, vocab)) of independent tokens; see decode_layer. cache_k, cache_v:
     the layers' cache tensors. logits_at: the tokens whose logits are wanted (None: all); the head,
     a vocabulary-wide product, runs on those rows alone (a prompt's other tokens need none).
-    one_row: the tokens are one row's, in order (a prompt chunk of at most PROMPT_TILE), and attend
-    through prompt_layer, their products in kernels.prompt_tiles.
+    one_row: the tokens are one row's, in order (a prompt chunk), and attend through prompt_layer;
+    `tiled`: their products in kernels.prompt_tiles (at most PROMPT_TILE tokens).
     slots, slot_positions: each token's query slot in its row, and the position of each (row, slot)
     (rows 0.., slots; unused ones any position), for decode_layer's attention by row."""
     if slot_positions is None:
@@ -100,7 +101,7 @@ def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at
     h = model.embed(tokens)  # (tokens, dim)
     for layer, k, v in zip(model.layers, cache_k, cache_v):
         if one_row:
-            with prompt_tiles(model):  # a prompt chunk's products: a GEMM, where the int4 kernel is slow
+            with prompt_tiles(model) if tiled else contextlib.nullcontext():
                 h = prompt_layer(layer, h, cos, sin, rows, positions, visible, k, v)
         else:
             h = decode_layer(layer, h, cos, sin, rows, positions, visible, k, v, slots)
@@ -146,6 +147,7 @@ class DecodeStep:
     error = None
     compiled = True
     takes_prompts = False  # decoding tokens alone: a CUDA graph per padded count of a prompt's tokens would not pay
+    tiled_chunks = None
 
     def __init__(self, model):
         self.model = model

@@ -236,6 +236,14 @@ class Transformer(nn.Module):
                     self.cache.writes += 1  # (PrefixCache.drop_if_overwritten)
                 self.decode_step, self.compiled_later = step, None
 
+    @property
+    def tiled_chunks(self) -> "int | None":
+        """The fewest tokens of a prompt chunk whose products the step computes otherwise than shorter
+        chunks' (in tiles: aot_step.TokenwiseStep), or None where every chunk is computed alike. The
+        engine keeps each prompt's chunks on one side of it (engine.prompt_chunk)."""
+        step = self.decode_step
+        return step.tiled_chunks if step is not None and step.ready and step.takes_prompts else None
+
     def draft_budget(self, n_decoding: int) -> "tuple[int, bool]":
         """(the most tokens `n_decoding` decoding rows may feed in one step, speculative guesses
         included (speculation.py); whether guesses within it are free). Eagerly they are: the rows

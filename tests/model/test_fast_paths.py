@@ -200,12 +200,13 @@ def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
 
 
 def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
-    """Prompt tokens go through the compiled step too, a chunk through its prompt graph: a prompt's logits
-    are bit for bit the same fed whole (longer than one call takes), in pieces, or beside other rows'
-    prompts in a step of more tokens than one call takes, and with the head run only on the tokens
-    asked for; fed one token at a time (decoded: the int4 kernel, not prompt_tiles' GEMM) they pick
-    the same next tokens. So on the engine, with the prefix cache and prompts cut into chunks by a
-    small step budget, each request gets the tokens it gets alone."""
+    """Prompt tokens go through the compiled step too, a chunk through a prompt graph: a prompt's logits
+    are bit for bit the same fed whole (longer than one call takes), in long pieces (tiled, like the
+    whole), or beside other rows' prompts in a step of more tokens than one call takes, and with the
+    head run only on the tokens asked for; in short pieces (the int4 kernel's products) they are the
+    bits of the prompt decoded one token at a time, and those pick the tiles' next tokens. So on the
+    engine, with the prefix cache and prompts cut into chunks by a small step budget, each request,
+    short or long, gets the tokens it gets alone."""
     from llama_lite.engine.engine import Engine
     from tests.engine.test_prefix_cache import run
 
@@ -218,7 +219,8 @@ def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
             return model.forward_segments(tokens, segments, torch.arange(len(tokens))).clone()
 
         whole = logits([(0, 0, n)], ids)
-        pieces = torch.cat([logits([(1, a, len(ids[a : a + 5]))], ids[a : a + 5]) for a in range(0, n, 5)])
+        long_pieces = torch.cat([logits([(1, a, 50)], ids[a : a + 50]) for a in range(0, n, 50)])
+        short_pieces = torch.cat([logits([(3, a, len(ids[a : a + 5]))], ids[a : a + 5]) for a in range(0, n, 5)])
         one_by_one = torch.cat([logits([(2, i, 1)], ids[i : i + 1]) for i in range(n)])
         assert 4 * n > model.decode_step.most_tokens
         beside = logits([(row, 0, n) for row in range(4)], torch.cat([ids.roll(row) for row in range(4)]))
@@ -226,19 +228,22 @@ def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
         some = torch.tensor([n - 1, 3, 77])
         picked = model.forward_segments(ids, [(0, 0, n)], some).clone()
         nothing = model.forward_segments(ids, [(0, 0, n)], some[:0])
-    assert n > kernels.PROMPT_TILE and torch.equal(whole, pieces) and torch.equal(whole, beside[:n])
+    assert model.tiled_chunks <= 50 and n > kernels.PROMPT_TILE
+    assert torch.equal(whole, long_pieces) and torch.equal(whole, beside[:n]) and torch.equal(short_pieces, one_by_one)
     assert (whole.argmax(-1) == one_by_one.argmax(-1)).float().mean() >= 0.95
     assert (whole - one_by_one).abs().max() < one_by_one.std()
     assert torch.equal(picked, whole[some]) and nothing.shape == (0, whole.shape[1])
 
     prompts = encode(fast)
-    shared = prompts[2] + prompts[0]  # begins with another request's prompt: the prefix cache reuses its K/V
+    long = ids[:110].tolist()  # tiled, in chunks of tiled_chunks or more when the budget cuts it
     params = SamplingParams(temperature=0, max_tokens=12)
-    schedule = [(0, prompts[2], params), (0, prompts[1], params), (3, shared, params)]
-    alone = [run(Engine(fast.model, fast.tokenizer, fast.generator, prefix_cache=False), [(0, p, params)])[0][0]
-             for _, p, _ in schedule]
-    together, cached = run(Engine(fast.model, fast.tokenizer, fast.generator, max_step_tokens=6), schedule)
-    assert together == alone and cached[2] > 0
+    for budget, first in ((6, prompts[2]), (60, long)):
+        shared = first + prompts[0]  # begins with another request's prompt: the prefix cache reuses its K/V
+        schedule = [(0, first, params), (0, prompts[1], params), (3, shared, params)]
+        alone = [run(Engine(fast.model, fast.tokenizer, fast.generator, prefix_cache=False), [(0, p, params)])[0][0]
+                 for _, p, _ in schedule]
+        together, cached = run(Engine(fast.model, fast.tokenizer, fast.generator, max_step_tokens=budget), schedule)
+        assert together == alone and cached[2] > 0, budget
 
 
 def assert_close_to_float32(llm, other, label, capsys):
