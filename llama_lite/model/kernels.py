@@ -23,7 +23,7 @@ GGUF's Q4_0 / Q4_1 blocks (and torchao's int4 weight-only), packed for PyTorch's
 one-row product measured here (33 us for 1536 x 576, against 71 us for compiled int8). Past a few rows
 that kernel is compute-bound (it dequantizes the weights again for every 4 rows), so a prompt chunk's
 products (`prompt_tiles`) go through the weights dequantized to bfloat16 and a GEMM instead, where the
-CPU multiplies bfloat16 in hardware: 2.1 against 0.5 ms a prompt token for SmolLM2 on an AMX Xeon.
+CPU multiplies bfloat16 in hardware: 2.1 against ~1.3 ms a prompt token (SmolLM2, AMX Xeon, mixed chunks).
 """
 
 import contextlib
