@@ -10,6 +10,7 @@ import torch
 
 from llama_lite import Llama
 from llama_lite.loading.download import default_checkpoint
+from llama_lite.model.devices import usable_cores
 from tests.tiny_gguf import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: scripts/, tokenizer/, tests/
@@ -57,11 +58,39 @@ def tiny_gguf(tmp_path):
     return write_tiny_gguf(tmp_path / "tiny.gguf")
 
 
+# SmolLM2 on the int4 path (the default where it measures fastest), as the `int4_compiled` fixture builds it;
+# threads fixed: the artifact is keyed by them, and the default (idle cores) changes with what else runs
+INT4 = {"max_seq_len": 256, "max_batch_size": 4, "device": "cpu", "seed": 0, "quantize": "int4", "threads": usable_cores()}
+
+
+@pytest.fixture(scope="session")
+def int4_compiled(smollm_path, int4_step_building):
+    """SmolLM2 on the int4 path with its compiled step (built by the time it is asked for, or now)."""
+    if int4_step_building is not None:
+        int4_step_building.wait()
+    return Llama.build(smollm_path, compile=True, **INT4)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def no_background_compiles():
+def int4_step_building(request):
+    """The build of `int4_compiled`'s step (a few minutes), started in the background as the session
+    starts, at the lowest priority as a user's first start does: its minutes pass while the tests
+    before the ones that need it run. None where none of the session's tests needs it, or it is built."""
+    if not any("int4_compiled" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    child = Llama.build(default_checkpoint(), **INT4).compiling  # compile=None: built by another process
+    yield child
+    if child is not None and child.poll() is None:
+        child.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_background_compiles(int4_step_building):
     """Builds in this process start no compile child (tests that want one run in a subprocess): a
     child per test model would compile beside the suite for minutes. Session-wide, so that models
-    built by module- and session-scoped fixtures (set up before any test's own fixtures) start none either."""
+    built by module- and session-scoped fixtures (set up before any test's own fixtures) start none
+    either. (After int4_step_building, the one child the suite wants.)"""
     from llama_lite import precompile
 
     with pytest.MonkeyPatch.context() as patch:

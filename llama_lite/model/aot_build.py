@@ -85,11 +85,10 @@ def graph_shapes(model) -> list:
     params = model.params
     prompts = []
     if takes_prompt_chunks(model):
-        least = aot_step.tiled_chunks(model)
-        if least is None:
-            prompts = [(2, PROMPT_TILE, True)]
-        else:
-            prompts = [(2, least - 1, True)] + ([(least, PROMPT_TILE, True)] if params.max_seq_len >= least else [])
+        least = aot_step.tiled_chunks(model) or PROMPT_TILE + 1
+        prompts = [(2, least - 1, True), (least, PROMPT_TILE, True)]
+    most = min(PROMPT_TILE, params.max_seq_len)  # a chunk fits the cache
+    prompts = [(low, min(high, most), True) for low, high, _ in prompts if low <= most]
     return [(low, high, False) for low, high in token_ranges(params.max_batch_size)] + prompts
 
 

@@ -99,12 +99,12 @@ def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at
     cos = model.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
     sin = model.rope_sin[positions][:, None]
     h = model.embed(tokens)  # (tokens, dim)
-    for layer, k, v in zip(model.layers, cache_k, cache_v):
-        if one_row:
-            with prompt_tiles(model) if tiled else contextlib.nullcontext():
+    with prompt_tiles(model) if tiled else contextlib.nullcontext():
+        for layer, k, v in zip(model.layers, cache_k, cache_v):
+            if one_row:
                 h = prompt_layer(layer, h, cos, sin, rows, positions, visible, k, v)
-        else:
-            h = decode_layer(layer, h, cos, sin, rows, positions, visible, k, v, slots)
+            else:
+                h = decode_layer(layer, h, cos, sin, rows, positions, visible, k, v, slots)
     return model.head(h if logits_at is None else h.index_select(0, logits_at))
 
 

@@ -14,7 +14,7 @@ from llama_lite import Llama, SamplingParams
 from llama_lite.loading.gguf_file import dequantize, int4_values, open_gguf
 from llama_lite.model import kernels
 from llama_lite.model.kernels import Int4Linear, Int8Head, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
-from tests.conftest import build_cpu
+from tests.conftest import INT4, build_cpu
 from tests.tiny_gguf import write_tiny_gguf
 
 PROMPTS = ["The history of the city of Rome begins", "def is_prime(n):",
@@ -24,18 +24,15 @@ PROMPTS = ["The history of the city of Rome begins", "def is_prime(n):",
 build = functools.partial(build_cpu, max_seq_len=256, max_batch_size=4)
 
 
-FAST = {"max_seq_len": 256, "max_batch_size": 4, "device": "cpu", "seed": 0, "quantize": "int4"}  # the int4 path
-
-
 @pytest.fixture(scope="session")
-def fast(smollm_path):
-    """The int4 path (what the default picks where it measures fastest), its compiled step built now."""
-    return Llama.build(smollm_path, compile=True, **FAST)
+def fast(int4_compiled):
+    """The int4 path (what the default picks where it measures fastest), with its compiled step."""
+    return int4_compiled
 
 
 @pytest.fixture(scope="module")
 def fast_eager(smollm_path):
-    return Llama.build(smollm_path, compile=False, **FAST)
+    return Llama.build(smollm_path, compile=False, **INT4)
 
 
 @pytest.fixture(scope="module")
