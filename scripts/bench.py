@@ -9,26 +9,27 @@ one JSON line per case; the parent prints a table of the ratios issue 8 asks for
 fraction of the memory-bandwidth ceiling each batch-1 decode reaches. A system whose package is not
 installed is skipped with a note (transformers needs `accelerate`; llama.cpp `llama-cpp-python`).
 
-Cases: load (build on a cached file, then the first token), decode_b1 (128 new tokens, one
-sequence) with peak RSS after it (a one-row cache), decode_b8 (8 sequences, aggregate tokens/s),
-mixed (--n_prompts prompts of 5-300 tokens, 64 new tokens each: llama_lite with continuous
-batching over --mixed_batch_size rows, transformers in batches of 8, llama.cpp one by one), and
-serving (1, 8, 16 and 32 concurrent streaming clients of an OpenAI-compatible server, 64 tokens each, then Poisson arrivals:
-llama_lite's scripts/serve.py with --mixed_batch_size rows, llama-cpp-python's `llama_cpp.server`
-with --interrupt_requests False, or llama.cpp's own llama-server; aggregate tokens/s, time to first token p50/p99,
-streams cut short; for llama_lite also the server at 8 clients against its engine in process, taken
-in turns), and constrained (llama_lite only; structured output over tests/schemas.json: each
-schema's compile time, the per-token mask cost p50/p99 replaying sampled outputs, and batch-1 /
+Cases: load (build on a cached file, then the first token), decode_b1 (128 new tokens, one sequence) with
+peak RSS after it (a one-row cache), decode_b8 (8 sequences, aggregate tokens/s), mixed (--n_prompts
+prompts of 5-300 tokens, 64 new tokens each: llama_lite with continuous batching over --mixed_batch_size
+rows, transformers in batches of 8, llama.cpp one by one), and serving (1, 8, 16 and 32 concurrent
+streaming clients of an OpenAI-compatible server, 64 tokens each, then Poisson arrivals: llama_lite's
+scripts/serve.py with --mixed_batch_size rows, llama-cpp-python's `llama_cpp.server` with
+--interrupt_requests False, or llama.cpp's own llama-server, all up at once and each figure taken three
+times with the servers in turns; aggregate tokens/s, time to first token p50/p99, streams cut short,
+llama_lite's ratio to each other server; for llama_lite also the server at 8 clients against its engine
+in process, taken in turns), and constrained (llama_lite only; structured output over tests/schemas.json:
+each schema's compile time, the per-token mask cost p50/p99 replaying sampled outputs, and batch-1 /
 batch-8 tok/s of a JSON Schema that cannot end within --new_tokens against the same requests
 unconstrained), and spec_grounded / spec_chat / spec_mixed (llama_lite only; speculative decoding off
 against "auto" and "ngram" on one model, batch 1 and 8: copying a ~500-token document, free chat
 questions, and the 256 mixed prompts on 8 rows: decoding tok/s, speedup, tokens a guessing step).
 llama_lite systems are named llama_lite[:DTYPE][:int8|int4][:compile|nocompile]: plain `llama_lite` is
-the default configuration (what chat.py and serve.py run without flags). stream_b1 is batch 1 through
-the engine (`Llama.stream`, what chat.py and one server client use); startup times a first start
-with an empty llama_lite cache and a second one with it filled: load -> first streamed token, and
-when the compiled decode step ran (the first start waits for its compile process). The table
-names the path each llama_lite system runs and why (measured, or asked for).
+the default configuration (what chat.py and serve.py run without flags). stream_b1 is batch 1 through the
+engine (`Llama.stream`, what chat.py and one server client use); startup times a first start with an
+empty llama_lite cache and a second one with it filled: load -> first streamed token, and when the
+compiled decode step ran (the first start waits for its compile process). The table names the path each
+llama_lite system runs and why (measured, or asked for).
 
 `--device cuda --shape smollm2|llama1b` runs random-weight checkpoints of those shapes, written by
 transformers into a temporary folder (no weights need to travel), llama_lite against transformers
@@ -133,7 +134,7 @@ def main(systems=",".join(ALL_SYSTEMS), checkpoint=None, threads=None, cases=","
 def run_all(systems, checkpoint, threads, cases, n_prompts, new_tokens, mixed_batch_size, device, llama_server):
     phases = [(("load", "decode_b1", "stream_b1"), 1), (("decode_b8", "mixed"), max(8, mixed_batch_size)),
               (PREFIX_CASES, PREFIX_ROWS), (("constrained",), 8), (SPEC_CASES, SPEC_ROWS)]
-    rows = []
+    rows, serving_systems = [], []
     for system in systems:
         name = system.partition(":")[0]
         if not importable(name):
@@ -147,18 +148,17 @@ def run_all(systems, checkpoint, threads, cases, n_prompts, new_tokens, mixed_ba
                 rows += run_worker(system, checkpoint, threads, wanted, rows_in_cache, device, n_prompts, new_tokens)
         if "startup" in cases and name == "llama_lite":
             rows += startup(system, checkpoint, threads, device)
-        if "serving" in cases and name in ("llama_lite", "llama_cpp"):
-            if name == "llama_cpp":
-                server = llama_server or shutil.which("llama-server")
-                if server is None:
-                    print("note: skipping llama.cpp serving: no llama-server (pass --llama_server PATH)", file=sys.stderr)
-                    continue
-                system = f"llama_server:{server}"
-            print(f"running {system}: serving ({threads} threads)...", file=sys.stderr)
-            try:
-                rows += list(serving(system, checkpoint, threads, mixed_batch_size))
-            except RuntimeError as e:  # a server that would not start: the table keeps the other systems' rows
-                print(f"note: {e}", file=sys.stderr)
+        if "serving" in cases and name == "llama_lite":
+            serving_systems.append(system)
+        elif "serving" in cases and name == "llama_cpp":
+            server = llama_server or shutil.which("llama-server")
+            if server is None:
+                print("note: skipping llama.cpp serving: no llama-server (pass --llama_server PATH)", file=sys.stderr)
+            else:
+                serving_systems.append(f"llama_server:{server}")
+    if serving_systems:
+        print(f"running {', '.join(serving_systems)}: serving side by side ({threads} threads)...", file=sys.stderr)
+        rows += list(serving(serving_systems, checkpoint, threads, mixed_batch_size))
     return rows
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from bench_systems import MAX_SEQ_LEN, ROOT, build_options
 
 SERVING_CLIENTS = (1, 8, 16, 32)
+SERVING_ROUNDS = 3  # runs of each figure a server, the servers in turns: these machines drift by a third within minutes
 ARRIVAL_RATE, ARRIVALS = 4.0, 48  # requests a second, and how many, in the arrivals row
 
 
@@ -183,18 +184,45 @@ def against_the_engine(system, checkpoint, threads, rows, url, model, clients=8,
             "ratio": round(statistics.median(s / e for s, e in zip(server, engine)), 3), "pairs": pairs}
 
 
-def serving(system, checkpoint, threads, rows):
-    proc, url, model = start_server(system, checkpoint, threads, rows)
+def serving(systems, checkpoint, threads, rows):
+    """The serving rows of every system in `systems`, their servers up side by side: each figure run
+    SERVING_ROUNDS times, the servers taken in turns (the first rotating), each system's run of median
+    tok/s kept; then, for each llama_lite system against each other, the median of the rounds' ratios
+    of tok/s; then llama_lite's server against its engine. A server that will not start is a note."""
+    servers, procs = {}, []
     try:
-        stream_clients(url, model, 1, max_tokens=4)  # warm up
-        figures = [*(lambda n=n: stream_clients(url, model, n) for n in SERVING_CLIENTS), lambda: arriving_clients(url, model)]
-        if system.startswith("llama_lite"):
-            figures.append(lambda: against_the_engine(system, checkpoint, threads, rows, url, model))
-        for figure in figures:
-            row = {"system": system, "case": "serving", **figure()}
+        for system in systems:
+            try:
+                proc, url, model = start_server(system, checkpoint, threads, rows)
+                procs.append(proc)
+                servers[system] = url, model
+            except RuntimeError as e:  # the table keeps the other systems' rows
+                print(f"note: {e}", file=sys.stderr)
+            else:
+                stream_clients(*servers[system], 1, max_tokens=4)  # warm up
+        order = list(servers)
+        for figure in [*(lambda url, model, n=n: stream_clients(url, model, n) for n in SERVING_CLIENTS), arriving_clients]:
+            runs = {system: [] for system in order}
+            for round_ in range(SERVING_ROUNDS):
+                for system in order[round_ % len(order):] + order[: round_ % len(order)]:
+                    runs[system].append(figure(*servers[system]))
+            for system, got in runs.items():
+                row = {"system": system, "case": "serving", **sorted(got, key=lambda r: r["tok_s"])[len(got) // 2],
+                       "rounds": len(got)}
+                print(json.dumps(row), flush=True)
+                yield row
+            for lite in (s for s in order if s.startswith("llama_lite")):
+                for other in (s for s in order if not s.startswith("llama_lite")):
+                    ratios = sorted(a["tok_s"] / b["tok_s"] for a, b in zip(runs[lite], runs[other]))
+                    row = {"system": lite, "case": "serving", "clients": runs[lite][0]["clients"], "against": other,
+                           "tok_s_ratio": round(ratios[len(ratios) // 2], 3), "rounds": len(ratios)}
+                    print(json.dumps(row), flush=True)
+                    yield row
+        for lite in (s for s in order if s.startswith("llama_lite")):
+            row = {"system": lite, "case": "serving", **against_the_engine(lite, checkpoint, threads, rows, *servers[lite])}
             print(json.dumps(row), flush=True)
             yield row
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)

@@ -81,14 +81,17 @@ def speculation_lines(r):
 
 
 def serving_table(served):
-    """A row per serving measurement (system, number of clients), after a blank line; none without."""
+    """A row per serving measurement (system, number of clients; the median of its rounds), after a blank
+    line, then llama_lite's ratios to the other servers and to its engine; none without."""
     if not served:
         return []
-    streams = [r for r in served if "ratio" not in r]
+    streams = [r for r in served if "ttft_p50_s" in r]
     return ["", "| system | clients | tok/s | first token p50 / p99 (s) | per token after it p50 / p99 (s) | streams cut short |",
             "|---|---|---|---|---|---|",
             *(f"| {r['system']} | {r['clients']} | {r['tok_s']} | {r['ttft_p50_s']} / {r['ttft_p99_s']} | "
               f"{r['per_token_p50_s']} / {r['per_token_p99_s']} | {r['cut_short']} |" for r in streams),
+            *(f"{r['system']} against {r['against']}, {r['clients']} client(s): {r['tok_s_ratio']}x tok/s (median of "
+              f"{r['rounds']} rounds' ratios, the servers taken in turns)" for r in served if "against" in r),
             *(f"{r['system']}: server at {r['clients']}: {r['tok_s']} against {r['engine_tok_s']} tok/s, "
               f"{r['ratio']}x (median of {r['pairs']} pairs taken in turns; target >= 0.9x)" for r in served if "ratio" in r)]
 
