@@ -9,6 +9,7 @@ dynamo, no inductor imported, ~0.1 s) and hands them the model's own tensors and
 nothing is copied. Why and what it promises: docs/design/compiled-step.md.
 """
 
+import collections
 import json
 import time
 from pathlib import Path
@@ -85,13 +86,14 @@ class TokenwiseStep:
         tiles_pay()  # probed now, outside any trace (an export would see fake tensors)
 
     def __call__(self, tokens, segments, logits_at):
-        """Logits at `logits_at` of any step. A prompt chunk (a segment of two or more tokens) takes calls
-        of its own, its tokens attending through one read of its row's keys, its products in
-        kernels.prompt_tiles if it has `tiled_chunks` tokens or more (else the int4 kernel's, as
-        decoding's); one-token segments (decoding tokens, guesses) share calls of at most `most_tokens`,
-        attending by cache row, computed as decoding alone would. Calls run in the tokens' order, so a
-        token's logits and K/V depend neither on how its prompt was cut (the engine keeps a prompt's
-        chunks on one side of `tiled_chunks`) nor on what shared its step."""
+        """Logits at `logits_at` of any step, in calls (`_calls`): a prompt chunk of `tiled_chunks` tokens
+        or more through the prompt graph, its tokens attending through one read of its row's keys and
+        its products in kernels.prompt_tiles; decoding tokens, guesses and short chunks together in
+        calls of at most `most_tokens`, attending by cache row, their products the int4 kernel's (a short
+        chunk that would make such a call's attention grid sparse goes through the prompt graph, the
+        same numbers). Calls run in the tokens' order, so a token's logits and K/V depend neither on
+        how its prompt was cut (the engine keeps a prompt's chunks on one side of `tiled_chunks`) nor
+        on what shared its step."""
         # contiguous: compiled code reads its inputs as dense arrays (Meta's loop passes a column of its token grid)
         tokens = tokens.contiguous()
         calls = _calls(segments, self.most_tokens, self.tiled_chunks)
@@ -135,25 +137,45 @@ def slot_grid(rows: list, positions: list) -> list:
 
 
 def _calls(segments, most_tokens: int, tiled_chunks: "int | None") -> list:
-    """(first token, rows, positions, one_row) of each call a step's segments take, in order: a
-    segment of two or more tokens alone (one_row), in near-equal pieces of at most PROMPT_TILE (a
-    segment of `tiled_chunks` or more: each piece too, as each has over PROMPT_TILE / 2), runs of
-    one-token segments together, at most `most_tokens` a call. rows and positions are lists: a few
-    torch calls a token cost more."""
+    """(first token, rows, positions, one_row) of each call a step's segments take, in order. A segment
+    of `tiled_chunks` tokens or more goes in near-equal pieces of at most PROMPT_TILE (each over
+    PROMPT_TILE / 2, so tiled too), each a call of its own through the prompt graph (one_row); where
+    nothing is tiled, a segment longer than PROMPT_TILE goes in such pieces too. Shorter segments and
+    pieces join the run of tokens before them in one call where `_joins` says they may (a prompt's
+    tokens are computed there as decoding them one by one would: the bits of the prompt graph's int4
+    products; and four short prompts cost one call, not four); one that may not takes a call of its
+    own, through the prompt graph if it may not begin a run either. rows and positions are lists:
+    a few torch calls a token cost more."""
     calls, first = [], 0
     for row, start, length in segments:
-        if length > 1:
-            pieces = -(-length // PROMPT_TILE) if tiled_chunks is None or length >= tiled_chunks else 1
-            for i in range(pieces):
-                low, high = length * i // pieces, length * (i + 1) // pieces
-                calls.append((first + low, [row] * (high - low), list(range(start + low, start + high)), True))
-        elif calls and not calls[-1][3] and len(calls[-1][1]) < most_tokens:
-            calls[-1][1].append(row)
-            calls[-1][2].append(start)
-        else:
-            calls.append((first, [row], [start], False))
+        tiled = tiled_chunks is not None and length >= tiled_chunks
+        pieces = -(-length // PROMPT_TILE) if tiled or tiled_chunks is None else 1
+        for i in range(pieces):
+            low, high = length * i // pieces, length * (i + 1) // pieces
+            rows, positions = [row] * (high - low), list(range(start + low, start + high))
+            if not tiled and calls and not calls[-1][3] and _joins(calls[-1][1], row, high - low, most_tokens):
+                calls[-1][1].extend(rows)
+                calls[-1][2].extend(positions)
+            else:  # a call of its own: a run's first tokens, or a piece through the prompt graph
+                calls.append((first + low, rows, positions, tiled or not _joins([], row, high - low, most_tokens)))
         first += length
     return calls
+
+
+GRID_SLACK = 4  # a run's attention grid may have this many (row, slot) cells a token
+
+
+def _joins(run_rows: list, row: int, n: int, most_tokens: int) -> bool:
+    """Whether n tokens of `row` may join a run of tokens at `run_rows` (or begin one: none): at most
+    `most_tokens` in all, and for several tokens (a prompt's), an attention grid (decode_layer: rows
+    0.. up to the highest, by the most slots a row takes) of at most GRID_SLACK cells a token, as every
+    cell costs what a query does (2 cores: a 30-token prompt beside 40 decoding rows cost 211 ms in
+    one call, 150 in two; four 13-token prompts 99 ms in one, 128 in four)."""
+    tokens = len(run_rows) + n
+    if n == 1 or tokens > most_tokens:
+        return tokens <= most_tokens
+    slots = max(collections.Counter(run_rows + [row] * n).values())
+    return (max(run_rows + [row]) + 1) * slots <= GRID_SLACK * tokens
 
 
 class AotStep(TokenwiseStep):
