@@ -16,8 +16,10 @@ import time
 import types
 
 import torch
+import torch.nn.functional as F
 
 from ..cache import cache_dir
+from .attention import ROW_BLOCK
 from .kernels import prompt_tiles
 from .kv_cache import KEY_BLOCK, key_blocks
 
@@ -25,15 +27,20 @@ from .kv_cache import KEY_BLOCK, key_blocks
 def grid_attention(q, keys, values, visible):
     """softmax(q k^T) v for query tokens laid out by cache row and slot, as two batched products per
     row and key head (no (tokens, width, head_dim) temporary) and ATen's softmax: the same kernels
-    eager and compiled. A query's numbers do not depend on the slots beside it (a product's row does
-    not depend on how many rows it has; checked where a step is built: aot_build.alike_in_every_graph).
+    eager and compiled. A query's numbers do not depend on the slots beside it: a product's row does
+    not depend on how many rows it has, from ROW_BLOCK rows on (MKL on a Zen 4 EPYC takes another
+    kernel below 4: one slot's 3 rows and two slots' 6 rounded a query differently), so every product
+    gets at least that many (a fixed number of zero rows, which adds no shape guard to the export);
+    checked where a step is built: aot_build.alike_in_every_graph.
     q: (rows, n_kv_heads, slots, n_rep, head_dim), scaled; keys, values: (rows, n_kv_heads, width,
     head_dim); visible: (rows, slots, width) bool. Returns q's shape and dtype."""
     n_rows, n_kv, n_slots, n_rep, head_dim = q.shape
-    grouped = q.float().reshape(n_rows, n_kv, n_slots * n_rep, head_dim)  # a key head's queries together
-    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).view(n_rows, n_kv, n_slots, n_rep, -1)
+    n = n_slots * n_rep
+    extra = (0, 0, 0, max(ROW_BLOCK - n_rep, 0))  # zero query rows: at least ROW_BLOCK in every product
+    grouped = F.pad(q.float().reshape(n_rows, n_kv, n, head_dim), extra)  # a key head's queries together
+    scores = torch.matmul(grouped, keys.float().transpose(-1, -2))[:, :, :n].view(n_rows, n_kv, n_slots, n_rep, -1)
     probs = torch.softmax(scores.masked_fill(~visible[:, None, :, None, :], float("-inf")), dim=-1)
-    out = torch.matmul(probs.view(n_rows, n_kv, n_slots * n_rep, -1), values.float())
+    out = torch.matmul(F.pad(probs.view(n_rows, n_kv, n, -1), extra), values.float())[:, :, :n]
     return out.view(q.shape).to(q.dtype)
 
 
