@@ -122,9 +122,9 @@ ATEN_OPS = ("sum.dim_IntList", "_softmax.default", "silu.default")
 
 
 def aten_kernels_in_compiled_code(eager_twin: bool):
-    """Have inductor call PyTorch's int4 and int8 kernels as they are (its own int4 lowering passes the
-    group size as a constant tensor, which a reused layer region hands over as something else: "group
-    size must be a scalar", torch 2.13; the int8 head stays ATen's kernel, as eagerly). With
+    """Have inductor call PyTorch's int4 kernel as it is (its own int4 lowering passes the group size as
+    a constant tensor, which a reused layer region hands over as something else: "group size must be a
+    scalar", torch 2.13; the int8 head's `_int_mm` sums integers, exact in any kernel). With
     `eager_twin` (aot_step.has_eager_twin), also ATen's kernels for ATEN_OPS, and low-precision results
     rounded where eager rounds them: so the compiled step's numbers are the eager step's, bit for bit,
     and a process decoding eagerly until its step is built (aot_step.EagerStep) gives the tokens the
@@ -132,7 +132,7 @@ def aten_kernels_in_compiled_code(eager_twin: bool):
     from torch._inductor import config, decomposition, lowering
 
     aten = torch.ops.aten
-    ops = [aten._weight_int4pack_mm_for_cpu.default, aten._weight_int8pack_mm.default]
+    ops = [aten._weight_int4pack_mm_for_cpu.default]
     if eager_twin:
         config.emulate_precision_casts = True
         ops += [getattr(getattr(aten, name.split(".")[0]), name.split(".")[1]) for name in ATEN_OPS]
