@@ -14,7 +14,8 @@ from tqdm import tqdm
 from ..errors import CheckpointError
 from ..model import parallel
 from ..model.devices import resolve_dtype
-from ..model.kernels import int4_modules, int8_head, pack_int4, quantize_int4, quantize_int8, quantize_modules
+from ..model import q4_kernel
+from ..model.kernels import int4_modules, int8_head, quantize_int4, quantize_int8, quantize_modules
 from ..model.transformer import Transformer
 from .checkpoint_types import Int4Values, Int8Values
 
@@ -29,12 +30,10 @@ def quantized_weights(ckpt, quantize, dtype, device, world):
     """({Meta name: "int4", "int8" or "bfloat16"} of the weights held 4-bit, 8-bit or in bfloat16 apart
     from the activations, the activations' dtype).
 
-    quantize="int4" (a CPU): every layer matrix 4-bit for PyTorch's CPU kernel, a GGUF's Q4_0 / Q4_1
-    blocks as stored (nothing rounded but their scales, to bfloat16), others quantized; the
-    embedding bfloat16 and the output head int8 by rows (kernels.Int8Head; a tied embedding shares
-    it) whatever their blocks. The kernels take bfloat16, and
-    only its inputs are cast: activations stay float32 (dtype None or "float32"), so the eager and
-    the compiled step differ only in how float32 sums are ordered. dtype="bfloat16" computes in
+    quantize="int4" (a CPU): every layer matrix 4-bit for q4_kernel, a GGUF's Q4_0 / Q4_1 blocks as
+    stored (their float16 scales too), others quantized; the embedding bfloat16 and the output head
+    int8 by rows (kernels.Int8Head; a tied embedding shares it) whatever their blocks. Activations
+    stay float32 (dtype None or "float32"); the kernels round their inputs to 8 bits themselves. dtype="bfloat16" computes in
     bfloat16 throughout, and keeps a GGUF's 4-bit blocks without quantize."""
     bf16 = dtype in ("bfloat16", torch.bfloat16)
     if quantize == "int4" and (device.type != "cpu" or dtype in ("float16", torch.float16)):
@@ -66,6 +65,8 @@ def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer
                                                            if kind == "int4"})
         if quantized.get("output.weight") == "int8":
             int8_head(model, ckpt.tied)
+    if int4_layers:
+        q4_kernel.native()
     state = _read_state(ckpt, quantized, model, int4_layers, dtype, device)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -143,6 +144,6 @@ def _add_int4_part(state, parts, target, name, tensor):
     del parts[(fused, kind)]
     if kind == "weight":
         q, scale, offset = (torch.cat(x) for x in zip(*ordered))
-        state[fused + ".weight"], state[fused + ".scales_and_zeros"], state[fused + ".group_scales"] = pack_int4(q, scale, offset)
+        state[fused + ".weight"], state[fused + ".scales"] = q4_kernel.pack(q, scale, offset)
     else:
         state[fused + "." + kind] = torch.cat(ordered).to(torch.bfloat16)

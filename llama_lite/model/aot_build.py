@@ -41,7 +41,7 @@ def cpu_identity() -> str:
 def _code_fingerprint() -> str:
     """The model package's source: a change to the step's code makes a new artifact."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted([*Path(__file__).parent.glob("*.py"), *Path(__file__).parent.glob("*.cpp")]):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

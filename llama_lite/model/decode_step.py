@@ -122,17 +122,16 @@ ATEN_OPS = ("sum.dim_IntList", "_softmax.default", "silu.default")
 
 
 def aten_kernels_in_compiled_code(eager_twin: bool):
-    """Have inductor call PyTorch's int4 kernel as it is (its own int4 lowering passes the group size as
-    a constant tensor, which a reused layer region hands over as something else: "group size must be a
-    scalar", torch 2.13; the int8 head's `_int_mm` sums integers, exact in any kernel). With
-    `eager_twin` (aot_step.has_eager_twin), also ATen's kernels for ATEN_OPS, and low-precision results
-    rounded where eager rounds them: so the compiled step's numbers are the eager step's, bit for bit,
+    """With `eager_twin` (aot_step.has_eager_twin), have inductor call ATen's kernels for ATEN_OPS, and
+    round low-precision results where eager rounds them (the int4 kernel, q4_kernel.q4_mm, is an
+    operator of its own, which the compiled code calls as it is; the int8 head's `_int_mm` sums
+    integers, exact in any kernel): so the compiled step's numbers are the eager step's, bit for bit,
     and a process decoding eagerly until its step is built (aot_step.EagerStep) gives the tokens the
     built step will. For the build process alone: it changes inductor for good."""
     from torch._inductor import config, decomposition, lowering
 
     aten = torch.ops.aten
-    ops = [aten._weight_int4pack_mm_for_cpu.default]
+    ops = []
     if eager_twin:
         config.emulate_precision_casts = True
         ops += [getattr(getattr(aten, name.split(".")[0]), name.split(".")[1]) for name in ATEN_OPS]

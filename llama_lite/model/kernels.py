@@ -18,12 +18,10 @@ same single pass over them. `Int8Head` holds the int4 path's output head that wa
 it by each row's activations rounded to int8 too, in PyTorch's integer GEMM (`torch._int_mm`).
 
 `Int4Linear` holds 4-bit weights in groups of 32 with a scale and an offset per group, the layout of
-GGUF's Q4_0 / Q4_1 blocks (and torchao's int4 weight-only), packed for PyTorch's own CPU kernel
-(`_weight_int4pack_mm_for_cpu`, bfloat16 activations): an eighth of float32's bytes, and the fastest
-one-row product measured here (33 us for 1536 x 576, against 71 us for compiled int8). Past a few rows
-that kernel is compute-bound (it dequantizes the weights again for every 4 rows), so a prompt chunk's
-products (`prompt_tiles`) go through the weights dequantized to bfloat16 and a GEMM instead, where the
-CPU multiplies bfloat16 in hardware: 2.1 against ~1.3 ms a prompt token (SmolLM2, AMX Xeon, mixed chunks).
+GGUF's Q4_0 / Q4_1 blocks, multiplied by inputs rounded to 8 bits in a kernel of our own (q4_kernel.py):
+an eighth of float32's bytes, read at close to the memory's speed at one row. Past a few rows that
+kernel is bound by arithmetic, so a prompt chunk's products (`prompt_tiles`) go through the weights
+dequantized to bfloat16 and a GEMM instead, where the CPU multiplies bfloat16 in hardware.
 """
 
 import contextlib
@@ -32,6 +30,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import q4_kernel
 
 
 def matvec(x, weight):
@@ -190,17 +190,6 @@ class Int8Embedding(Int8Rows):
 INT4_GROUP = 32  # weights per scale and offset: GGUF's Q4_0 / Q4_1 block
 
 
-def pack_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype=torch.bfloat16):
-    """(packed weight, scales and zeros, group scales) for PyTorch's CPU int4 kernel from 4-bit values q
-    (out, in) in 0..15 with one scale and offset per group of 32: weight = q * scale + offset, scale and
-    offset (out, in // 32). The kernel computes (q - 8) * scale + zero, so zero = offset + 8 * scale.
-    The group scales are the same numbers laid out for Int4Linear.dequantized, (2, in // 32, out)."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)  # (out, in // 2) uint8
-    zero = offset.float() + 8 * scale.float()
-    scales_and_zeros = torch.stack((scale.float(), zero), dim=-1).transpose(0, 1).to(dtype)  # (in // 32, out, 2)
-    return packed, scales_and_zeros.contiguous(), scales_and_zeros.permute(2, 0, 1).contiguous()
-
-
 def quantize_int4(weight: torch.Tensor):
     """Asymmetric group-32 4-bit values, as GGUF's Q4_1 and torchao: (q (out, in) 0..15, scale, offset),
     weight ~= q * scale + offset with scale and offset per group (out, in // 32)."""
@@ -250,9 +239,9 @@ PROMPT_TILE = 128  # a prompt chunk's products take exactly this many rows (padd
 def prompt_tiles(model: nn.Module):
     """`model`'s Int4Linear layers called inside take their (at most PROMPT_TILE) rows through the
     weights dequantized to bfloat16 and one GEMM of exactly PROMPT_TILE rows, where `tiles_pay`: a
-    prompt chunk's products, 2-3x faster per token than the int4 kernel, which dequantizes the weights
-    again for every 4 rows (SmolLM2 on an AMX Xeon, 2 cores: ~35 ms to dequantize, bound by memory;
-    the GEMMs ~37 / 44 / 58 ms at 64 / 128 / 256 rows). oneDNN's bfloat16 GEMM gives a row bits that
+    prompt chunk's products, faster per token than the int4 kernel, bound by arithmetic past a few rows
+    (SmolLM2 on an AMX Xeon, 2 cores: ~35 ms to dequantize, bound by memory; the GEMMs ~37 / 44 / 58 ms
+    at 64 / 128 / 256 rows). oneDNN's bfloat16 GEMM gives a row bits that
     depend on how many rows the call has (64, 100 and 2048 rows each round differently; and a GEMM per
     tile packs the weights again, so several tiles a call cost as much as as many calls), but at a
     fixed count not on where the row sits or what the other rows hold: so a token's numbers do not depend
@@ -262,7 +251,7 @@ def prompt_tiles(model: nn.Module):
     compiler reads attributes, and a model steps in one thread.)"""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     for layer in layers:
-        layer.in_prompt_tile = layer.out_features % 64 == 0 and tiles_pay()
+        layer.in_prompt_tile = tiles_pay()
     try:
         yield
     finally:
@@ -270,58 +259,47 @@ def prompt_tiles(model: nn.Module):
             layer.in_prompt_tile = False
 
 
-def _unpacked(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """4-bit values (in, out) from PyTorch's CPU int4 layout as packed on AVX-512: blocks of 64
-    output rows, each (in, 32) bytes, the block's rows 0-31 in the low nibbles and 32-63 in the high."""
-    blocks = packed.view(out_features // 64, -1, 32)  # (out // 64, in, 32)
-    return torch.cat((blocks & 15, blocks >> 4), -1).permute(1, 0, 2).reshape(-1, out_features)
-
-
 @functools.cache
 def tiles_pay() -> bool:
     """Whether prompt_tiles' products run here: the CPU multiplies bfloat16 in hardware (AVX512-BF16 or
-    AMX; elsewhere oneDNN emulates it), and PyTorch packs 4-bit weights in the layout `_unpacked` reads
-    (it depends on the CPU: blocks of 32 rows, interleaved otherwise, on AVX2)."""
-    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return False
-    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return torch.equal(_unpacked(packed, 128), q.T.to(torch.uint8))
+    AMX; elsewhere oneDNN emulates it, slower than the int4 kernel)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class Int4Linear(nn.Module):
-    """A weight-only group-32 int4 linear layer (+ bias, not quantized): the kernel takes and gives
-    bfloat16 (`dtype`); inputs in another dtype (float32 activations) are cast to it and back.
-    Inside `prompt_tiles`, a GEMM on the dequantized weights instead (`group_scales` holds the
-    kernel's scales and zeros laid out for it)."""
+    """A group-32 int4 linear layer (+ bias, not quantized) in q4_kernel's layout: `weight` the packed
+    4-bit values, `scales` each group's scale and offset (float16, as GGUF stores them). Takes and gives
+    any float dtype; the kernel computes in float32. Inside `prompt_tiles`, a GEMM on the weights
+    dequantized to bfloat16 instead."""
 
     in_prompt_tile = False  # set by prompt_tiles where its products run here
 
     def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16, bias: bool = False):
         super().__init__()
-        if in_features % INT4_GROUP:
-            raise ValueError(f"int4 needs input widths that are multiples of {INT4_GROUP}, got {in_features}")
+        if in_features % INT4_GROUP or out_features % q4_kernel.LANES:
+            raise ValueError(f"int4 needs input widths in multiples of {INT4_GROUP} and output widths in multiples of "
+                             f"{q4_kernel.LANES}, got {in_features} x {out_features}")
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.empty(in_features // INT4_GROUP, out_features, 2, dtype=dtype))
-        self.register_buffer("group_scales", torch.empty(2, in_features // INT4_GROUP, out_features, dtype=dtype))
+        groups = in_features // INT4_GROUP
+        self.register_buffer("weight", torch.empty(out_features // q4_kernel.LANES, groups, 256, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features // q4_kernel.LANES, groups, 2, q4_kernel.LANES,
+                                                   dtype=torch.float16))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
 
     def forward(self, x):
-        rows = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        rows = x.reshape(-1, self.in_features)
         if self.in_prompt_tile:
             n = rows.shape[0]
             torch._check(n <= PROMPT_TILE)
-            tile = F.pad(rows, (0, 0, 0, PROMPT_TILE - n))  # always PROMPT_TILE rows: see prompt_tiles
+            tile = F.pad(rows.to(torch.bfloat16), (0, 0, 0, PROMPT_TILE - n))  # always PROMPT_TILE rows: see prompt_tiles
             out = torch.mm(tile, self.dequantized())[:n]
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, INT4_GROUP, self.scales_and_zeros)
+            out = q4_kernel.q4_mm(rows.float().contiguous(), self.weight, self.scales)
         return add_bias(out.to(x.dtype).view(*x.shape[:-1], self.out_features), self.bias)  # (..., out)
 
     def dequantized(self) -> torch.Tensor:
-        """The weights (in, out) as the kernel computes them, (q - 8) * scale + zero in float32, rounded
-        to bfloat16. Compiled, ~1 ms a SmolLM2 layer on 2 cores (the group scales' own layout matters:
-        read from scales_and_zeros, 4x that)."""
-        q = _unpacked(self.weight, self.out_features).view(self.in_features // INT4_GROUP, INT4_GROUP, -1).float() - 8
-        scale, zero = self.group_scales.float()[:, :, None]  # (in // 32, 1, out) each
-        return (q * scale + zero).to(self.scales_and_zeros.dtype).view(self.in_features, self.out_features)
+        """The weights (in, out), q * scale + offset in float32, rounded to bfloat16. Compiled, ~1 ms a
+        SmolLM2 layer on 2 cores."""
+        q, scale, offset = q4_kernel.unpack(self.weight, self.scales)
+        weights = q.view(self.in_features // INT4_GROUP, INT4_GROUP, -1) * scale[:, None] + offset[:, None]
+        return weights.to(torch.bfloat16).view(self.in_features, self.out_features)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from llama_lite import Llama, SamplingParams
 from llama_lite.loading.gguf_file import dequantize, int4_values, open_gguf
 from llama_lite.model import kernels
-from llama_lite.model.kernels import Int4Linear, Int8Head, Int8Linear, matvec, pack_int4, quantize_int4, quantize_int8
+from llama_lite.model import q4_kernel
+from llama_lite.model.kernels import Int4Linear, Int8Head, Int8Linear, matvec, quantize_int4, quantize_int8
 from tests.conftest import INT4, build_cpu
 from tests.tiny_gguf import write_tiny_gguf
 
@@ -114,33 +115,58 @@ def test_kept_values_are_the_stored_blocks(smollm_path):
 
 
 def test_int4_kernel_computes_the_stored_weights():
-    """Packed for PyTorch's kernel, 4-bit values give x @ (q * scale + offset)^T up to bfloat16 rounding;
-    quantize_int4 rounds each weight to its group's nearest level."""
+    """The int4 kernel gives x @ (q * scale + offset)^T up to the rounding of x to 8 bits a group, and
+    exactly the integer sums PyTorch's operators compute (to float32 rounding); quantize_int4 rounds
+    each weight to its group's nearest level."""
     torch.manual_seed(0)
     w = torch.randn(96, 64)
     q, scale, offset = quantize_int4(w)
     weight = q.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
     assert ((weight - w).abs() <= scale.repeat_interleave(32, 1) / 2 + 1e-6).all()
     layer = Int4Linear(64, 96)
-    layer.weight, layer.scales_and_zeros, layer.group_scales = pack_int4(q, scale, offset)
-    x = torch.randn(5, 64).bfloat16()
-    expected = x.float() @ weight.T
-    assert (layer(x).float() - expected).abs().max() <= 0.02 * expected.abs().max()
+    layer.weight, layer.scales = q4_kernel.pack(q, scale, offset)
+    assert q4_kernel.native(), "the int4 kernel did not build"
+    x = torch.randn(5, 64)
+    stored = q.float() * scale.half().float().repeat_interleave(32, 1) + offset.half().float().repeat_interleave(32, 1)
+    expected = x @ stored.T  # the scales and offsets are held in float16, as GGUF stores them
+    assert (layer(x) - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert (layer(x) - q4_kernel._q4_mm_in_torch(x, layer.weight, layer.scales)).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])
+def test_int4_kernel_gives_the_same_bits_on_every_instruction_set(march):
+    """The kernel built for AVX2 (x86-64-v3) and for plain SSE (x86-64-v2) computes what this CPU's build
+    does, bit for bit: the integer sums are exact and the float terms added in one order. So the AVX2
+    code is checked on any machine, and a row's outputs are the same alone and beside others."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("an x86 CPU with AVX2 runs these builds")
+    namespace = "llama_lite_" + march.replace("-", "_")
+    if not hasattr(torch.ops, namespace) or not hasattr(getattr(torch.ops, namespace), "q4_mm"):
+        torch.ops.load_library(str(q4_kernel._built(march, namespace)))
+    other = getattr(torch.ops, namespace).q4_mm
+    torch.manual_seed(1)
+    packed, scales = q4_kernel.pack(*quantize_int4(torch.randn(160, 96)))
+    x = torch.randn(9, 96)
+    x[2, :32] = 0  # a group of zeros: step 0
+    assert q4_kernel.native()
+    here = torch.ops.llama_lite.q4_mm(x, packed, scales)
+    assert torch.equal(other(x, packed, scales), here)
+    for row in range(9):
+        assert torch.equal(torch.ops.llama_lite.q4_mm(x[row:row + 1], packed, scales)[0], here[row])
 
 
 @pytest.mark.skipif(not kernels.tiles_pay(), reason="prompt tiles run where the CPU multiplies bfloat16 (AVX512-BF16, AMX)")
 def test_prompt_tiles_multiply_the_kernels_weights_alike_whatever_else_is_in_the_tile():
-    """Inside prompt_tiles an int4 layer multiplies the weights the int4 kernel computes (read back from
-    its packed layout), in a GEMM of a whole tile: a row's output is the same bits beside any other rows
-    and wherever it sits, and close to the kernel's."""
+    """Inside prompt_tiles an int4 layer multiplies the stored weights (read back from the kernel's packed
+    layout, rounded to bfloat16), in a GEMM of a whole tile: a row's output is the same bits beside any
+    other rows and wherever it sits, and close to the kernel's."""
     torch.manual_seed(0)
     q, scale, offset = quantize_int4(torch.randn(192, 64))
     layer = Int4Linear(64, 192)
-    layer.weight, layer.scales_and_zeros, layer.group_scales = pack_int4(q, scale, offset)
-    eye = torch.eye(64, dtype=torch.bfloat16)
-    weights = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.weight, 32, layer.scales_and_zeros)  # (in, out)
-    assert torch.equal(layer.dequantized(), weights)
-    x, other = torch.randn(5, 64).bfloat16(), torch.randn(kernels.PROMPT_TILE, 64).bfloat16()
+    layer.weight, layer.scales = q4_kernel.pack(q, scale, offset)
+    weights = q.float() * scale.half().float().repeat_interleave(32, 1) + offset.half().float().repeat_interleave(32, 1)
+    assert torch.equal(layer.dequantized(), weights.bfloat16().T)
+    x, other = torch.randn(5, 64), torch.randn(kernels.PROMPT_TILE, 64)
     with kernels.prompt_tiles(layer):
         alone = layer(x)
         beside = layer(torch.cat((other[:7], x, other[7:20])))[7:12]
@@ -267,9 +293,18 @@ def test_a_failed_compile_says_why(smollm_path, monkeypatch, tmp_path):
         Llama.build(smollm_path, max_seq_len=128, max_batch_size=1, device="cpu", quantize="int4", compile=True)
 
 
+def rounded_to_8_bits(module, args):
+    """A forward pre-hook: the input rounded to int8 per group of 32 and back, as the int4 kernel rounds it."""
+    x = args[0]
+    groups = x.unflatten(-1, (-1, 32))
+    step = groups.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(groups / torch.where(step > 0, step, 1)) * step).flatten(-2),
+
+
 def test_quantize_int4_on_a_float_checkpoint(tmp_path):
-    """quantize="int4" computes what float32 computes on the 4-bit weights it made, up to the rounding
-    bfloat16 brings anyway (activations, scales)."""
+    """quantize="int4" computes what float32 computes on the 4-bit weights it made with each product's
+    input rounded to 8 bits a group (as the kernel does), up to the rounding bfloat16 brings anyway
+    (the embedding and head, the float16 scales)."""
     from tests.loading.test_formats import TOKENS, hf_model, save_hf
 
     model = hf_model()
@@ -281,10 +316,17 @@ def test_quantize_int4_on_a_float_checkpoint(tmp_path):
             for linear in (*layer.self_attn.children(), *layer.mlp.children()):
                 if isinstance(linear, torch.nn.Linear):
                     q, scale, offset = quantize_int4(linear.weight)
+                    scale, offset = scale.half().float(), offset.half().float()  # held in float16, as GGUF holds them
                     linear.weight.copy_(q.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1))
     folder = save_hf(model, tmp_path / "4-bit values")
     with torch.inference_mode():
         exact, rounded = (build(folder, max_seq_len=64, dtype=d).model(TOKENS, 0) for d in ("float32", "bfloat16"))
+        reference = build(folder, max_seq_len=64, dtype="float32").model
+        for layer in reference.layers:
+            for linear in (*layer.attention.children(), *layer.feed_forward.children()):
+                if isinstance(linear, kernels.Linear):
+                    linear.register_forward_pre_hook(rounded_to_8_bits)
+        exact = reference(TOKENS, 0)
         got = int4.model(TOKENS, 0)
     gap, bfloat16_gap = (((x - exact).abs().max() / exact.std()).item() for x in (got, rounded))
     assert gap < 1.5 * bfloat16_gap, f"{gap} vs {bfloat16_gap}: more than bfloat16's own rounding"
