@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .cache import cache_dir
-from .model.aot_build import cpu_identity
 from .model import q4_kernel
+from .model.aot_build import cpu_identity
 from .model.kernels import quantize_int4
 
 LOW = ("int4", "bfloat16")  # the low-precision candidate: int4 where the checkpoint holds 4-bit blocks

@@ -12,9 +12,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError
-from ..model import parallel
+from ..model import parallel, q4_kernel
 from ..model.devices import resolve_dtype
-from ..model import q4_kernel
 from ..model.kernels import int4_modules, int8_head, quantize_int4, quantize_int8, quantize_modules
 from ..model.transformer import Transformer
 from .checkpoint_types import Int4Values, Int8Values
