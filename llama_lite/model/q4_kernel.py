@@ -111,7 +111,8 @@ def _built(march: str = "native", namespace: str = "llama_lite") -> Path:
     partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
     torch_dir = Path(torch.__file__).parent
     command = [os.environ.get("CXX", "g++"), "-O3", f"-march={march}", f"-DNAMESPACE={namespace}", "-ffp-contract=off",
-               "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-w",
+               "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-w",
                f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
                f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(partial),
                f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
