@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llama_lite", "llama_lite.*"]),
-    package_data={"llama_lite.model": ["q4_kernel.cpp"]},  # compiled on first use (model/q4_kernel.py)
+    package_data={"llama_lite.model": ["integer_kernels.cpp"]},  # compiled on first use (model/integer_kernels.py)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

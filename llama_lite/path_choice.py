@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .cache import cache_dir
-from .model import q4_kernel
+from .model import integer_kernels
 from .model.aot_build import cpu_identity
 from .model.kernels import quantize_int4
 
@@ -43,7 +43,7 @@ class PathChoice:
 def choice_file(params, threads: int, low: str) -> Path:
     shape = {k: getattr(params, k) for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")}
     key = json.dumps({"cpu": cpu_identity(), "torch": torch.__version__, "threads": threads, "low": low, **shape,
-                      "int4 kernel": "q4_kernel"},  # choices timed with PyTorch's int4 kernel are measured again
+                      "int4 kernel": "integer_kernels"},  # choices timed with PyTorch's int4 kernel are measured again
                      sort_keys=True)
     return cache_dir() / "paths" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
@@ -100,8 +100,8 @@ def _products_ms(params, kind: str, rows: int) -> float:
             weight = torch.randn(out_features, in_features)
             x = torch.randn(rows, in_features)
             if kind == "int4":
-                packed, scales = q4_kernel.pack(*quantize_int4(weight))
-                products.append(lambda x=x, p=packed, s=scales: q4_kernel.q4_mm(x, p, s))
+                packed, scales = integer_kernels.pack(*quantize_int4(weight))
+                products.append(lambda x=x, p=packed, s=scales: integer_kernels.q4_mm(x, p, s))
             else:  # the eager step's product for these rows: the thin one (kernels.Linear) in float32
                 dtype = torch.float32 if kind == "float32" else torch.bfloat16
                 products.append(lambda x=x.to(dtype), w=weight.to(dtype): w @ x.T)

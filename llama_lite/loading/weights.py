@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError
-from ..model import parallel, q4_kernel
+from ..model import parallel, integer_kernels
 from ..model.devices import resolve_dtype
 from ..model.kernels import int4_modules, int8_head, quantize_int4, quantize_int8, quantize_modules
 from ..model.transformer import Transformer
@@ -29,7 +29,7 @@ def quantized_weights(ckpt, quantize, dtype, device, world):
     """({Meta name: "int4", "int8" or "bfloat16"} of the weights held 4-bit, 8-bit or in bfloat16 apart
     from the activations, the activations' dtype).
 
-    quantize="int4" (a CPU): every layer matrix 4-bit for q4_kernel, a GGUF's Q4_0 / Q4_1 blocks as
+    quantize="int4" (a CPU): every layer matrix 4-bit for integer_kernels, a GGUF's Q4_0 / Q4_1 blocks as
     stored (their float16 scales too), others quantized; the embedding bfloat16 and the output head
     int8 by rows (kernels.Int8Head; a tied embedding shares it) whatever their blocks. Activations
     stay float32 (dtype None or "float32"); the kernels round their inputs to 8 bits themselves. dtype="bfloat16" computes in
@@ -65,7 +65,7 @@ def load_model(ckpt, params, quantized: dict, quantize, dtype, device, tokenizer
         if quantized.get("output.weight") == "int8":
             int8_head(model, ckpt.tied)
     if int4_layers:
-        q4_kernel.native()
+        integer_kernels.native()
     state = _read_state(ckpt, quantized, model, int4_layers, dtype, device)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -143,6 +143,6 @@ def _add_int4_part(state, parts, target, name, tensor):
     del parts[(fused, kind)]
     if kind == "weight":
         q, scale, offset = (torch.cat(x) for x in zip(*ordered))
-        state[fused + ".weight"], state[fused + ".scales"] = q4_kernel.pack(q, scale, offset)
+        state[fused + ".weight"], state[fused + ".scales"] = integer_kernels.pack(q, scale, offset)
     else:
         state[fused + "." + kind] = torch.cat(ordered).to(torch.bfloat16)

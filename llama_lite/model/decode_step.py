@@ -123,7 +123,7 @@ ATEN_OPS = ("sum.dim_IntList", "_softmax.default", "silu.default")
 
 def aten_kernels_in_compiled_code(eager_twin: bool):
     """With `eager_twin` (aot_step.has_eager_twin), have inductor call ATen's kernels for ATEN_OPS, and
-    round low-precision results where eager rounds them (the int4 kernel, q4_kernel.q4_mm, is an
+    round low-precision results where eager rounds them (the int4 kernel, integer_kernels.q4_mm, is an
     operator of its own, which the compiled code calls as it is; the int8 head's `_int_mm` sums
     integers, exact in any kernel): so the compiled step's numbers are the eager step's, bit for bit,
     and a process decoding eagerly until its step is built (aot_step.EagerStep) gives the tokens the

@@ -15,10 +15,10 @@ THIN_ROWS rows; Transformer.use_thin_decode says when it may, without breaking b
 `Int8Linear` / `Int8Embedding` hold weight-only int8 weights, one scale per output row: a quarter of
 float32's bytes to stream, and with the compiled product the int8-to-float cast is fused into the
 same single pass over them. `Int8Head` holds the int4 path's output head that way too, but multiplies
-it by each row's activations rounded to int8 too, in PyTorch's integer GEMM (`torch._int_mm`).
+it by each row's activations rounded to int8 too, in an integer product (integer_kernels.int8_mm).
 
 `Int4Linear` holds 4-bit weights in groups of 32 with a scale and an offset per group, the layout of
-GGUF's Q4_0 / Q4_1 blocks, multiplied by inputs rounded to 8 bits in a kernel of our own (q4_kernel.py):
+GGUF's Q4_0 / Q4_1 blocks, multiplied by inputs rounded to 8 bits in a kernel of our own (integer_kernels.py):
 an eighth of float32's bytes, read at close to the memory's speed at one row. Past a few rows that
 kernel is bound by arithmetic, so a prompt chunk's products (`prompt_tiles`) go through the weights
 dequantized to bfloat16 and a GEMM instead, where the CPU multiplies bfloat16 in hardware.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import q4_kernel
+from . import integer_kernels
 
 
 def matvec(x, weight):
@@ -151,11 +151,12 @@ class Int8Linear(Int8Rows):
 
 class Int8Head(Int8Rows):
     """The int4 path's output head as int8 rows, multiplied by each input row rounded to int8 with a
-    step of its own (largest |x| / 127), in PyTorch's integer GEMM; the int32 sums are scaled back by
-    both steps. The step reads the head for every token: int8 halves a bfloat16 copy's bytes, and the
-    integer GEMM reads it once for all rows, where the int8 weight-only kernel (bfloat16 inputs) reads
-    it again for every few (SmolLM2's 49152 x 576 from memory, 2-core AVX512-BF16 EPYC: 1.8 against
-    2.3 ms at one row, 2.7 against 6.9 at 8). Integer sums are exact, so a row's logits do not depend
+    step of its own (largest |x| / 127), in an integer product (integer_kernels.int8_mm, the sums of
+    PyTorch's `_int_mm`); the int32 sums are scaled back by both steps. The step reads the head for
+    every token: int8 halves a bfloat16 copy's bytes, and the integer product reads it once for all
+    rows, where the int8 weight-only kernel (bfloat16 inputs) reads it again for every few (SmolLM2's
+    49152 x 576 from memory, 2-core AVX512-BF16 EPYC, `_int_mm`: 1.8 against 2.3 ms at one row, 2.7
+    against 6.9 at 8). Integer sums are exact, so a row's logits do not depend
     on the other rows, the kernel or the compiler. Like llama.cpp's Q8_0 head, which also rounds the
     activations to 8 bits (there per 32 values)."""
 
@@ -167,7 +168,7 @@ class Int8Head(Int8Rows):
         rows = x.reshape(-1, self.weight.shape[1]).float()
         step = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127  # each row's own int8 step
         q = (rows / step).round().clamp(-127, 127).to(torch.int8)
-        out = torch._int_mm(q, self.weight.t()).float() * (step * self.scale.view(1, -1).float())
+        out = integer_kernels.int8_mm(q, self.weight).float() * (step * self.scale.view(1, -1).float())
         return out.to(x.dtype).view(*x.shape[:-1], self.weight.shape[0])
 
 
@@ -267,7 +268,7 @@ def tiles_pay() -> bool:
 
 
 class Int4Linear(nn.Module):
-    """A group-32 int4 linear layer (+ bias, not quantized) in q4_kernel's layout: `weight` the packed
+    """A group-32 int4 linear layer (+ bias, not quantized) in integer_kernels's layout: `weight` the packed
     4-bit values, `scales` each group's scale and offset (float16, as GGUF stores them). Takes and gives
     any float dtype; the kernel computes in float32. Inside `prompt_tiles`, a GEMM on the weights
     dequantized to bfloat16 instead."""
@@ -276,13 +277,13 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16, bias: bool = False):
         super().__init__()
-        if in_features % INT4_GROUP or out_features % q4_kernel.LANES:
+        if in_features % INT4_GROUP or out_features % integer_kernels.LANES:
             raise ValueError(f"int4 needs input widths in multiples of {INT4_GROUP} and output widths in multiples of "
-                             f"{q4_kernel.LANES}, got {in_features} x {out_features}")
+                             f"{integer_kernels.LANES}, got {in_features} x {out_features}")
         self.in_features, self.out_features = in_features, out_features
         groups = in_features // INT4_GROUP
-        self.register_buffer("weight", torch.empty(out_features // q4_kernel.LANES, groups, 256, dtype=torch.uint8))
-        self.register_buffer("scales", torch.empty(out_features // q4_kernel.LANES, groups, 2, q4_kernel.LANES,
+        self.register_buffer("weight", torch.empty(out_features // integer_kernels.LANES, groups, 256, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features // integer_kernels.LANES, groups, 2, integer_kernels.LANES,
                                                    dtype=torch.float16))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
 
@@ -294,12 +295,12 @@ class Int4Linear(nn.Module):
             tile = F.pad(rows.to(torch.bfloat16), (0, 0, 0, PROMPT_TILE - n))  # always PROMPT_TILE rows: see prompt_tiles
             out = torch.mm(tile, self.dequantized())[:n]
         else:
-            out = q4_kernel.q4_mm(rows.float().contiguous(), self.weight, self.scales)
+            out = integer_kernels.q4_mm(rows.float().contiguous(), self.weight, self.scales)
         return add_bias(out.to(x.dtype).view(*x.shape[:-1], self.out_features), self.bias)  # (..., out)
 
     def dequantized(self) -> torch.Tensor:
         """The weights (in, out), q * scale + offset in float32, rounded to bfloat16. Compiled, ~1 ms a
         SmolLM2 layer on 2 cores."""
-        q, scale, offset = q4_kernel.unpack(self.weight, self.scales)
+        q, scale, offset = integer_kernels.unpack(self.weight, self.scales)
         weights = q.view(self.in_features // INT4_GROUP, INT4_GROUP, -1) * scale[:, None] + offset[:, None]
         return weights.to(torch.bfloat16).view(self.in_features, self.out_features)

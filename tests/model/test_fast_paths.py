@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llama_lite import Llama, SamplingParams
 from llama_lite.loading.gguf_file import dequantize, int4_values, open_gguf
-from llama_lite.model import kernels, q4_kernel
+from llama_lite.model import kernels, integer_kernels
 from llama_lite.model.kernels import Int4Linear, Int8Head, Int8Linear, matvec, quantize_int4, quantize_int8
 from tests.conftest import INT4, build_cpu
 from tests.tiny_gguf import write_tiny_gguf
@@ -123,35 +123,42 @@ def test_int4_kernel_computes_the_stored_weights():
     weight = q.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
     assert ((weight - w).abs() <= scale.repeat_interleave(32, 1) / 2 + 1e-6).all()
     layer = Int4Linear(64, 96)
-    layer.weight, layer.scales = q4_kernel.pack(q, scale, offset)
-    assert q4_kernel.native(), "the int4 kernel did not build"
+    layer.weight, layer.scales = integer_kernels.pack(q, scale, offset)
+    assert integer_kernels.native(), "the int4 kernel did not build"
     x = torch.randn(5, 64)
     stored = q.float() * scale.half().float().repeat_interleave(32, 1) + offset.half().float().repeat_interleave(32, 1)
     expected = x @ stored.T  # the scales and offsets are held in float16, as GGUF stores them
     assert (layer(x) - expected).abs().max() <= 0.02 * expected.abs().max()
-    assert (layer(x) - q4_kernel._q4_mm_in_torch(x, layer.weight, layer.scales)).abs().max() <= 1e-5 * expected.abs().max()
+    assert (layer(x) - integer_kernels._q4_mm_in_torch(x, layer.weight, layer.scales)).abs().max() <= 1e-5 * expected.abs().max()
 
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])
-def test_int4_kernel_gives_the_same_bits_on_every_instruction_set(march):
-    """The kernel built for AVX2 (x86-64-v3) and for plain SSE (x86-64-v2) computes what this CPU's build
+def test_integer_kernels_give_the_same_bits_on_every_instruction_set(march):
+    """The kernels built for AVX2 (x86-64-v3) and for plain SSE (x86-64-v2) compute what this CPU's build
     does, bit for bit: the integer sums are exact and the float terms added in one order. So the AVX2
-    code is checked on any machine, and a row's outputs are the same alone and beside others."""
+    code is checked on any machine; a row's outputs are the same alone and beside others; and the int8
+    product's sums are PyTorch's `_int_mm`'s."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("an x86 CPU with AVX2 runs these builds")
     namespace = "llama_lite_" + march.replace("-", "_")
-    if not hasattr(torch.ops, namespace) or not hasattr(getattr(torch.ops, namespace), "q4_mm"):
-        torch.ops.load_library(str(q4_kernel._built(march, namespace)))
-    other = getattr(torch.ops, namespace).q4_mm
+    if not hasattr(getattr(torch.ops, namespace), "q4_mm"):
+        torch.ops.load_library(str(integer_kernels._built(march, namespace)))
+    other = getattr(torch.ops, namespace)
     torch.manual_seed(1)
-    packed, scales = q4_kernel.pack(*quantize_int4(torch.randn(160, 96)))
+    packed, scales = integer_kernels.pack(*quantize_int4(torch.randn(160, 96)))
     x = torch.randn(9, 96)
     x[2, :32] = 0  # a group of zeros: step 0
-    assert q4_kernel.native()
+    assert integer_kernels.native()
     here = torch.ops.llama_lite.q4_mm(x, packed, scales)
-    assert torch.equal(other(x, packed, scales), here)
+    assert torch.equal(other.q4_mm(x, packed, scales), here)
     for row in range(9):
         assert torch.equal(torch.ops.llama_lite.q4_mm(x[row:row + 1], packed, scales)[0], here[row])
+    w = torch.randint(-128, 128, (200, 100), dtype=torch.int8)  # a width that leaves a tail past 64 and 32
+    w[0, :] = -128
+    x8 = torch.randint(-127, 128, (17, 100), dtype=torch.int8)
+    sums = torch.ops.llama_lite.int8_mm(x8, w)
+    assert torch.equal(sums, torch._int_mm(x8, w.t())) and torch.equal(other.int8_mm(x8, w), sums)
+    assert torch.equal(torch.ops.llama_lite.int8_mm(x8[3:4], w)[0], sums[3])
 
 
 @pytest.mark.skipif(not kernels.tiles_pay(), reason="prompt tiles run where the CPU multiplies bfloat16 (AVX512-BF16, AMX)")
@@ -162,7 +169,7 @@ def test_prompt_tiles_multiply_the_kernels_weights_alike_whatever_else_is_in_the
     torch.manual_seed(0)
     q, scale, offset = quantize_int4(torch.randn(192, 64))
     layer = Int4Linear(64, 192)
-    layer.weight, layer.scales = q4_kernel.pack(q, scale, offset)
+    layer.weight, layer.scales = integer_kernels.pack(q, scale, offset)
     weights = q.float() * scale.half().float().repeat_interleave(32, 1) + offset.half().float().repeat_interleave(32, 1)
     assert torch.equal(layer.dequantized(), weights.bfloat16().T)
     x, other = torch.randn(5, 64), torch.randn(kernels.PROMPT_TILE, 64)

@@ -1,7 +1,11 @@
-// llama_lite::q4_mm: 4-bit weights (GGUF's Q4_1: groups of 32, a scale and an offset each) times
-// float32 inputs rounded to 8 bits per group of 32, for the decode step on a CPU. Built on the user's
-// machine by q4_kernel.py (g++ -O3 -march=native), so one source covers AVX512-VNNI, AVX2 and others.
+// Integer products for the decode step on a CPU, built on the user's machine by integer_kernels.py
+// (g++ -O3 -march=native), so one source covers AVX512-VNNI, AVX2 and others:
+// - llama_lite::q4_mm: 4-bit weights (GGUF's Q4_1: groups of 32, a scale and an offset each) times
+//   float32 inputs rounded to 8 bits per group of 32 (the layers);
+// - llama_lite::int8_mm: int8 rows times int8 rows, int32 sums: torch._int_mm(x, w.t()) read at the
+//   memory's speed at one row (the output head).
 //
+// q4_mm:
 // y[r, n] = sum over groups g of  scale[n, g] * step[r, g] * S[r, n, g]  +  offset[n, g] * sum[r, g]
 // where S is the integer dot product of the group's 4-bit weights (0..15) and the row's int8 values,
 // step[r, g] = max |x| / 127 over the group and sum[r, g] = step[r, g] * (the int8 values' sum): the
@@ -9,7 +13,7 @@
 // terms are added in the same order for every row, output, thread count and instruction set: a
 // row's outputs never depend on the other rows of the call.
 //
-// Weight layout (q4_kernel.pack): blocks of 16 output rows; a block holds its groups one after
+// Weight layout (integer_kernels.pack): blocks of 16 output rows; a block holds its groups one after
 // another, 256 bytes each: 4 chunks of 64 bytes, chunk j's byte (4 * lane + b) holding weight
 // 8j + b of the group in its low nibble and 8j + 4 + b in its high one. So one 64-byte load gives
 // 16 outputs x 4 consecutive inputs per nibble, the shape of AVX512-VNNI's u8 x s8 dot product.
@@ -170,10 +174,84 @@ at::Tensor q4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
   return out;
 }
 
+// The dot products of `nrows` int8 rows of x (length k, values in -127..127) with one int8 row w,
+// into out[r]. AVX512-VNNI and AVX2 multiply unsigned by signed bytes: |w| times x with w's sign
+// moved onto x (|w| <= 128, |x| <= 127: a pair of products fits AVX2's int16 sums).
+void int8_dots(const int8_t* w, const int8_t* const* x, int nrows, int64_t k, int32_t* out) {
+  int64_t i = 0;
+  int32_t tail[ROWS] = {};
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512i acc[ROWS];
+  for (int r = 0; r < nrows; ++r) acc[r] = _mm512_setzero_si512();
+  for (; i + 64 <= k; i += 64) {
+    const __m512i v = _mm512_loadu_si512(w + i);
+    const __m512i magnitude = _mm512_abs_epi8(v);
+    const __mmask64 negative = _mm512_movepi8_mask(v);
+    for (int r = 0; r < nrows; ++r) {
+      const __m512i xv = _mm512_loadu_si512(x[r] + i);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], magnitude, _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv));
+    }
+  }
+  for (int r = 0; r < nrows; ++r) tail[r] = _mm512_reduce_add_epi32(acc[r]);
+#elif defined(__AVX2__)
+  __m256i acc[ROWS];
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < nrows; ++r) acc[r] = _mm256_setzero_si256();
+  for (; i + 32 <= k; i += 32) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + i));
+    const __m256i magnitude = _mm256_abs_epi8(v);
+    for (int r = 0; r < nrows; ++r) {
+      const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(x[r] + i)), v);
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xv), ones));
+    }
+  }
+  for (int r = 0; r < nrows; ++r) {
+    int32_t lanes[8];
+    _mm256_storeu_si256((__m256i*)lanes, acc[r]);
+    for (int l = 0; l < 8; ++l) tail[r] += lanes[l];
+  }
+#endif
+  for (int r = 0; r < nrows; ++r) {
+    int32_t s = tail[r];
+    for (int64_t j = i; j < k; ++j) s += (int32_t)w[j] * x[r][j];
+    out[r] = s;
+  }
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar && x.is_contiguous() && x.device().is_cpu(),
+              "int8_mm: x must be a contiguous (rows, in) int8 CPU tensor");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == x.size(1),
+              "int8_mm: w must be a contiguous (out, in) int8 tensor as wide as x");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  at::Tensor out = at::empty({m, n}, x.options().dtype(at::kInt));
+  const int8_t* xs = x.data_ptr<int8_t>();
+  const int8_t* ws = w.data_ptr<int8_t>();
+  int32_t* y = out.data_ptr<int32_t>();
+  at::parallel_for(0, n, 64, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j)  // a weight row read once from memory for every input row
+      for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
+        const int nrows = (int)std::min<int64_t>(ROWS, m - r0);
+        const int8_t* rows[ROWS];
+        for (int r = 0; r < nrows; ++r) rows[r] = xs + (r0 + r) * k;
+        int32_t dots[ROWS];
+        int8_dots(ws + j * k, rows, nrows, k, dots);
+        for (int r = 0; r < nrows; ++r) y[(r0 + r) * n + j] = dots[r];
+      }
+  });
+  return out;
+}
+
 }  // namespace
 
 #ifndef NAMESPACE
 #define NAMESPACE llama_lite  // tests load builds for other instruction sets beside it, under other names
 #endif
-TORCH_LIBRARY(NAMESPACE, m) { m.def("q4_mm(Tensor x, Tensor packed, Tensor scales) -> Tensor"); }
-TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) { m.impl("q4_mm", &q4_mm); }
+TORCH_LIBRARY(NAMESPACE, m) {
+  m.def("q4_mm(Tensor x, Tensor packed, Tensor scales) -> Tensor");
+  m.def("int8_mm(Tensor x, Tensor w) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
+  m.impl("q4_mm", &q4_mm);
+  m.impl("int8_mm", &int8_mm);
+}
