@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError
-from ..model import parallel, integer_kernels
+from ..model import integer_kernels, parallel
 from ..model.devices import resolve_dtype
 from ..model.kernels import int4_modules, int8_head, quantize_int4, quantize_int8, quantize_modules
 from ..model.transformer import Transformer

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llama_lite import Llama, SamplingParams
 from llama_lite.loading.gguf_file import dequantize, int4_values, open_gguf
-from llama_lite.model import kernels, integer_kernels
+from llama_lite.model import integer_kernels, kernels
 from llama_lite.model.kernels import Int4Linear, Int8Head, Int8Linear, matvec, quantize_int4, quantize_int8
 from tests.conftest import INT4, build_cpu
 from tests.tiny_gguf import write_tiny_gguf
