@@ -61,16 +61,22 @@ def unpack(packed: torch.Tensor, scales: torch.Tensor):
 
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (rows, in) float32 times the packed weights: (rows, out) float32."""
-    if _loaded and x.device.type == "cpu":  # a plain flag: a compiler tracing this reads it, calls nothing
+    if _ready() and x.device.type == "cpu":
         return torch.ops.llama_lite.q4_mm(x, packed, scales)
     return _q4_mm_in_torch(x, packed, scales)
 
 
 def int8_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (rows, in) int8 in -127..127 times w (out, in) int8, transposed: (rows, out) int32, exact."""
-    if _loaded and x.device.type == "cpu":
+    if _ready() and x.device.type == "cpu":
         return torch.ops.llama_lite.int8_mm(x, w)
     return torch._int_mm(x, w.t())
+
+
+def _ready() -> bool:
+    """The kernels are loaded (built now if this is their first use outside a trace: a compiler tracing
+    the model reads the flag and calls nothing, the model's loading having loaded them)."""
+    return _loaded or (not torch.compiler.is_compiling() and native())
 
 
 def _q4_mm_in_torch(x, packed, scales):

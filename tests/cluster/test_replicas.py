@@ -115,12 +115,14 @@ def aborted(server) -> "float | None":
     """Requests ended by "abort", summed over both replicas (/metrics answers from either one); None
     while the router sends every request to one (the other still busy with the stream just left)."""
     seen = {}
-    for _ in range(50):
+    deadline = time.time() + 30  # a replica still finishing an earlier test's stream gets no /metrics till then
+    while time.time() < deadline:
         reply = httpx.get(server + "/metrics", timeout=30)
         found = re.search(r'^llama_lite_requests_finished_total\{finish_reason="abort"\} ([0-9.e+]+)$', reply.text, re.M)
         seen[reply.headers[REPLICA_HEADER.decode()]] = float(found.group(1)) if found else 0.0
         if len(seen) == 2:
             return sum(seen.values())
+        time.sleep(0.05)
     return None
 
 

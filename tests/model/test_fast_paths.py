@@ -208,17 +208,21 @@ def test_compiled_default_computes_what_the_eager_default_does(fast, fast_eager)
     assert fast.text_completion(PROMPTS * 2, max_gen_len=16, temperature=0) == texts
 
 
-def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast):
+def test_speculation_on_the_compiled_default_keeps_the_greedy_tokens(fast, monkeypatch):
     """The compiled int4 step gives a token the same logits whatever else the step feeds, so guesses
     verified in the several-token graph keep the greedy tokens: with every request guessing
-    ("ngram") and with "auto" (which guesses there because the build measured that a few more
-    tokens a step cost little), the test prompts and a repeating one give the tokens they give
+    ("ngram") and with "auto" (which guesses where the build measured that a few more tokens a
+    step cost little), the test prompts and a repeating one give the tokens they give
     without speculation, and guesses were accepted."""
     from llama_lite.engine.engine import Engine
     from tests.engine.test_prefix_cache import run
 
     step = fast.model.decode_step
-    assert set(step.step_ms) == set(range(1, 9)) and step.draft_budget(1) > 1  # a row's guesses pay here
+    assert set(step.step_ms) == set(range(1, 9))  # the build timed 1-8 tokens a step
+    # what it timed depends on the machine and what ran beside the build: here guesses are made cheap,
+    # so "auto" guesses whatever this machine measured
+    monkeypatch.setattr(step, "step_ms", {n: 6.0 + 0.5 * (n - 1) for n in range(1, 9)})
+    assert step.draft_budget(1) > 1
     repeating = fast.tokenizer.encode("one two three four five six, one two three four five six, one two", False, False)
     schedule = [(0, ids, SamplingParams(temperature=0, max_tokens=24)) for ids in encode(fast) + [repeating]]
     off, _ = run(Engine(fast.model, fast.tokenizer, fast.generator, speculative="off"), schedule)
