@@ -74,7 +74,21 @@ def load(settings: BuildSettings) -> Loaded:
              "compile": False, "tokenizer": settings.tokenizer and str(settings.tokenizer), "chat_template": None,
              "threads": torch.get_num_threads()}
     compiling = attach_decode_step(model, settings.compile, device, exact, child, path)
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(_threads_for_now(model, threads, settings.threads is None and cpu_load, compiling))
     return Loaded(model, tok, _generator(device, settings.seed), threads, path, compiling)
+
+
+def _threads_for_now(model, threads: int, cpu_load, compiling) -> int:
+    """The threads eager steps take until the compiled step is: fewer than `threads` (what compiled
+    code is made for) where niced work keeps cores busy (`cpu_load`, unless the threads were asked
+    for), this process's own build (`compiling`: a process a graph, up to `threads`) above all. One
+    thread beside it on 2 cores: 4-20x faster than two, whose every operation waits on the core the
+    build shares (docs/performance.md#threads). _load_quietly gives them back."""
+    now = threads if not cpu_load else min(threads, default_threads(cpu_load, niced=True))
+    if compiling is not None:
+        now = min(now, max(1, threads - min(threads, len(aot_build.graph_shapes(model)))))
+    return now
 
 
 def _model_args(ckpt, max_seq_len, max_batch_size) -> ModelArgs:
@@ -161,23 +175,27 @@ def attach_decode_step(model, compile, device, exact, child_settings: dict, path
         return None
     model.decode_step = eager_twin  # until it is built: the same numbers, eagerly
     child = precompile.start_in_background(cmd, folder)
-    model.compiled_later = functools.partial(_load_quietly, model, folder, child)
+    model.compiled_later = functools.partial(_load_quietly, model, folder, child, threads)
     if child is not None and parallel.is_main():
         print(f"llama_lite: compiling the decode step in another process (a minute or two, once; log {folder}.log); "
               "until it is built, decoding runs without it", file=sys.stderr)
     return child
 
 
-def _load_quietly(model, folder, child=None):
+def _load_quietly(model, folder, child, threads):
     """The step built into `folder`, once the process building it (`child`, if this one started it) has
     exited: while it tears down its compiler, a server's steps ran ~10x slower (a 64-token reply
-    4.3 s instead of 0.3, on a 2-core EPYC), though it runs at the lowest priority."""
+    4.3 s instead of 0.3, on a 2-core EPYC), though it runs at the lowest priority. The cores it
+    used go back to this process's threads."""
     if child is not None and child.poll() is None:
         return None
     try:
-        return aot_step.load(model, folder)
+        step = aot_step.load(model, folder)
     except Exception:  # damaged: the next start says so, and builds it again
-        return None
+        step = None
+    if child is not None or step is not None:
+        torch.set_num_threads(threads)
+    return step
 
 
 def _generator(device, seed) -> torch.Generator:

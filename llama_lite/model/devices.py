@@ -83,7 +83,9 @@ def usable_cores() -> int:
 class CpuLoad:
     """How many of this process's cores other processes keep busy, measured from when it is made to
     when `busy_elsewhere` is called (from /proc/stat's tick counts, less this process's own). Niced
-    work is not counted: it yields to this process (a background compile runs at nice 19)."""
+    work (a background compile runs at nice 19, SCHED_IDLE) is counted apart: it yields its core to
+    one thread of ours, but torch's threads wait for each other after every operation, and beside it
+    two threads ran an 8 x 576 x 1,536 product 4-20x slower than one (docs/performance.md#threads)."""
 
     MIN_WINDOW_S = 0.05  # ticks are 10 ms: at least 5 per core
 
@@ -92,25 +94,27 @@ class CpuLoad:
 
     @staticmethod
     def _sample():
-        """(time, busy ticks of the CPUs this process may use, ticks this process used), or None."""
+        """(time, busy and niced ticks of the CPUs this process may use, ticks this process used), or None."""
         try:
             cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
-            busy = 0
+            busy = niced = 0
             with open("/proc/stat") as f:
                 for line in f:
                     name, *ticks = line.split()
                     if name in cpus:  # user nice system idle iowait irq softirq steal ...
-                        user, _, system, _, _, irq, softirq = map(int, ticks[:7])
+                        user, nice, system, _, _, irq, softirq = map(int, ticks[:7])
                         busy += user + system + irq + softirq
+                        niced += nice
             with open("/proc/self/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             own = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
         except (AttributeError, OSError, ValueError, IndexError):
             return None
-        return time.monotonic(), busy, own
+        return time.monotonic(), busy, niced, own
 
-    def busy_elsewhere(self) -> float:
-        """Cores kept busy by other processes since this was made (0.0 where it cannot be read)."""
+    def busy_elsewhere(self, niced: bool = False) -> float:
+        """Cores kept busy by other processes since this was made, niced work too if `niced` (0.0
+        where it cannot be read)."""
         if self.start is None:
             return 0.0
         waited = time.monotonic() - self.start[0]
@@ -119,7 +123,7 @@ class CpuLoad:
         end = self._sample()
         if end is None:
             return 0.0
-        ticks = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        ticks = (end[1] - self.start[1]) + niced * (end[2] - self.start[2]) - (end[3] - self.start[3])
         return max(0.0, ticks / (os.sysconf("SC_CLK_TCK") * (end[0] - self.start[0])))
 
 
@@ -138,16 +142,16 @@ def warn_if_oversubscribed(threads: int) -> None:
               "the cores no other process keeps busy", file=sys.stderr)
 
 
-def default_threads(load: CpuLoad) -> "int | None":
-    """The usable cores no other process keeps busy (at least 1); None (keep torch's) where
-    OMP_NUM_THREADS says (torchrun sets it for each of its processes)."""
+def default_threads(load: CpuLoad, niced: bool = False) -> "int | None":
+    """The usable cores no other process keeps busy (at least 1), niced work counted as busy if
+    `niced`; None (keep torch's) where OMP_NUM_THREADS says (torchrun sets it for each of its processes)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(1, min(usable_cores(), cpus - round(load.busy_elsewhere())))
+    return max(1, min(usable_cores(), cpus - round(load.busy_elsewhere(niced))))
 
 
 def _read_int(path: str):

@@ -65,21 +65,23 @@ COLD_THEN_WARM = """
 import json, sys, torch
 from llama_lite import Llama
 llm = Llama.build(sys.argv[1], max_seq_len=128, max_batch_size=2, device="cpu", quantize="int4", seed=0,
-                  threads=1)  # the artifact is keyed by threads: the default (idle cores) can differ between the runs
-cold = type(llm.model.decode_step).__name__
+                  threads=2)  # the artifact is keyed by threads: the default (idle cores) can differ between the runs
+cold, threads = type(llm.model.decode_step).__name__, [torch.get_num_threads()]
 texts = [c["generation"] for c in llm.text_completion(sys.argv[2:], max_gen_len=12, temperature=0)]
 if llm.compiling is not None:
     llm.compiling.wait()  # built: the next request (nothing running) switches to it
     texts2 = [c["generation"] for c in llm.text_completion(sys.argv[2:], max_gen_len=12, temperature=0)]
     assert texts2 == texts, (texts, texts2)
-print(json.dumps({"cold": cold, "now": type(llm.model.decode_step).__name__, "texts": texts,
+threads.append(torch.get_num_threads())
+print(json.dumps({"cold": cold, "now": type(llm.model.decode_step).__name__, "texts": texts, "threads": threads,
                   "compiler": any(m in sys.modules for m in ("torch._dynamo", "torch._inductor")),
                   "compiling": llm.compiling is not None}))
 """
 
 
 def test_a_cold_start_builds_in_another_process_and_the_text_stays(tmp_path, cache):
-    """A first start decodes eagerly and leaves the compile to a child; a later request in the same
+    """A first start decodes eagerly and leaves the compile to a child (on the cores the child leaves:
+    beside it, every operation of threads sharing its cores waits for them); a later request in the same
     process, and a fresh process, run the built step without importing the compiler: same text."""
     tiny = write_tiny_gguf(tmp_path / "tiny.gguf", weight_type="Q4_1")
     prompts = ["the he", "hello there"]
@@ -94,8 +96,9 @@ def test_a_cold_start_builds_in_another_process_and_the_text_stays(tmp_path, cac
     logs = "".join(f.read_text()[-1500:] for f in (cache / "compiled").glob("*.log"))
     assert first["cold"] == "EagerStep" and first["compiling"] and first["now"] == "AotStep", logs
     assert "compiling the decode step in another process" in err
+    assert first["threads"] == [1, 2]  # one core left to the child's two processes while it built, then both
     second, err = run()
-    assert second == {**first, "cold": "AotStep", "compiling": False, "compiler": False}, err
+    assert second == {**first, "cold": "AotStep", "compiling": False, "compiler": False, "threads": [2, 2]}, err
     assert first["compiler"] is False  # the parent never imported it, even while its child compiled
 
 
