@@ -75,7 +75,10 @@ def load(settings: BuildSettings) -> Loaded:
              "threads": torch.get_num_threads()}
     compiling = attach_decode_step(model, settings.compile, device, exact, child, path)
     if threads is not None and device.type == "cpu":
-        torch.set_num_threads(_threads_for_now(model, threads, settings.threads is None and cpu_load, compiling))
+        now = _threads_for_now(model, threads, settings.threads is None and cpu_load, compiling)
+        torch.set_num_threads(now)
+        if now < threads and compiling is None:  # lowered for others' niced work: given back when it is gone
+            model.threads_later = functools.partial(_threads_back, threads, [CpuLoad()])
     return Loaded(model, tok, _generator(device, settings.seed), threads, path, compiling)
 
 
@@ -180,6 +183,18 @@ def attach_decode_step(model, compile, device, exact, child_settings: dict, path
         print(f"llama_lite: compiling the decode step in another process (a minute or two, once; log {folder}.log); "
               "until it is built, decoding runs without it", file=sys.stderr)
     return child
+
+
+def _threads_back(threads: int, window: list) -> bool:
+    """Between requests: `threads` set again, True, once no niced work kept a core busy for a second
+    (window[0], a CpuLoad: restarted where it did); False meanwhile."""
+    if window[0].seconds() < 1.0:
+        return False
+    if default_threads(window[0], niced=True) < threads:
+        window[0] = CpuLoad()
+        return False
+    torch.set_num_threads(threads)
+    return True
 
 
 def _load_quietly(model, folder, child, threads):

@@ -30,7 +30,23 @@ class RequestHandle:
         self.last_token = None  # when its last new token came (for inter-token latency)
 
     def deliver(self, item):
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, (self.tag, item))
+        deliver_all([(self, item)])
+
+
+def deliver_all(deliveries):
+    """Each (handle, item) onto its handle's queue, with one wake-up of each event loop for them all: a
+    wake-up a request each step cost the server's HTTP thread a core's slice per request, and every
+    slice it takes stalls the step's OpenMP threads (docs/performance.md#threads)."""
+    by_loop = {}
+    for handle, item in deliveries:
+        by_loop.setdefault(handle.loop, []).append((handle.outputs, (handle.tag, item)))
+    for loop, puts in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, puts)
+
+
+def _put_all(puts):
+    for outputs, item in puts:
+        outputs.put_nowait(item)
 
 
 class EngineThread:
@@ -112,13 +128,17 @@ class EngineThread:
             for request_id in list(self.engine.requests):
                 self.engine.abort(request_id)
 
-    def _done(self, handle, item):
+    def _done(self, handle, item, deliveries=None):
+        """`item` is `handle`'s last: delivered now, or added to `deliveries`."""
         with self._lock:
             self.pending -= 1
-        handle.deliver(item)
+        if deliveries is None:
+            handle.deliver(item)
+        else:
+            deliveries.append((handle, item))
 
     def _step(self):
-        now = None
+        now, deliveries = None, []
         for out in self.engine.step():
             handle = self.handles.get(out.request_id)
             if handle is None:
@@ -135,8 +155,9 @@ class EngineThread:
             if out.finished:
                 del self.handles[out.request_id]
                 self.metrics.requests_finished.labels(out.finish_reason).inc()
-                self._done(handle, out)
+                self._done(handle, out, deliveries)
             else:
-                handle.deliver(out)
+                deliveries.append((handle, out))
+        deliver_all(deliveries)
         self.metrics.update_gauges(self.engine)
 

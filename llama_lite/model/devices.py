@@ -112,6 +112,10 @@ class CpuLoad:
             return None
         return time.monotonic(), busy, niced, own
 
+    def seconds(self) -> float:
+        """How long this has measured (0.0 where it cannot)."""
+        return 0.0 if self.start is None else time.monotonic() - self.start[0]
+
     def busy_elsewhere(self, niced: bool = False) -> float:
         """Cores kept busy by other processes since this was made, niced work too if `niced` (0.0
         where it cannot be read)."""

@@ -126,6 +126,7 @@ class Transformer(nn.Module):
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
         self.decode_step = None  # the step fed token by token: compiled (aot_step.py, decode_step.py) or its eager twin
         self.compiled_later = None  # a function: the compiled step once another process has built it, else None
+        self.threads_later = None  # a function: True once it has given back threads lowered for others' niced work
         self.thin_decode = False
         self.tokenizer_vocab_size = tokenizer_vocab_size or params.vocab_size
         self.setup_cache()
@@ -228,7 +229,11 @@ class Transformer(nn.Module):
         """Take the compiled step another process has built since this one started, if it has. Called
         between requests only (the engine), where switching cannot change a running request's tokens.
         After an eager twin (aot_step.EagerStep: the same bits) the K/V the cache holds stay valid;
-        after the model's own eager pass (int8) they were computed otherwise: the prefix cache forgets them."""
+        after the model's own eager pass (int8) they were computed otherwise: the prefix cache forgets them.
+        Threads lowered for other processes' niced work come back here too, once it is gone (the thread
+        count does not change a token: docs/performance.md#threads)."""
+        if self.threads_later is not None and self.threads_later():
+            self.threads_later = None
         if self.compiled_later is not None:
             step = self.compiled_later()
             if step is not None:
