@@ -147,11 +147,12 @@ def compile_graphs(model, folder: Path, shapes, threads: int, log=print) -> None
     aten_kernels_in_compiled_code(has_eager_twin(model))
     tiles_pay()  # probed now, outside the trace (an export sees fake tensors)
     blocks = key_blocks(model.params.max_seq_len) // KEY_BLOCK
-    width = KEY_BLOCK * torch.export.Dim("key_blocks", min=1, max=blocks) if blocks > 1 else None
+    width = torch.export.Dim("key_blocks", min=1, max=blocks) if blocks > 1 else None  # key_index is by block
     for low, high, one_row in shapes:
         n = min(low + 1, high)  # an example size of 1 would be taken as fixed
         tokens = torch.zeros(n, dtype=torch.long)  # n tokens of row 0, positions 0..n-1
-        example = (tokens, tokens.clone(), torch.arange(n), torch.arange(min(2, blocks) * KEY_BLOCK), torch.arange(min(2, n)))
+        key_index = torch.arange(min(2, blocks) * KEY_BLOCK).view(-1, KEY_BLOCK)
+        example = (tokens, tokens.clone(), torch.arange(n), key_index, torch.arange(min(2, n)))
         name = graph_name((low, high, one_row))
         count = torch.export.Dim(name, min=low, max=high) if low < high else None
         wanted = torch.export.Dim(f"logits_of_{name}", min=1, max=high) if low < high else None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .kernels import PROMPT_TILE, tiles_pay
-from .kv_cache import key_blocks
+from .kv_cache import KEY_BLOCK, key_blocks
 
 MATVEC_ROWS = 8  # kernels' int8 products change form above this many rows: a graph of its own beyond
 # A prompt chunk of at least this many tokens is computed in kernels.prompt_tiles (~80 ms a call of up to
@@ -82,7 +82,7 @@ class TokenwiseStep:
 
     def __init__(self, model):
         self.model = model
-        self.key_index = torch.arange(key_blocks(model.params.max_seq_len))
+        self.key_index = torch.arange(key_blocks(model.params.max_seq_len)).view(-1, KEY_BLOCK)  # by key block
         tiles_pay()  # probed now, outside any trace (an export would see fake tensors)
 
     def __call__(self, tokens, segments, logits_at):
@@ -114,7 +114,7 @@ class TokenwiseStep:
         chunk's other tokens need none; SmolLM2's vocabulary-wide head costs what a layer's products do)."""
         width = key_blocks(max(positions) + 1)  # the keys the call's furthest token sees, in whole blocks
         wanted = logits_at.contiguous() if len(logits_at) else logits_at.new_zeros(1)  # a graph takes at least one
-        inputs = [tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[:width], wanted]
+        inputs = [tokens, torch.tensor(rows), torch.tensor(positions), self.key_index[: width // KEY_BLOCK], wanted]
         if not one_row:
             inputs += slot_grid(rows, positions)
         out = self._run(inputs, one_row)

@@ -33,15 +33,20 @@ def grid_attention(q, keys, values, visible):
     gets at least that many (a fixed number of zero rows, which adds no shape guard to the export);
     checked where a step is built: aot_build.alike_in_every_graph.
     q: (rows, n_kv_heads, slots, n_rep, head_dim), scaled; keys, values: (rows, n_kv_heads, width,
-    head_dim); visible: (rows, slots, width) bool. Returns q's shape and dtype."""
+    head_dim); visible: (rows, slots, width // KEY_BLOCK, KEY_BLOCK) bool. Returns q's shape and dtype.
+    The values are summed block by block, in order (as attention.attention does): one product over
+    the whole width rounds by its width (MKL splits a long sum), so a query's numbers would depend on
+    the furthest token of its call -- on what shares its step, past 256 keys."""
     n_rows, n_kv, n_slots, n_rep, head_dim = q.shape
     n = n_slots * n_rep
     extra = (0, 0, 0, max(ROW_BLOCK - n_rep, 0))  # zero query rows: at least ROW_BLOCK in every product
     grouped = F.pad(q.float().reshape(n_rows, n_kv, n, head_dim), extra)  # a key head's queries together
     scores = torch.matmul(grouped, keys.float().transpose(-1, -2))[:, :, :n].view(n_rows, n_kv, n_slots, n_rep, -1)
-    probs = torch.softmax(scores.masked_fill(~visible[:, None, :, None, :], float("-inf")), dim=-1)
-    out = torch.matmul(F.pad(probs.view(n_rows, n_kv, n, -1), extra), values.float())[:, :, :n]
-    return out.view(q.shape).to(q.dtype)
+    n_blocks = visible.shape[-2]
+    probs = torch.softmax(scores.masked_fill(~visible.flatten(-2)[:, None, :, None, :], float("-inf")), dim=-1)
+    blocks = F.pad(probs.view(n_rows, n_kv, n, -1), extra).view(n_rows, n_kv, n + extra[-1], n_blocks, KEY_BLOCK)
+    parts = torch.matmul(blocks.transpose(2, 3), values.float().view(n_rows, n_kv, n_blocks, KEY_BLOCK, head_dim))
+    return parts.sum(2)[:, :, :n].view(q.shape).to(q.dtype)  # (rows, n_kv, blocks, n, head_dim) summed in order
 
 
 def _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v):
@@ -61,11 +66,11 @@ def decode_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v,
     """One transformer block for independent tokens h (tokens, dim); cache_k / cache_v: this layer's
     whole cache, (rows, n_kv_heads, positions, head_dim), written at (rows, positions). With `slots`
     (each token's query slot in its row: a row's guesses take several) the tokens attend by cache
-    row over rows 0.. up to visible's (rows, slots, width), through a view of the cache: a copy of
+    row over rows 0.. up to visible's (rows, slots, key blocks, KEY_BLOCK), through a view of the cache: a copy of
     its row's keys per token cost 4x the products at 64 rows. Without (CUDA's step), each token
-    attends through such a copy (visible: (tokens, width))."""
+    attends through such a copy (visible: (tokens, key blocks, KEY_BLOCK))."""
     q = _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v)
-    width = visible.shape[-1]
+    width = visible.shape[-2] * KEY_BLOCK
     if slots is None:
         keys, values = cache_k[rows, :, :width], cache_v[rows, :, :width]
         attended = grid_attention(q[:, :, None], keys, values, visible[:, None])[:, :, 0]
@@ -83,7 +88,7 @@ def prompt_layer(layer, h, cos, sin, rows, positions, visible, cache_k, cache_v)
     """decode_layer for tokens of one row (rows all alike: a prompt chunk), its tokens the slots of
     one row, attending through one read of the row's keys: the same numbers."""
     q = _project_and_store(layer, h, cos, sin, rows, positions, cache_k, cache_v)
-    width = visible.shape[1]
+    width = visible.shape[1] * KEY_BLOCK
     row = rows[:1]  # (1,): a tensor index, as a number would be data the exported graph cannot hold
     grid = q.transpose(0, 1)[None]  # (1, n_kv_heads, tokens, n_rep, head_dim)
     attended = grid_attention(grid, cache_k[row, :, :width], cache_v[row, :, :width], visible[None])
@@ -100,9 +105,9 @@ def _step(model, tokens, rows, positions, key_index, cache_k, cache_v, logits_at
     slots, slot_positions: each token's query slot in its row, and the position of each (row, slot)
     (rows 0.., slots; unused ones any position), for decode_layer's attention by row."""
     if slot_positions is None:
-        visible = key_index[None, :] <= positions[:, None]  # (tokens, width)
+        visible = key_index[None] <= positions[:, None, None]  # (tokens, key blocks, KEY_BLOCK)
     else:
-        visible = key_index[None, None, :] <= slot_positions[:, :, None]  # (rows, slots, width)
+        visible = key_index[None, None] <= slot_positions[:, :, None, None]  # (rows, slots, key blocks, KEY_BLOCK)
     cos = model.rope_cos[positions][:, None]  # (tokens, 1, head_dim // 2)
     sin = model.rope_sin[positions][:, None]
     h = model.embed(tokens)  # (tokens, dim)
@@ -160,7 +165,7 @@ class DecodeStep:
         self.device = model.rope_cos.device
         self.ready = False
         self.build_seconds = None
-        self.key_index = torch.arange(key_blocks(model.params.max_seq_len), device=self.device)
+        self.key_index = torch.arange(key_blocks(model.params.max_seq_len), device=self.device).view(-1, KEY_BLOCK)
         # Inductor's compiled code outlives /tmp: a later start then only traces. A user's own setting wins.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         for t in (*model.cache.k, *model.cache.v):  # CUDA graphs copy their inputs each call, unless told these stay put
@@ -182,14 +187,14 @@ class DecodeStep:
         width = key_blocks(max(positions) + 1)
         # few shapes, few CUDA graphs: pad the tokens (repeating the first) and width to powers of two
         n_padded = 1 << (n - 1).bit_length()
-        width = min(KEY_BLOCK << (width // KEY_BLOCK - 1).bit_length(), self.key_index.shape[0])
+        width = min(KEY_BLOCK << (width // KEY_BLOCK - 1).bit_length(), self.key_index.numel())
         tokens = torch.cat((tokens, tokens[:1].expand(n_padded - n)))
         rows, positions = rows + rows[:1] * (n_padded - n), positions + positions[:1] * (n_padded - n)
         rows, positions = (torch.tensor(x, device=self.device) for x in (rows, positions))
         return self._run(tokens, rows, positions, width)[logits_at]
 
     def _run(self, tokens, rows, positions, width):
-        key_index = self.key_index[:width]
+        key_index = self.key_index[: width // KEY_BLOCK]
         if tokens.shape[0] > 1:  # one graph for every count of tokens above one (dynamo keeps one apart)
             for t in (tokens, rows, positions):
                 torch._dynamo.mark_dynamic(t, 0)

@@ -419,3 +419,26 @@ def test_cuda_compiled_step_matches_transformers_and_eager(tmp_path):
     assert fast.generate(prompts, 24, temperature=0) == eager.generate(prompts, 24, temperature=0)
     assert fast.text_completion(["ab", "cd e"], max_gen_len=12, temperature=0) == \
         eager.text_completion(["ab", "cd e"], max_gen_len=12, temperature=0)
+
+
+def test_a_tokens_numbers_do_not_depend_on_how_far_its_call_reaches(smollm_path):
+    """Past 256 keys, one product over the whole attention width rounded by its width (MKL splits a
+    long sum), so a token's logits depended on the furthest token of its call: on what shared its step,
+    and on how its prompt was cut. The step sums the values block by block: a sequence fed in calls of
+    8 tokens that straddle 256 gets the bits of calls that do not (the eager step: the compiled one's numbers)."""
+    llm = Llama.build(smollm_path, max_seq_len=384, max_batch_size=8, device="cpu", quantize="int4", compile=False, seed=0)
+    ids = torch.tensor([t for p in encode(llm) for t in p] * 40)[:300]
+    step = llm.model.decode_step
+
+    def fed(first_call):
+        with torch.inference_mode():
+            pieces, at = [], 0
+            for size in [first_call] + [8] * len(ids):
+                end = min(at + size, len(ids))
+                if at < end:
+                    pieces.append(step(ids[at:end], [(0, p, 1) for p in range(at, end)], torch.arange(end - at)))
+                at = end
+            return torch.cat(pieces)
+
+    aligned, straddling = fed(8), fed(4)  # calls 248-255 and 256-263; 252-259
+    assert torch.equal(aligned, straddling)

@@ -156,13 +156,20 @@ def test_kv_cache_memory_is_zero_private_and_resident_only_where_written():
 def test_a_querys_attention_in_the_step_does_not_depend_on_the_slots_beside_it(n_rep):
     """The compiled step's attention (decode_step.grid_attention) for one query alone and beside 1-7 other
     slots of its row, bit for bit: what a decoding token or a guess gets must not depend on how many
-    guesses share its row (MKL on a Zen 4 EPYC rounded a product of 3 rows otherwise than one of 6)."""
+    guesses share its row (MKL on a Zen 4 EPYC rounded a product of 3 rows otherwise than one of 6), nor
+    on how far the call's keys reach beyond its own (one product over 384 keys rounded otherwise than
+    over 256, where all but 256 weighed nothing)."""
     from llama_lite.model.decode_step import grid_attention
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 8, n_rep, 64, generator=gen)  # (rows, kv heads, slots, n_rep, head_dim)
-    keys, values = (torch.randn(2, 3, 256, 64, generator=gen) for _ in range(2))
-    visible = torch.ones(2, 8, 256, dtype=torch.bool)
-    alone = grid_attention(q[:, :, :1], keys, values, visible[:, :1])
-    for slots in range(2, 9):
-        assert torch.equal(grid_attention(q[:, :, :slots], keys, values, visible[:, :slots])[:, :, :1], alone)
+    keys, values = (torch.randn(2, 3, 512, 64, generator=gen) for _ in range(2))
+    visible = torch.ones(2, 8, 4, 128, dtype=torch.bool)  # (rows, slots, key blocks, 128)
+    visible[..., 2:, :] = False
+    visible[..., 1, 100:] = False  # sees 228 keys
+    alone = grid_attention(q[:, :, :1], keys[:, :, :256], values[:, :, :256], visible[:, :1, :2])
+    for slots in range(1, 9):
+        for blocks in (2, 3, 4):
+            width = 128 * blocks
+            got = grid_attention(q[:, :, :slots], keys[:, :, :width], values[:, :, :width], visible[:, :slots, :blocks])
+            assert torch.equal(got[:, :, :1], alone), (slots, blocks)
