@@ -161,7 +161,7 @@ def test_integer_kernels_give_the_same_bits_on_every_instruction_set(march):
     assert torch.equal(torch.ops.llama_lite.int8_mm(x8[3:4], w)[0], sums[3])
 
 
-@pytest.mark.skipif(not kernels.tiles_pay(), reason="prompt tiles run where the CPU multiplies bfloat16 (AVX512-BF16, AMX)")
+@pytest.mark.skipif(not kernels.tiles_pay(), reason="prompt tiles run where the CPU multiplies bfloat16 tiles (AMX)")
 def test_prompt_tiles_multiply_the_kernels_weights_alike_whatever_else_is_in_the_tile():
     """Inside prompt_tiles an int4 layer multiplies the stored weights (read back from the kernel's packed
     layout, rounded to bfloat16), in a GEMM of a whole tile: a row's output is the same bits beside any
