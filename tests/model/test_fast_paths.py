@@ -236,8 +236,9 @@ def test_the_compiled_step_takes_prompts_alike_however_they_come(fast):
     """Prompt tokens go through the compiled step too, a chunk through a prompt graph: a prompt's logits
     are bit for bit the same fed whole (longer than one call takes), in long pieces (tiled like the
     whole where tiles pay, kernels.tiles_pay), or beside other rows' prompts in a step of more tokens
-    than one call takes, and with the head run only on the tokens asked for; in short pieces (the int4 kernel's products) they are the
-    bits of the prompt decoded one token at a time, and those pick the tiles' next tokens. So on the
+    than one call takes, and with the head run only on the tokens asked for; in short pieces (the int4
+    kernel's products) they are the bits of the prompt decoded one token at a time, and those pick the
+    long pieces' next tokens. So on the
     engine, with the prefix cache and prompts cut into chunks by a small step budget, each request,
     short or long, gets the tokens it gets alone."""
     from llama_lite.engine.engine import Engine
