@@ -4,7 +4,7 @@ never does. What it builds is loaded by aot_step.py.
 
 A graph per range of token counts (aot_step.token_ranges) and, where the step may take prompts, one
 for a prompt chunk; the attention width is dynamic in whole key blocks. Building takes a minute or
-two; the artifact is keyed by everything its code depends on (`artifact_folder`).
+two per graph; the artifact is keyed by everything its code depends on (`artifact_folder`).
 """
 
 import hashlib
@@ -105,6 +105,7 @@ def build(model, folder: Path, threads: int, log=print, helper=None) -> float:
     into the folder too (a subprocess.Popen): the compiler's work is single-threaded Python (a minute
     or more a graph, its C++ compile ~10 s), so up to `threads` processes share the graphs."""
     started = time.perf_counter()
+    sweep_dead_builds(folder)
     partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -135,6 +136,18 @@ def build(model, folder: Path, threads: int, log=print, helper=None) -> float:
     except OSError:  # another build finished first: keep its folder
         shutil.rmtree(partial, ignore_errors=True)
     return seconds
+
+
+def sweep_dead_builds(folder: Path) -> None:
+    """Remove what killed builds of `folder` left (FOLDER.PID.partial whose process is gone): a build
+    cleans up after itself, but not after a kill -9 or a power cut."""
+    for partial in folder.parent.glob(f"{folder.name}.*.partial"):
+        try:
+            os.kill(int(partial.name.split(".")[-2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (ValueError, OSError):  # not a name of ours, or a live process we may not signal
+            pass
 
 
 def compile_graphs(model, folder: Path, shapes, threads: int, log=print) -> None:

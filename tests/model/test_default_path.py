@@ -116,3 +116,20 @@ def test_a_cold_start_builds_in_another_process_and_the_text_stays(tmp_path, cac
     assert checked.verified and checked.path in ("int4", "float32") and checked.figures["int4 products, 1 row(s)"] == 1.0
     assert checked.figures["int4 compiled step, 1 row(s)"] > 0 and checked.figures["float32 eager step, 2 row(s)"] > 0
     assert checked.why.startswith(f"its compiled step {'beat' if checked.path == 'int4' else 'lost to'} float32's eager one")
+
+
+def test_a_killed_builds_leftovers_are_swept_and_a_live_ones_kept(tmp_path):
+    """A build killed outright (kill -9, a power cut) leaves FOLDER.PID.partial; the next build of that
+    folder removes it, but never a partial folder whose process still runs (a build at work beside it)."""
+    from llama_lite.model.aot_build import sweep_dead_builds
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = tmp_path / "0123abcd"
+    dead, alive, other = (tmp_path / f"0123abcd.{gone.pid}.partial", tmp_path / f"0123abcd.{os.getpid()}.partial",
+                          tmp_path / f"99ffee.{gone.pid}.partial")
+    for partial in (dead, alive, other):
+        (partial / "sub").mkdir(parents=True)
+        (partial / "sub" / "graph.pt2").write_bytes(b"half")
+    sweep_dead_builds(folder)
+    assert not dead.exists() and alive.is_dir() and other.is_dir()  # another folder's leftovers are its own build's to sweep
