@@ -180,7 +180,7 @@ def attach_decode_step(model, compile, device, exact, child_settings: dict, path
     child = precompile.start_in_background(cmd, folder)
     model.compiled_later = functools.partial(_load_quietly, model, folder, child, threads)
     if child is not None and parallel.is_main():
-        print(f"llama_lite: compiling the decode step in another process (a minute or two, once; log {folder}.log); "
+        print(f"llama_lite: compiling the decode step in another process (minutes, once; log {folder}.log); "
               "until it is built, decoding runs without it", file=sys.stderr)
     return child
 

@@ -1,11 +1,11 @@
 """Serve a Llama checkpoint over OpenAI's HTTP API (default: SmolLM2-135M-Instruct). See --help."""
 
-import sys
+import os
 
-try:  # importing torch takes seconds: Ctrl-C then is an exit, not a traceback
+try:  # importing torch takes seconds: Ctrl-C then is an exit, not a traceback (nor torch's teardown)
     from llama_lite.cli import serve_main
 except KeyboardInterrupt:
-    sys.exit(130)
+    os._exit(130)
 
 if __name__ == "__main__":
     serve_main()

@@ -5,7 +5,7 @@ import sys
 from ..cache import cache_dir
 from .flags import build_llama, documented, sampling_flags
 from .prompt_files import StdoutError, write_stdout
-from .runner import in_flag_terms, on_main, run
+from .runner import in_flag_terms, on_main, run_and_exit
 
 
 @documented(
@@ -73,7 +73,7 @@ def _precompile(llm) -> None:
 
 
 def chat_main():
-    run(chat)
+    run_and_exit(chat)
 
 
 def _check_text(name: str, text) -> None:

@@ -9,7 +9,7 @@ from ..model import parallel
 from ..prompt_records import checked_tokens, in_order, record_tokens, result_line
 from .flags import build_arguments, build_llama, documented, sampling_flags
 from .prompt_files import FileResults, StdoutResults, read_prompts
-from .runner import on_main, run
+from .runner import on_main, run_and_exit
 
 
 @documented(
@@ -93,7 +93,7 @@ def ray_job(ray, workers, max_gen_len):
 
 
 def complete_main():
-    run(complete)
+    run_and_exit(complete)
 
 
 def _write_results(llm, records, done, results, source, chat, max_gen_len, sampling):

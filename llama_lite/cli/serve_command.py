@@ -8,7 +8,7 @@ from pathlib import Path
 from ..checks import check_whole, is_whole
 from ..model import parallel
 from .flags import build_arguments, build_llama, documented
-from .runner import run
+from .runner import run_and_exit
 
 
 @documented(
@@ -86,7 +86,7 @@ def _serve_on_ray(ray, replicas, host, port, threads, checkpoint, api_key, max_q
 
 
 def serve_main():
-    run(serve)
+    run_and_exit(serve)
 
 
 def _model_name(checkpoint) -> str:
