@@ -88,7 +88,10 @@ def test_uniform_clients_are_spread_evenly(client):
 
     with ThreadPoolExecutor(16) as pool:
         counts = Counter(r for replicas in pool.map(client_run, range(16)) for r in replicas)
-    assert len(counts) == 2 and max(counts.values()) <= 0.6 * 64, counts
+    # Each request goes to the replica with fewer in flight, so a replica slowed by other work on the cores
+    # (the suite's background build) rightly takes fewer (40 / 24 seen in CI); requests routed at once all
+    # going one way (ties not broken at random) would leave the other next to none.
+    assert len(counts) == 2 and min(counts.values()) >= 0.25 * 64, counts
 
 
 def test_serve_flags_that_cannot_run_are_one_error_each():
