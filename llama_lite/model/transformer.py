@@ -173,8 +173,9 @@ class Transformer(nn.Module):
                     f"{length} token(s) at positions {start}.. of row {row} do not fit the KV cache "
                     f"({p.max_batch_size} rows x {p.max_seq_len} positions); build with a larger max_batch_size or max_seq_len"
                 )
-        if sum(length for _, _, length in segments) != len(tokens):  # compiled code would read past the tokens
-            raise ValueError(f"the segments hold {sum(s[2] for s in segments)} tokens, but {len(tokens)} were given")
+        held = sum(length for _, _, length in segments)
+        if held != len(tokens):  # compiled code would read past the tokens
+            raise ValueError(f"the segments hold {held} tokens, but {len(tokens)} were given")
         kinds = {length == 1 for _, _, length in segments}
         step = self.decode_step if self.decode_step is not None and self.decode_step.ready else None
         if step is not None and (step.takes_prompts or kinds == {True}):
